@@ -1,0 +1,189 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("version", "device", "feature_sets")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SETS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    device: str
+    feature_sets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., feature_sets: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListFeatureSetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FeatureSetInfo(_message.Message):
+    __slots__ = ("name", "description", "channels_per_image_channel")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_PER_IMAGE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    channels_per_image_channel: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., channels_per_image_channel: _Optional[int] = ...) -> None: ...
+
+class ListFeatureSetsReply(_message.Message):
+    __slots__ = ("feature_sets",)
+    FEATURE_SETS_FIELD_NUMBER: _ClassVar[int]
+    feature_sets: _containers.RepeatedCompositeFieldContainer[FeatureSetInfo]
+    def __init__(self, feature_sets: _Optional[_Iterable[_Union[FeatureSetInfo, _Mapping]]] = ...) -> None: ...
+
+class ImageLayout(_message.Message):
+    __slots__ = ("dtype", "shape", "axes")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    AXES_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    axes: str
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., axes: _Optional[str] = ...) -> None: ...
+
+class HasImageRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class HasImageReply(_message.Message):
+    __slots__ = ("present",)
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    def __init__(self, present: _Optional[bool] = ...) -> None: ...
+
+class UploadImageChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("layout", "sha256")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    layout: ImageLayout
+    sha256: str
+    def __init__(self, layout: _Optional[_Union[ImageLayout, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class UploadImageReply(_message.Message):
+    __slots__ = ("sha256", "bytes_received")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    bytes_received: int
+    def __init__(self, sha256: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class Encoding(_message.Message):
+    __slots__ = ("compression", "level")
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    compression: str
+    level: int
+    def __init__(self, compression: _Optional[str] = ..., level: _Optional[int] = ...) -> None: ...
+
+class ComputeFeaturesRequest(_message.Message):
+    __slots__ = ("image_sha256", "feature_set", "encoding", "resume", "chunk_indices")
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    image_sha256: str
+    feature_set: str
+    encoding: Encoding
+    resume: bool
+    chunk_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., resume: _Optional[bool] = ..., chunk_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SegmentRequest(_message.Message):
+    __slots__ = ("image_sha256", "labels_sha256", "feature_set", "classifier", "trees", "encoding", "seed")
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    TREES_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    image_sha256: str
+    labels_sha256: str
+    feature_set: str
+    classifier: str
+    trees: int
+    encoding: Encoding
+    seed: int
+    def __init__(self, image_sha256: _Optional[str] = ..., labels_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., classifier: _Optional[str] = ..., trees: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DatasetStream(_message.Message):
+    __slots__ = ("progress", "header", "chunk", "trailer")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    header: DatasetHeader
+    chunk: DatasetChunk
+    trailer: DatasetTrailer
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., chunk: _Optional[_Union[DatasetChunk, _Mapping]] = ..., trailer: _Optional[_Union[DatasetTrailer, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("stage", "done", "total")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    done: int
+    total: int
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class DatasetHeader(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "chunk_shape", "encoding", "attributes_json", "chunk_count", "result_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    chunk_shape: _containers.RepeatedScalarFieldContainer[int]
+    encoding: Encoding
+    attributes_json: str
+    chunk_count: int
+    result_key: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., chunk_shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., attributes_json: _Optional[str] = ..., chunk_count: _Optional[int] = ..., result_key: _Optional[str] = ...) -> None: ...
+
+class DatasetChunk(_message.Message):
+    __slots__ = ("index", "offset", "data", "filter_mask")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FILTER_MASK_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    offset: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    filter_mask: int
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., filter_mask: _Optional[int] = ...) -> None: ...
+
+class DatasetTrailer(_message.Message):
+    __slots__ = ("chunk_count", "sha256")
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    chunk_count: int
+    sha256: str
+    def __init__(self, chunk_count: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,113 @@
+"""Write a streamed dataset into a standard HDF5 file, chunk by chunk, atomically and resumably.
+
+The file grows under `NAME.partial` next to the final name; chunks go in with `write_direct_chunk`
+as they arrive. Only when the trailer's count and checksum match what is on disk is the file renamed
+to its final name, so a broken stream never leaves a half-written file there. A later request for the
+same result (same result key) reopens the partial file and asks only for the chunks it lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import DinofeatError
+from .wire import DatasetLayout, stream_checksum
+
+RESULT_KEY_ATTRIBUTE = "dinofeat_result_key"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def write_attributes(target: h5py.AttributeManager, attributes: dict) -> None:
+    """Store JSON-like attributes: lists of strings as HDF5 string arrays, dicts as JSON strings."""
+    for key, value in attributes.items():
+        if isinstance(value, dict):
+            target[key] = json.dumps(value)
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            target.create(key, np.array(value, dtype=object), dtype=h5py.string_dtype())
+        elif isinstance(value, list):
+            target[key] = np.asarray(value)
+        else:
+            target[key] = value
+
+
+class DatasetFile:
+    """An HDF5 file being filled from a dataset stream (`header`, chunks, then `finish`)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path = Path(path)
+        self.key = key
+        self.partial = partial_path(self.path)
+        self.file: h5py.File | None = None
+        self.dataset: h5py.Dataset | None = None
+
+    def resumable_indices(self) -> list[int] | None:
+        """Chunk indices still missing from a matching partial file, or None to start afresh."""
+        if not self.partial.exists():
+            return None
+        try:
+            with h5py.File(self.partial, "r") as f:
+                if f.attrs.get(RESULT_KEY_ATTRIBUTE) != self.key or len(f.keys()) != 1:
+                    return None
+                dataset = f[next(iter(f.keys()))]
+                grid = [int(np.ceil(n / c)) for n, c in zip(dataset.shape, dataset.chunks)]
+                present = {
+                    int(np.ravel_multi_index(tuple(o // c for o, c in zip(info.chunk_offset, dataset.chunks)), grid))
+                    for info in (dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks()))
+                }
+                return sorted(set(range(int(np.prod(grid)))) - present)
+        except (OSError, KeyError, ValueError):
+            return None  # unreadable leftovers of a killed writer: start again
+
+    def open(self, layout: DatasetLayout, attributes: dict, resume: bool) -> None:
+        """Create the partial file for `layout`, or reopen it when resuming a matching one."""
+        if resume:
+            self.file = h5py.File(self.partial, "r+")
+            self.dataset = self.file[layout.name]
+            if self.dataset.shape != layout.shape or self.dataset.chunks != layout.chunk_shape:
+                raise DinofeatError(f"the partial file {self.partial} does not match the server's result; delete it and retry.")
+            return
+        self.partial.unlink(missing_ok=True)
+        self.file = h5py.File(self.partial, "w")
+        self.file.attrs[RESULT_KEY_ATTRIBUTE] = self.key
+        self.dataset = self.file.create_dataset(layout.name, **layout.h5py_options())
+        write_attributes(self.dataset.attrs, attributes)
+
+    def write_chunk(self, offset: tuple[int, ...], data: bytes, filter_mask: int) -> None:
+        self.dataset.id.write_direct_chunk(offset, data, filter_mask)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def finish(self, chunk_count: int, checksum: str) -> Path:
+        """Check the stored chunks against the trailer, close, and rename to the final name."""
+        dataset = self.dataset
+        stored = dataset.id.get_num_chunks()
+        if stored != chunk_count:
+            self.close()
+            raise DinofeatError(f"the stream ended with {stored} of {chunk_count} chunks; run the same command again to resume.")
+        grid = [int(np.ceil(n / c)) for n, c in zip(dataset.shape, dataset.chunks)]
+        digests = []
+        for index in range(chunk_count):
+            offset = tuple(int(p) * c for p, c in zip(np.unravel_index(index, grid), dataset.chunks))
+            _, data = dataset.id.read_direct_chunk(offset)
+            digests.append(hashlib.sha256(data).digest())
+        self.close()
+        if stream_checksum(digests) != checksum:
+            self.partial.unlink(missing_ok=True)
+            raise DinofeatError("the received file does not match the server's checksum; run the command again.")
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

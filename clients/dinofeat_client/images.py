@@ -1,0 +1,123 @@
+"""Read, check and write images (TIFF incl. 16-bit and stacks, PNG, JPEG) as numpy arrays.
+
+Every failure is a DinofeatError with one sentence for the user; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import tifffile
+
+from .errors import DinofeatError
+
+SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32", "float64")
+LABEL_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode TIFF, PNG or JPEG into an array; TIFF stacks keep their Z axis."""
+    path = Path(path)
+    if not path.is_file():
+        raise DinofeatError(f"cannot read {path}: no such file.")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            image = tifffile.imread(path)
+        else:
+            image = imagecodecs.imread(str(path))
+    except Exception as error:  # decoders raise many types; the user needs one sentence
+        raise DinofeatError(f"cannot read {path}: not a readable TIFF, PNG or JPEG image, or the file is truncated ({type(error).__name__}).") from None
+    return np.asarray(image)
+
+
+def image_axes(image: np.ndarray) -> str:
+    """Axis letters of an image array: "yx", "yxc" (RGB/RGBA), "zyx" or "zyxc"."""
+    if image.ndim == 2:
+        return "yx"
+    if image.ndim == 3:
+        return "yxc" if image.shape[-1] in (3, 4) else "zyx"
+    if image.ndim == 4 and image.shape[-1] in (3, 4):
+        return "zyxc"
+    raise DinofeatError(f"images must be 2-D, RGB, or a stack of 2-D slices; this one has shape {image.shape}.")
+
+
+def check_image(image: np.ndarray, name: str = "the image") -> np.ndarray:
+    """Return a supported image (RGBA loses alpha) or raise one clear sentence saying what is wrong."""
+    if image.size == 0:
+        raise DinofeatError(f"{name} is empty (shape {image.shape}); give an image with pixels.")
+    if image.dtype == bool:
+        image = image.astype(np.uint8)
+    if image.dtype.name not in SUPPORTED_DTYPES:
+        raise DinofeatError(f"{name} has samples of type {image.dtype}, which is not supported; use 8- or 16-bit integers or floats.")
+    axes = image_axes(image)
+    if axes.endswith("c") and image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise DinofeatError(f"{name} contains NaN or infinite values; replace them before computing features.")
+    if min(image.shape[axes.index("y")], image.shape[axes.index("x")]) < 2:
+        raise DinofeatError(f"{name} is too small ({image.shape}); it needs at least 2 x 2 pixels.")
+    return np.ascontiguousarray(image)
+
+
+def check_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Labels: integers, one value per pixel of the image, 0 unlabelled, at least two other values."""
+    spatial = image.shape[:-1] if image_axes(image).endswith("c") else image.shape
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and labels.shape[:2] == spatial:
+        raise DinofeatError("the label image is RGB; save the labels as a single-channel image of class values.")
+    if labels.shape != spatial:
+        raise DinofeatError(f"the label image has shape {labels.shape} but the image has {spatial}; they must match pixel for pixel.")
+    if labels.dtype.name not in LABEL_DTYPES:
+        raise DinofeatError(f"the label image has samples of type {labels.dtype}; use 8- or 16-bit integer class values.")
+    classes = np.unique(labels)
+    classes = classes[classes != 0]
+    if len(classes) < 2:
+        raise DinofeatError(f"the label image has {len(classes)} class(es) besides 0 (unlabelled); label at least two classes.")
+    return np.ascontiguousarray(labels)
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """Content address of an array: sha256 over its dtype, shape and little-endian samples."""
+    digest = hashlib.sha256(f"{image.dtype.newbyteorder('<').str}{list(image.shape)}".encode())
+    digest.update(np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output path in a missing folder before any work starts."""
+    path = Path(path)
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise DinofeatError(f"the output folder {folder} does not exist; create it first or choose another path.")
+    return path
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call write(temporary_path) next to `path`, then rename: no half-written file under the final name."""
+    path = check_output_path(path)
+    folder = path.resolve().parent
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes private files; outputs get the usual mode
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return path
+
+
+def write_tiff(path: Path, array: np.ndarray) -> Path:
+    """Write an array as TIFF (ImageJ-compatible for 2-D and stacks), atomically."""
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, imagej=array.dtype != np.int32))
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    """Write an 8-bit greyscale or RGB array as PNG, atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(imagecodecs.png_encode(array)))

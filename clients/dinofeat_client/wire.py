@@ -1,0 +1,129 @@
+"""The HDF5 wire format: dataset layout, chunk encoding as HDF5 stores it, and the attributes.
+
+One definition serves both sides: the server encodes chunks with `encode_chunk`, the client writes
+them unchanged with h5py's `write_direct_chunk` (see `dataset_file.py`). Chunks are stored exactly as
+HDF5's own filter pipeline would store them (byte shuffle, then zlib deflate), so the file is a
+standard HDF5 file that h5py, Fiji (JHDF5) and ilastik read without plug-ins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK_EDGE = 256
+"""Chunks are (1, 256, 256) or (1, 1, 256, 256): one channel (and slice) by a 256 x 256 tile."""
+COMPRESSIONS = ("gzip", "none")
+DEFAULT_LEVEL = 1
+MAX_MESSAGE_BYTES = 1 << 20
+"""Upload pieces stay under 1 MiB, well below gRPC's 4 MiB default receive limit."""
+
+AXIS_TYPE_FLAGS = {"c": 1, "z": 2, "y": 2, "x": 2, "t": 8}
+"""vigra axistags type flags: Channels = 1, Space = 2, Time = 8."""
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Shape, chunking and filters of one streamed HDF5 dataset."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    compression: str = "gzip"
+    level: int = DEFAULT_LEVEL
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of chunks along each axis."""
+        return tuple(math.ceil(n / c) for n, c in zip(self.shape, self.chunk_shape))
+
+    @property
+    def chunk_count(self) -> int:
+        return math.prod(self.grid)
+
+    def chunk_offset(self, index: int) -> tuple[int, ...]:
+        """Offset (in samples) of chunk `index`, numbered row-major over the chunk grid."""
+        position = np.unravel_index(index, self.grid)
+        return tuple(int(p) * c for p, c in zip(position, self.chunk_shape))
+
+    def chunk_index(self, offset: tuple[int, ...]) -> int:
+        return int(np.ravel_multi_index(tuple(o // c for o, c in zip(offset, self.chunk_shape)), self.grid))
+
+    def h5py_options(self) -> dict:
+        """Keyword arguments for h5py's create_dataset that give this layout's filter pipeline."""
+        options = {"shape": self.shape, "dtype": self.dtype, "chunks": self.chunk_shape}
+        if self.compression == "gzip":
+            options.update(compression="gzip", compression_opts=self.level, shuffle=True)
+        return options
+
+
+def feature_layout(name: str, shape: tuple[int, ...], compression: str = "gzip", level: int = DEFAULT_LEVEL,
+                   dtype: str = "float32") -> DatasetLayout:
+    """The layout for a (C, Y, X) or (C, Z, Y, X) stack: one channel (and slice) per 256 x 256 chunk."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+    if not 1 <= level <= 9:
+        raise ValueError(f"the gzip level must be between 1 and 9, not {level}")
+    chunk = (1,) * (len(shape) - 2) + (min(CHUNK_EDGE, shape[-2]), min(CHUNK_EDGE, shape[-1]))
+    return DatasetLayout(name, dtype, tuple(int(n) for n in shape), chunk, compression, level)
+
+
+def encode_chunk(block: np.ndarray, layout: DatasetLayout) -> bytes:
+    """A chunk's samples as HDF5 stores them: zero-padded to the full chunk shape, shuffled, deflated."""
+    if block.shape != layout.chunk_shape:
+        padded = np.zeros(layout.chunk_shape, dtype=layout.dtype)
+        padded[tuple(slice(0, n) for n in block.shape)] = block
+        block = padded
+    raw = np.ascontiguousarray(block, dtype=np.dtype(layout.dtype).newbyteorder("<")).tobytes()
+    if layout.compression == "none":
+        return raw
+    itemsize = np.dtype(layout.dtype).itemsize
+    shuffled = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
+    return zlib.compress(shuffled, layout.level)
+
+
+def iter_chunks(block: np.ndarray, origin: tuple[int, ...], layout: DatasetLayout) -> Iterator[tuple[int, tuple[int, ...], np.ndarray]]:
+    """Split `block`, which starts at `origin` on chunk boundaries, into (index, offset, samples) chunks."""
+    ranges = [range(0, n, c) for n, c in zip(block.shape, layout.chunk_shape)]
+    for local in np.ndindex(*[len(r) for r in ranges]):
+        start = tuple(r[i] for r, i in zip(ranges, local))
+        piece = block[tuple(slice(s, s + c) for s, c in zip(start, layout.chunk_shape))]
+        offset = tuple(o + s for o, s in zip(origin, start))
+        yield layout.chunk_index(offset), offset, piece
+
+
+def stream_checksum(chunk_digests: list[bytes]) -> str:
+    """The trailer checksum: sha256 over every chunk's sha256 digest, in index order."""
+    total = hashlib.sha256()
+    for digest in chunk_digests:
+        total.update(digest)
+    return total.hexdigest()
+
+
+def axistags(axes: str) -> str:
+    """vigra axistags JSON for the on-disk axis order, e.g. "cyx" (ilastik reads the axes from it)."""
+    return json.dumps({"axes": [
+        {"key": key, "typeFlags": AXIS_TYPE_FLAGS[key], "resolution": 0, "description": ""} for key in axes
+    ]})
+
+
+def result_key(*parts: object) -> str:
+    """A short identifier of one result (image checksum, feature set, encoding...), for resuming."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
+
+
+def features_result_key(image_sha: str, feature_set: str, compression: str, level: int) -> str:
+    """Result key of a feature request: the server stamps it, the client matches partial files by it."""
+    return result_key("features", image_sha, feature_set, compression, level)
+
+
+def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, trees: int, seed: int) -> str:
+    """Result key of a segmentation request."""
+    return result_key("segment", image_sha, labels_sha, feature_set, trees, seed)

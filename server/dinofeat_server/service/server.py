@@ -1,0 +1,115 @@
+"""Start the gRPC feature server: standalone (`dinofeat serve`) or embedded in a client process."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import socket
+import threading
+
+import grpc
+import torch
+
+from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
+from dinofeat_client.errors import DinofeatError
+
+from .servicer import FeatureServicer
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a port in use must be an error, not silently shared
+    ("grpc.max_receive_message_length", 8 << 20),
+]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DinofeatError(f"device {name!r} was asked for but this machine has no usable CUDA GPU; use --device cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DinofeatError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto",
+                       insecure: bool = False) -> tuple[grpc.aio.Server, int, FeatureServicer]:
+    """Bind and start a server; returns it with the bound port (a free one when `port` is 0)."""
+    if not is_loopback(host) and not insecure:
+        raise DinofeatError(f"serving on {host} would expose the server beyond this machine without a token or TLS; "
+                            "serve on 127.0.0.1, or pass --insecure on a network you trust.")
+    servicer = FeatureServicer(pick_device(device))
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        servicer.close()
+        raise DinofeatError(f"cannot listen on {host}:{port}: the port is in use or the address is not this machine's; choose another with --port.")
+    await server.start()
+    return server, bound, servicer
+
+
+def serve(host: str, port: int, device: str = "auto", insecure: bool = False, announce=print) -> None:
+    """Run a server until SIGINT/SIGTERM, then stop it gracefully (running streams get 5 s)."""
+
+    async def main() -> None:
+        server, bound, servicer = await start_server(host, port, device, insecure)
+        announce(f"dinofeat server listening on {host}:{bound} (device {servicer.device}); Ctrl+C stops it.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(grace=5)
+        servicer.close()
+
+    asyncio.run(main())
+
+
+class EmbeddedServer:
+    """A server on a free loopback port in a background thread of this process (the CLI's default)."""
+
+    def __init__(self, device: str = "auto"):
+        self.device = device
+        self.address = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dinofeat-embedded", daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, self.device), self._loop)
+        try:
+            self._server, port, self._servicer = future.result()
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            raise
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(grace=None), self._loop).result()
+        self._servicer.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (for tests and tools)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

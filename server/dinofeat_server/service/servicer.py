@@ -1,0 +1,135 @@
+"""The gRPC FeatureService: validate requests, hand work to the engine threads, stream results."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import grpc
+import numpy as np
+import torch
+
+from dinofeat.v1 import feature_service_pb2 as pb
+from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
+from dinofeat_client import __version__
+from dinofeat_client.errors import DinofeatError
+from dinofeat_client.images import check_labels
+from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
+
+from ..engine.stacks import FEATURE_SETS, FeatureSet
+from .image_store import ImageStore, check_layout, image_from_bytes
+from .jobs import feature_work, segment_work
+from .streaming import messages_from_thread
+
+
+def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
+    """Fill defaults (gzip level 1) and refuse unknown compressions or levels."""
+    compression = encoding.compression or "gzip"
+    level = encoding.level or DEFAULT_LEVEL
+    if compression not in COMPRESSIONS:
+        raise DinofeatError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}.")
+    if not 1 <= level <= 9:
+        raise DinofeatError(f"the gzip level must be between 1 and 9, not {level}.")
+    return pb.Encoding(compression=compression, level=level)
+
+
+class FeatureServicer(pb_grpc.FeatureServiceServicer):
+    """One per server: holds the uploaded images, the device and the engine's worker threads."""
+
+    def __init__(self, device: torch.device, store: ImageStore | None = None, workers: int = 2):
+        self.device = device
+        self.store = store or ImageStore()
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinofeat-engine")
+
+    async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    async def _stream(self, work, context):
+        """Relay the work's messages; bad input found while working ends the call as INVALID_ARGUMENT."""
+        try:
+            async for message in messages_from_thread(work, self.executor):
+                yield message
+        except DinofeatError as error:
+            await self._fail(context, error)
+
+    def _image(self, sha256: str, what: str = "image") -> np.ndarray:
+        image = self.store.get(sha256)
+        if image is None:
+            raise DinofeatError(f"the server holds no {what} with sha256 {sha256[:12]}...; upload it first.")
+        return image
+
+    def _feature_set(self, name: str) -> FeatureSet:
+        fset = FEATURE_SETS.get(name or "classical")
+        if fset is None:
+            raise DinofeatError(f"unknown feature set {name!r}; choose one of {', '.join(FEATURE_SETS)}.")
+        return fset
+
+    async def Health(self, request, context):
+        return pb.HealthReply(version=__version__, device=str(self.device), feature_sets=list(FEATURE_SETS))
+
+    async def ListFeatureSets(self, request, context):
+        return pb.ListFeatureSetsReply(feature_sets=[
+            pb.FeatureSetInfo(name=f.name, description=f.description, channels_per_image_channel=len(f.names_per_channel))
+            for f in FEATURE_SETS.values()
+        ])
+
+    async def HasImage(self, request, context):
+        return pb.HasImageReply(present=request.sha256 in self.store)
+
+    async def UploadImage(self, request_iterator, context):
+        header = None
+        pieces: list[bytes] = []
+        received = 0
+        try:
+            async for message in request_iterator:
+                if message.WhichOneof("part") == "header":
+                    header = message.header
+                    layout = header.layout
+                    expected = check_layout(layout.dtype, tuple(layout.shape), layout.axes)
+                    continue
+                if header is None:
+                    raise DinofeatError("an upload must start with its header (layout and sha256).")
+                received += len(message.data)
+                if received > expected:
+                    raise DinofeatError(f"the upload sent more than the {expected} bytes its layout announces.")
+                pieces.append(message.data)
+            if header is None:
+                raise DinofeatError("the upload was empty; send a header and the image bytes.")
+            if received != expected:
+                raise DinofeatError(f"the upload sent {received} bytes but its layout needs {expected}.")
+            image = image_from_bytes(b"".join(pieces), layout.dtype, tuple(layout.shape), layout.axes, header.sha256)
+        except DinofeatError as error:
+            await self._fail(context, error)
+        self.store.put(header.sha256, image)
+        return pb.UploadImageReply(sha256=header.sha256, bytes_received=received)
+
+    async def ComputeFeatures(self, request, context):
+        try:
+            image = self._image(request.image_sha256)
+            fset = self._feature_set(request.feature_set)
+            encoding = checked_encoding(request.encoding)
+        except DinofeatError as error:
+            await self._fail(context, error)
+        wanted = set(request.chunk_indices) if request.resume else None
+        work = partial(feature_work, image, fset, encoding, wanted, self.device)
+        async for message in self._stream(work, context):
+            yield message
+
+    async def Segment(self, request, context):
+        try:
+            image = self._image(request.image_sha256)
+            labels = check_labels(self._image(request.labels_sha256, "label image"), image)
+            fset = self._feature_set(request.feature_set)
+            encoding = checked_encoding(request.encoding)
+            if request.classifier not in ("", "random_forest"):
+                raise DinofeatError(f"unknown classifier {request.classifier!r}; use random_forest.")
+            if request.trees < 0 or request.trees > 5000:
+                raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {request.trees}.")
+        except DinofeatError as error:
+            await self._fail(context, error)
+        work = partial(segment_work, image, labels, fset, request.trees, request.seed, encoding, self.device)
+        async for message in self._stream(work, context):
+            yield message
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

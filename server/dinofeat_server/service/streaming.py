@@ -1,0 +1,122 @@
+"""Turn engine output into DatasetStream messages, and run that work off the event loop.
+
+The engine yields blocks of rows; each block is cut into HDF5 chunks, encoded as HDF5 stores them
+and sent as soon as it is ready, so no side holds the whole stack. Work runs in a worker thread and
+hands messages to the event loop through a short queue: a slow client slows the work down instead of
+piling chunks up in memory, and a client that goes away stops the work at the next block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from dinofeat.v1 import feature_service_pb2 as pb
+from dinofeat_client.wire import DatasetLayout, encode_chunk, iter_chunks, stream_checksum
+
+QUEUE_LENGTH = 8
+"""Messages buffered between the worker thread and the network (backpressure beyond this)."""
+
+
+class Cancelled(Exception):
+    """The client went away or the server is stopping: abandon the work."""
+
+
+def progress_message(stage: str, done: int, total: int) -> pb.DatasetStream:
+    return pb.DatasetStream(progress=pb.Progress(stage=stage, done=done, total=total))
+
+
+def header_message(layout: DatasetLayout, attributes: dict, key: str) -> pb.DatasetStream:
+    return pb.DatasetStream(header=pb.DatasetHeader(
+        name=layout.name, dtype=layout.dtype, shape=layout.shape, chunk_shape=layout.chunk_shape,
+        encoding=pb.Encoding(compression=layout.compression, level=layout.level),
+        attributes_json=json.dumps(attributes), chunk_count=layout.chunk_count, result_key=key,
+    ))
+
+
+def dataset_messages(
+    layout: DatasetLayout,
+    attributes: dict,
+    key: str,
+    blocks: Iterable[tuple[tuple[int, ...], np.ndarray]],
+    wanted: set[int] | None,
+    cancelled: threading.Event,
+    stage: str,
+) -> Iterator[pb.DatasetStream]:
+    """Header, the chunks of `blocks` ((origin, samples) on chunk boundaries) that are `wanted`, trailer.
+
+    Every chunk is encoded, sent or not, because the trailer's checksum covers all of them.
+    """
+    yield header_message(layout, attributes, key)
+    digests: dict[int, bytes] = {}
+    for origin, block in blocks:
+        if cancelled.is_set():
+            raise Cancelled()
+        for index, offset, piece in iter_chunks(block, origin, layout):
+            data = encode_chunk(piece, layout)
+            digests[index] = hashlib.sha256(data).digest()
+            if wanted is None or index in wanted:
+                yield pb.DatasetStream(chunk=pb.DatasetChunk(index=index, offset=offset, data=data))
+        yield progress_message(stage, len(digests), layout.chunk_count)
+    if len(digests) != layout.chunk_count:
+        raise RuntimeError(f"the engine produced {len(digests)} of {layout.chunk_count} chunks")
+    yield pb.DatasetStream(trailer=pb.DatasetTrailer(
+        chunk_count=layout.chunk_count, sha256=stream_checksum([digests[i] for i in range(layout.chunk_count)])))
+
+
+async def messages_from_thread(
+    work: Callable[[threading.Event], Iterator[pb.DatasetStream]],
+    executor: Executor,
+) -> AsyncIterator[pb.DatasetStream]:
+    """Run the generator `work(cancelled)` in `executor`, yielding its messages on the event loop.
+
+    Exceptions raised by the work are re-raised here; leaving the iteration early (the client
+    cancelled) sets `cancelled`, and the worker stops at its next message.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(QUEUE_LENGTH)
+    cancelled = threading.Event()
+    finished = object()
+
+    def hand_over(item: object) -> None:
+        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        while True:
+            try:
+                future.result(timeout=0.2)
+                return
+            except FutureTimeout:
+                if cancelled.is_set():
+                    future.cancel()
+                    raise Cancelled() from None
+
+    def run() -> None:
+        try:
+            for message in work(cancelled):
+                hand_over(message)
+            hand_over(finished)
+        except Cancelled:
+            pass
+        except BaseException as error:  # handed to the event loop, which reports it to the client
+            try:
+                hand_over(error)
+            except Cancelled:
+                pass
+
+    loop.run_in_executor(executor, run)
+    try:
+        while True:
+            item = await queue.get()
+            if item is finished:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()

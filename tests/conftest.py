@@ -1,0 +1,56 @@
+"""Shared fixtures: a real dinofeat server process on loopback, the shared data, helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def dinofeat(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `dinofeat` command line in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "dinofeat_client.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server_address() -> str:
+    """A `dinofeat serve` process on a free 127.0.0.1 port, for the whole session."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=120)
+    except grpc.FutureTimeoutError:
+        process.kill()
+        pytest.fail("the dinofeat server did not start: " + process.stdout.read())
+    finally:
+        channel.close()
+    yield address
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def isb_three_phase() -> Path:
+    folder = SHARED_DATA / "isb_three_phase"
+    if not folder.is_dir():
+        pytest.skip(f"the shared data folder {folder} is absent")
+    return folder
