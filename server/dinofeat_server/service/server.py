@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import signal
 import socket
@@ -49,6 +50,7 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     if not is_loopback(host) and not insecure:
         raise DinofeatError(f"serving on {host} would expose the server beyond this machine without a token or TLS; "
                             "serve on 127.0.0.1, or pass --insecure on a network you trust.")
+    check_bindable(host, port)
     servicer = FeatureServicer(pick_device(device))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
@@ -108,8 +110,13 @@ class EmbeddedServer:
         self._thread.join()
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (for tests and tools)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def check_bindable(host: str, port: int) -> None:
+    """Refuse a taken port or a foreign address in one sentence (before gRPC, which logs its own failure)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise DinofeatError(f"cannot listen on {host}:{port}: the port is in use; choose another with --port.") from None
+            raise DinofeatError(f"cannot listen on {host}:{port}: {error.strerror}; give an address of this machine.") from None

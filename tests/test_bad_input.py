@@ -1,0 +1,115 @@
+"""Every kind of bad input gets one clear sentence, exit status 1, and no output file."""
+
+from __future__ import annotations
+
+import socket
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import dinofeat, free_port
+from dinofeat_client.errors import DinofeatError
+from dinofeat_client.images import check_image
+
+
+def assert_refused(result, message: str, folder) -> None:
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dinofeat: error: "), result.stderr
+    assert message in lines[0]
+    assert not [p for p in folder.iterdir() if p.name.startswith(("out", ".out"))], list(folder.iterdir())
+
+
+@pytest.fixture()
+def good_image(tmp_path):
+    path = tmp_path / "good.tif"
+    tifffile.imwrite(path, (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8))
+    return path
+
+
+def test_random_bytes_are_not_an_image(tmp_path, server_address):
+    (tmp_path / "noise.tif").write_bytes(np.random.default_rng(0).bytes(5000))
+    result = dinofeat("features", str(tmp_path / "noise.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "not a readable TIFF, PNG or JPEG image, or the file is truncated", tmp_path)
+
+
+def test_truncated_png_is_reported(tmp_path, server_address):
+    png = imagecodecs.png_encode(np.zeros((64, 64), np.uint8) + 7)
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    result = dinofeat("features", str(tmp_path / "cut.png"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "cannot read", tmp_path)
+
+
+def test_missing_image_file(tmp_path, server_address):
+    result = dinofeat("features", str(tmp_path / "absent.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "no such file", tmp_path)
+
+
+def test_unsupported_sample_type(tmp_path, server_address):
+    tifffile.imwrite(tmp_path / "c.tif", np.ones((20, 20), np.complex64))
+    result = dinofeat("features", str(tmp_path / "c.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "complex64, which is not supported", tmp_path)
+
+
+def test_nan_and_inf_are_refused(tmp_path, server_address):
+    image = np.ones((20, 20), np.float32)
+    image[3, 4] = np.nan
+    image[5, 5] = np.inf
+    tifffile.imwrite(tmp_path / "nan.tif", image)
+    result = dinofeat("features", str(tmp_path / "nan.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "contains NaN or infinite values", tmp_path)
+
+
+def test_empty_image_is_refused():
+    with pytest.raises(DinofeatError, match=r"is empty \(shape \(0, 5\)\)"):
+        check_image(np.zeros((0, 5), np.uint8))
+
+
+def test_one_pixel_wide_image_is_refused(tmp_path, server_address):
+    tifffile.imwrite(tmp_path / "line.tif", np.zeros((1, 50), np.uint8))
+    result = dinofeat("features", str(tmp_path / "line.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "too small", tmp_path)
+
+
+def test_labels_of_another_shape(tmp_path, good_image, server_address):
+    tifffile.imwrite(tmp_path / "lab.tif", np.ones((30, 40), np.uint8))
+    result = dinofeat("segment", str(good_image), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "out.tif"),
+                      "--server", server_address)
+    assert_refused(result, "the label image has shape (30, 40) but the image has (40, 40)", tmp_path)
+
+
+def test_labels_with_a_single_class(tmp_path, good_image, server_address):
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:9, 5:9] = 3
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    result = dinofeat("segment", str(good_image), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "out.tif"),
+                      "--server", server_address)
+    assert_refused(result, "1 class(es) besides 0 (unlabelled); label at least two classes", tmp_path)
+
+
+def test_output_in_a_missing_folder(tmp_path, good_image, server_address):
+    result = dinofeat("features", str(good_image), "-o", str(tmp_path / "nowhere" / "out.h5"), "--server", server_address)
+    assert_refused(result, "does not exist; create it first", tmp_path)
+
+
+def test_server_that_is_not_there(tmp_path, good_image):
+    address = f"127.0.0.1:{free_port()}"
+    result = dinofeat("features", str(good_image), "-o", str(tmp_path / "out.h5"), "--server", address)
+    assert_refused(result, f"cannot reach a dinofeat server at {address}", tmp_path)
+
+
+def test_port_already_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = dinofeat("serve", "--port", str(port), "--device", "cpu")
+    assert_refused(result, f"cannot listen on 127.0.0.1:{port}", tmp_path)
+
+
+def test_non_loopback_address_without_protection(tmp_path):
+    result = dinofeat("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--device", "cpu")
+    assert_refused(result, "would expose the server beyond this machine", tmp_path)
