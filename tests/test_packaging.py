@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "protos"))
 
-from generate import generate  # noqa: E402
+
+def load_generator():
+    """protos/generate.py, loaded by path: protos/ must not go on sys.path (its dinofeat/ folder would
+    shadow the stubs' package)."""
+    spec = importlib.util.spec_from_file_location("generate_protos", ROOT / "protos" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generate
 
 
 def test_regenerating_the_protobuf_stubs_gives_the_committed_files(tmp_path):
-    for fresh in generate(tmp_path):
+    for fresh in load_generator()(tmp_path):
         committed = ROOT / "clients" / fresh.relative_to(tmp_path)
         assert committed.read_bytes() == fresh.read_bytes(), f"{committed} is stale: run python protos/generate.py"
 

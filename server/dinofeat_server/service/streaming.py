@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
@@ -23,6 +24,8 @@ from dinofeat_client.wire import DatasetLayout, encode_chunk, iter_chunks, strea
 
 QUEUE_LENGTH = 8
 """Messages buffered between the worker thread and the network (backpressure beyond this)."""
+CHUNK_ENCODERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="dinofeat-deflate")
+"""zlib releases the GIL: the chunks of a block are deflated on all cores."""
 
 
 class Cancelled(Exception):
@@ -59,8 +62,9 @@ def dataset_messages(
     for origin, block in blocks:
         if cancelled.is_set():
             raise Cancelled()
-        for index, offset, piece in iter_chunks(block, origin, layout):
-            data = encode_chunk(piece, layout)
+        chunks = list(iter_chunks(block, origin, layout))
+        encoded = CHUNK_ENCODERS.map(lambda chunk: encode_chunk(chunk[2], layout), chunks)
+        for (index, offset, _), data in zip(chunks, encoded):
             digests[index] = hashlib.sha256(data).digest()
             if wanted is None or index in wanted:
                 yield pb.DatasetStream(chunk=pb.DatasetChunk(index=index, offset=offset, data=data))
