@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -47,19 +47,25 @@ class PrecomputedServicer(FeatureServicer):
             yield message
 
 
-def start(servicer) -> tuple[str, callable]:
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
+def serve_precomputed(stack: np.ndarray, port_queue) -> None:
+    """Server process: the real servicer, streaming `stack` for every request."""
 
-    async def boot():
+    async def run():
         server = grpc.aio.server()
-        pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        pb_grpc.add_FeatureServiceServicer_to_server(PrecomputedServicer(stack), server)
+        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
-        return server, port
+        await server.wait_for_termination()
 
-    server, port = asyncio.run_coroutine_threadsafe(boot(), loop).result()
-    return f"127.0.0.1:{port}", lambda: asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
+    asyncio.run(run())
+
+
+def start(stack: np.ndarray) -> tuple[str, multiprocessing.Process]:
+    """The server in its own process, as in real use (client and server do not share a GIL)."""
+    ports = multiprocessing.get_context("fork").Queue()
+    process = multiprocessing.get_context("fork").Process(target=serve_precomputed, args=(stack, ports), daemon=True)
+    process.start()
+    return f"127.0.0.1:{ports.get(timeout=60)}", process
 
 
 def main() -> None:
@@ -71,7 +77,7 @@ def main() -> None:
     # smooth, feature-like data (pure noise would not compress like real features do)
     base = np.cumsum(rng.normal(size=(args.channels, args.size, args.size)).astype(np.float32), axis=2) / 50
     image = rng.integers(0, 255, (args.size, args.size), dtype=np.uint8)
-    address, stop = start(PrecomputedServicer(base))
+    address, server = start(base)
     raw_mb = base.nbytes / 1e6
     results = {"stack": list(base.shape), "raw_MB": raw_mb}
     with tempfile.TemporaryDirectory() as folder, FeatureClient(address) as client:
@@ -85,7 +91,7 @@ def main() -> None:
                                     "wire_MB": transfer.bytes_received / 1e6, "file_MB": path.stat().st_size / 1e6}
             print(f"{compression:>5}: {seconds:.2f} s, {raw_mb / seconds:.0f} MB/s of float32 features, "
                   f"{transfer.bytes_received / 1e6:.0f} MB on the wire")
-    stop()
+    server.terminate()
     save("stream", results)
 
 

@@ -48,6 +48,7 @@ class DatasetFile:
         self.partial = partial_path(self.path)
         self.file: h5py.File | None = None
         self.dataset: h5py.Dataset | None = None
+        self.digests: dict[tuple[int, ...], bytes] = {}  # of the chunks written in this session
 
     def resumable_indices(self) -> list[int] | None:
         """Chunk indices still missing from a matching partial file, or None to start afresh."""
@@ -83,12 +84,17 @@ class DatasetFile:
 
     def write_chunk(self, offset: tuple[int, ...], data: bytes, filter_mask: int) -> None:
         self.dataset.id.write_direct_chunk(offset, data, filter_mask)
+        self.digests[offset] = hashlib.sha256(data).digest()
 
     def flush(self) -> None:
         self.file.flush()
 
     def finish(self, chunk_count: int, checksum: str) -> Path:
-        """Check the stored chunks against the trailer, close, and rename to the final name."""
+        """Check every chunk against the trailer, close, and rename to the final name.
+
+        Chunks written now are checked by the digests taken as they arrived; chunks from an earlier,
+        interrupted session are read back from the file.
+        """
         dataset = self.dataset
         stored = dataset.id.get_num_chunks()
         if stored != chunk_count:
@@ -98,8 +104,10 @@ class DatasetFile:
         digests = []
         for index in range(chunk_count):
             offset = tuple(int(p) * c for p, c in zip(np.unravel_index(index, grid), dataset.chunks))
-            _, data = dataset.id.read_direct_chunk(offset)
-            digests.append(hashlib.sha256(data).digest())
+            digest = self.digests.get(offset)
+            if digest is None:
+                digest = hashlib.sha256(dataset.id.read_direct_chunk(offset)[1]).digest()
+            digests.append(digest)
         self.close()
         if stream_checksum(digests) != checksum:
             self.partial.unlink(missing_ok=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import imagecodecs
 import numpy as np
 
 CHUNK_EDGE = 256
@@ -86,7 +86,7 @@ def encode_chunk(block: np.ndarray, layout: DatasetLayout) -> bytes:
         return raw
     itemsize = np.dtype(layout.dtype).itemsize
     shuffled = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
-    return zlib.compress(shuffled, layout.level)
+    return imagecodecs.deflate_encode(shuffled, level=layout.level)  # libdeflate: a zlib stream, 2-3x faster than zlib
 
 
 def iter_chunks(block: np.ndarray, origin: tuple[int, ...], layout: DatasetLayout) -> Iterator[tuple[int, tuple[int, ...], np.ndarray]]:
