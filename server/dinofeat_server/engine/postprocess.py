@@ -1,0 +1,67 @@
+"""Feature post-processing: PCA to k channels, per-channel min-max or z-score, per-pixel L2.
+
+All functions take and return (C, H, W) float32 tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PCA_SAMPLE_PIXELS = 200_000
+"""PCA is fitted on at most this many pixels (evenly spaced), then applied to all."""
+
+
+@dataclass(frozen=True)
+class PcaBasis:
+    """Mean (C,) and components (k, C), sorted by decreasing variance, each with its sign fixed."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained_variance: torch.Tensor
+
+    def apply(self, features: torch.Tensor) -> torch.Tensor:
+        c, h, w = features.shape
+        flat = features.reshape(c, -1) - self.mean[:, None]
+        return (self.components @ flat).reshape(-1, h, w)
+
+
+def fit_pca(features: torch.Tensor, components: int) -> PcaBasis:
+    """Principal components of the pixels' feature vectors; the sign makes each component's largest
+    loading positive, so the same image always gives the same picture."""
+    c = features.shape[0]
+    flat = features.reshape(c, -1).double()
+    step = max(1, flat.shape[1] // PCA_SAMPLE_PIXELS)
+    sample = flat[:, ::step]
+    mean = sample.mean(dim=1)
+    centred = sample - mean[:, None]
+    covariance = centred @ centred.T / max(centred.shape[1] - 1, 1)
+    variance, vectors = torch.linalg.eigh(covariance)
+    order = torch.argsort(variance, descending=True)[:components]
+    vectors = vectors[:, order].T
+    signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
+    vectors = vectors * signs
+    return PcaBasis(mean.float(), vectors.float(), variance[order].float())
+
+
+def min_max(features: torch.Tensor) -> torch.Tensor:
+    """Each channel scaled to [0, 1] (constant channels become 0)."""
+    low = features.amin(dim=(1, 2), keepdim=True)
+    high = features.amax(dim=(1, 2), keepdim=True)
+    return (features - low) / (high - low).clamp_min(1e-12)
+
+
+def z_score(features: torch.Tensor) -> torch.Tensor:
+    """Each channel to zero mean and unit standard deviation."""
+    mean = features.mean(dim=(1, 2), keepdim=True)
+    std = features.std(dim=(1, 2), keepdim=True, unbiased=False)
+    return (features - mean) / std.clamp_min(1e-12)
+
+
+def l2_per_pixel(features: torch.Tensor) -> torch.Tensor:
+    """Each pixel's feature vector to unit length."""
+    return features / features.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+NORMALISATIONS = {"none": lambda f: f, "minmax": min_max, "zscore": z_score, "l2": l2_per_pixel}

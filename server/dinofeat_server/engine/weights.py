@@ -1,0 +1,193 @@
+"""DINOv2 weights: official checkpoints and Hugging Face files, from a path or the official URL.
+
+Official files (`dinov2_vits14_pretrain.pth`, ...) use the layout of `DinoVisionTransformer`.
+Hugging Face `facebook/dinov2-*` and `facebook/dinov2-with-registers-*` files (safetensors or bin)
+are converted key by key (q/k/v fused into qkv, layer_scale -> ls, ...). Nothing is unpickled:
+.pth/.bin files load with `torch.load(weights_only=True)`.
+
+Downloads go once into a cache (`$DINOFEAT_CACHE`, else `$XDG_CACHE_HOME/dinofeat`, else
+`~/.cache/dinofeat`), through a temporary file, with a progress bar; the file's sha256 is recorded
+beside it and checked on every later load, so a truncated or altered file is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from dinofeat_client.errors import DinofeatError
+
+from .backbone import OFFICIAL_CONFIGS, DinoVisionTransformer, VitConfig
+
+BACKBONES = tuple(f"dinov2_vit{size}14{suffix}" for size in "sblg" for suffix in ("", "_reg"))
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/dinov2_vit{size}14{reg}_pretrain.pth"
+
+
+def official_url(backbone: str) -> str:
+    """Download address of an official backbone, e.g. dinov2_vits14_reg -> .../dinov2_vits14_reg4_pretrain.pth."""
+    check_backbone(backbone)
+    size = backbone[len("dinov2_vit")]
+    return OFFICIAL_URL.format(size=size, reg="_reg4" if backbone.endswith("_reg") else "")
+
+
+def check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise DinofeatError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DINOFEAT_CACHE"):
+        return Path(os.environ["DINOFEAT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dinofeat"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, target: Path, progress: bool = True) -> Path:
+    """Fetch `url` into `target` through a temporary file; record its sha256 in TARGET.sha256."""
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".download")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+        if total and partial.stat().st_size != total:
+            raise DinofeatError(f"the download of {url} stopped early; run the command again.")
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        partial.unlink(missing_ok=True)
+        reason = getattr(error, "reason", error)
+        raise DinofeatError(f"cannot download {url} ({reason}); pass --weights PATH or set DINOFEAT_WEIGHTS.") from None
+    Path(str(target) + ".sha256").write_text(file_sha256(partial) + "\n")
+    os.replace(partial, target)
+    return target
+
+
+def cached_weights(backbone: str) -> Path:
+    """The official checkpoint of `backbone` from the cache, downloading it the first time."""
+    url = official_url(backbone)
+    target = cache_dir() / url.rsplit("/", 1)[1]
+    recorded = Path(str(target) + ".sha256")
+    if target.exists() and recorded.exists():
+        if file_sha256(target) == recorded.read_text().strip():
+            return target
+        target.unlink()
+    return download(url, target)
+
+
+def resolve_weights(backbone: str, weights: str | os.PathLike | None = None) -> Path:
+    """A local weights file: `weights`, else $DINOFEAT_WEIGHTS, else the cached official download."""
+    check_backbone(backbone)
+    chosen = weights or os.environ.get("DINOFEAT_WEIGHTS")
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise DinofeatError(f"the weights file {path} does not exist; give the path of a .pth, .bin or .safetensors file.")
+        return path
+    return cached_weights(backbone)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors, .pth or .bin file, without executing anything in it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, truncated or not a weights file
+        raise DinofeatError(f"cannot read weights from {path}: {type(error).__name__}; give an official DINOv2 checkpoint or a Hugging Face dinov2 file.") from None
+    for wrapper in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DinofeatError(f"{path} does not hold a state dict of tensors; give a DINOv2 weights file.")
+    return state
+
+
+HF_RENAMES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.mask_token$", "mask_token"),
+    (r"^embeddings\.register_tokens$", "register_tokens"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale1\.lambda1$", r"blocks.\1.ls1.gamma"),
+    (r"^encoder\.layer\.(\d+)\.layer_scale2\.lambda1$", r"blocks.\1.ls2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.w12."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_out\.", r"blocks.\1.mlp.w3."),
+    (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+    (r"^layernorm\.", "norm."),
+]
+
+
+def from_hugging_face(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a Hugging Face Dinov2Model state dict to the official layout."""
+    state = {re.sub(r"^dinov2\.", "", k): v for k, v in state.items()}
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = re.match(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", key)
+        if match:
+            if match.group(2) == "query":
+                layer, kind = match.group(1), match.group(3)
+                prefix = f"encoder.layer.{layer}.attention.attention"
+                converted[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat(
+                    [state[f"{prefix}.{p}.{kind}"] for p in ("query", "key", "value")])
+            continue
+        for pattern, replacement in HF_RENAMES:
+            if re.search(pattern, key):
+                converted[re.sub(pattern, replacement, key)] = value
+                break
+    return converted
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor]) -> VitConfig:
+    """Read the architecture off an official-layout state dict."""
+    try:
+        dim = state["cls_token"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        swiglu = "blocks.0.mlp.w12.weight" in state
+        hidden = state["blocks.0.mlp.w3.weight"].shape[1] if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0]
+        registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    except (KeyError, ValueError, IndexError):
+        raise DinofeatError("the weights file is not a DINOv2 vision transformer (missing cls_token, blocks or pos_embed).") from None
+    return VitConfig(dim=dim, depth=depth, mlp_hidden=hidden, registers=registers, swiglu=swiglu, patch=patch, pos_grid=grid)
+
+
+def load_backbone(path: Path) -> DinoVisionTransformer:
+    """Build the model a weights file describes and load it (official or Hugging Face layout)."""
+    state = read_state_dict(path)
+    if any(k.startswith(("embeddings.", "encoder.", "dinov2.")) for k in state):
+        state = from_hugging_face(state)
+    model = DinoVisionTransformer(config_from_state_dict(state))
+    state.setdefault("mask_token", torch.zeros(1, model.config.dim))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DinofeatError(f"the weights in {path} do not fit a DINOv2 model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    return model.eval()
+
+
+def official_config(backbone: str) -> VitConfig:
+    """The architecture of a named official backbone (for building a model without weights)."""
+    check_backbone(backbone)
+    base = OFFICIAL_CONFIGS[backbone[len("dinov2_vit")]]
+    return VitConfig(**{**base.__dict__, "registers": 4 if backbone.endswith("_reg") else 0})
