@@ -17,6 +17,7 @@ from .images import check_image, check_labels, check_output_path, read_image, wr
 from .metrics import class_iou
 from .pictures import class_overlay
 from .sample import three_phase_sample
+from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET
 
 
 class ProgressBars:
@@ -46,6 +47,9 @@ class ProgressBars:
 def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
     """A client for --server, or for an embedded server started here (needs dinofeat[server])."""
     if args.server:
+        if getattr(args, "weights", None):
+            raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
+                                "give the weights to that server (dinofeat serve --weights ...).")
         with FeatureClient(args.server) as client:
             yield client
         return
@@ -54,7 +58,8 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
     except ImportError:
         raise DinofeatError("no --server was given and the server part is not installed here; "
                             "pass --server ADDRESS or install dinofeat[server].") from None
-    with EmbeddedServer(args.device) as address, FeatureClient(address) as client:
+    weights = {getattr(args, "backbone", DEFAULT_BACKBONE): args.weights} if getattr(args, "weights", None) else None
+    with EmbeddedServer(args.device, weights) as address, FeatureClient(address) as client:
         yield client
 
 
@@ -68,7 +73,8 @@ def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     check_output_path(args.output)
     with connect(args) as client:
-        transfer = client.fetch_features(image, args.output, args.set, args.compression, args.level, progress=bars)
+        transfer = client.fetch_features(image, args.output, args.set, args.compression, args.level, progress=bars,
+                                         **deep_options(args))
     bars.close()
     resumed = "" if transfer.chunks_received == transfer.chunk_count else f" (resumed: {transfer.chunks_received} of {transfer.chunk_count} chunks fetched now)"
     print(f"wrote {transfer.path}{resumed}")
@@ -82,9 +88,22 @@ def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
             check_output_path(path)
     with connect(args) as client:
         output, probabilities = client.segment(image, labels, args.output, args.set, args.probabilities,
-                                               args.trees, args.seed, progress=bars)
+                                               args.trees, args.seed, progress=bars, **deep_options(args))
     bars.close()
     print(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
+
+
+def deep_options(args: argparse.Namespace) -> dict:
+    return {"backbone": args.backbone, "preset": args.preset, "pca": args.pca}
+
+
+def weights_map(entries: list[str]) -> dict[str, str]:
+    """`--weights NAME=PATH` for one backbone, `--weights PATH` for any backbone without its own."""
+    mapping = {}
+    for entry in entries:
+        name, _, path = entry.rpartition("=") if "=" in entry else ("*", "", entry)
+        mapping[name] = path
+    return mapping
 
 
 def command_serve(args: argparse.Namespace) -> None:
@@ -92,7 +111,7 @@ def command_serve(args: argparse.Namespace) -> None:
         from dinofeat_server.service.server import serve
     except ImportError:
         raise DinofeatError("serving needs the server part; install dinofeat[server].") from None
-    serve(args.host, args.port, args.device, args.insecure)
+    serve(args.host, args.port, args.device, args.insecure, weights_map(args.weights))
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -104,9 +123,9 @@ def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
     write_tiff(folder / "scribbles.tif", sample.scribbles)
     write_tiff(folder / "ground_truth.tif", sample.truth)
     with connect(args) as client:
-        features = client.fetch_features(sample.image, folder / "features.h5", args.set, progress=bars)
+        features = client.fetch_features(sample.image, folder / "features.h5", args.set, progress=bars, **deep_options(args))
         segmentation, probabilities = client.segment(sample.image, sample.scribbles, folder / "segmentation.tif", args.set,
-                                                     folder / "probabilities.h5", progress=bars)
+                                                     folder / "probabilities.h5", progress=bars, **deep_options(args))
     bars.close()
     class_map = read_image(segmentation)
     write_png(folder / "segmentation.png", class_overlay(sample.image, class_map))
@@ -129,18 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--server", metavar="ADDRESS", help="host:port of a dinofeat server (default: start one in this process)")
     remote.add_argument("--device", default="auto", help="device of the embedded server: auto, cpu, cuda[:N] (default: auto)")
     remote.add_argument("--quiet", action="store_true", help="no progress bars")
+    deep = argparse.ArgumentParser(add_help=False)
+    deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
+    deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
+    deep.add_argument("--pca", type=int, default=0, help="PCA components of the deep features (0: all for dinov2, 32 for hybrid)")
+    deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers")
 
-    p = commands.add_parser("features", parents=[remote], help="compute a feature stack and write it as HDF5")
+    p = commands.add_parser("features", parents=[remote, deep], help="compute a feature stack and write it as HDF5")
     p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
     p.add_argument("-o", "--output", required=True, help="the .h5 file to write")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
     p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")
 
-    p = commands.add_parser("segment", parents=[remote], help="segment an image from sparse scribbles")
+    p = commands.add_parser("segment", parents=[remote, deep], help="segment an image from sparse scribbles")
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
@@ -154,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="port (default 50051)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without token or TLS")
+    p.add_argument("--weights", action="append", default=[], metavar="[BACKBONE=]PATH",
+                   help="local weights for a backbone (repeatable); a bare PATH serves any backbone")
 
-    p = commands.add_parser("demo", parents=[remote], help="run the whole job on a generated sample")
+    p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
     return parser

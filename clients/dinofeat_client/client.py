@@ -23,7 +23,8 @@ from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from .dataset_file import DatasetFile
 from .errors import DinofeatError
 from .images import check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
-from .wire import DEFAULT_LEVEL, MAX_MESSAGE_BYTES, DatasetLayout, features_result_key, segment_result_key
+from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, features_result_key,
+                   options_key, segment_result_key)
 
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0
@@ -92,22 +93,26 @@ class FeatureClient:
         return sha
 
     def fetch_features(self, image: np.ndarray, output: str | Path, feature_set: str = "classical",
-                       compression: str = "gzip", level: int = DEFAULT_LEVEL,
-                       progress: Progress | None = None) -> Transfer:
-        """Compute a feature stack on the server and write it to `output` (.h5), resuming a partial file."""
+                       compression: str = "gzip", level: int = DEFAULT_LEVEL, progress: Progress | None = None,
+                       backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0) -> Transfer:
+        """Compute a feature stack on the server and write it to `output` (.h5), resuming a partial file.
+
+        `backbone`, `preset` and `pca` choose the deep sets' model, views and PCA size."""
         image = check_image(image)
         output = check_output_path(output)
         sha = self.upload(image)
-        target = DatasetFile(output, features_result_key(sha, feature_set, compression, level))
+        options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca)
+        target = DatasetFile(output, features_result_key(sha, feature_set, options_key(backbone, preset, pca), compression, level))
         missing = target.resumable_indices()
         request = pb.ComputeFeaturesRequest(
             image_sha256=sha, feature_set=feature_set, encoding=pb.Encoding(compression=compression, level=level),
-            resume=missing is not None, chunk_indices=missing or [])
+            options=options, resume=missing is not None, chunk_indices=missing or [])
         return self.receive(self.stub.ComputeFeatures(request), target, missing is not None, progress)
 
     def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "classical",
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
-                progress: Progress | None = None) -> tuple[Path, Path | None]:
+                progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
+                pca: int = 0) -> tuple[Path, Path | None]:
         """Train a forest on `labels` and write the class map (TIFF, in the labels' values) to `output`.
 
         The per-class probabilities go to `probabilities` (.h5) when given.
@@ -117,8 +122,10 @@ class FeatureClient:
         output = check_output_path(output)
         probabilities_path = check_output_path(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
         request = pb.SegmentRequest(image_sha256=self.upload(image), labels_sha256=self.upload(labels),
-                                    feature_set=feature_set, trees=trees, seed=seed)
-        key = segment_result_key(request.image_sha256, request.labels_sha256, feature_set, trees, seed)
+                                    feature_set=feature_set, trees=trees, seed=seed,
+                                    options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca))
+        key = segment_result_key(request.image_sha256, request.labels_sha256, feature_set,
+                                 options_key(backbone, preset, pca), trees, seed)
         transfer = self.receive(self.stub.Segment(request), DatasetFile(probabilities_path, key), False, progress)
         try:
             with h5py.File(transfer.path, "r") as f:

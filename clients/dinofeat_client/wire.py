@@ -119,11 +119,22 @@ def result_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
-def features_result_key(image_sha: str, feature_set: str, compression: str, level: int) -> str:
-    """Result key of a feature request: the server stamps it, the client matches partial files by it."""
-    return result_key("features", image_sha, feature_set, compression, level)
+DEFAULT_BACKBONE = "dinov2_vits14"
+DEFAULT_PRESET = "default"
 
 
-def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, trees: int, seed: int) -> str:
+def options_key(backbone: str, preset: str, pca: int) -> str:
+    """The deep-set options as they enter result keys (defaults filled in, so both sides agree)."""
+    return f"{backbone or DEFAULT_BACKBONE}/{preset or DEFAULT_PRESET}/{pca}"
+
+
+def features_result_key(image_sha: str, feature_set: str, options: str, compression: str, level: int) -> str:
+    """Result key of a feature request: the server stamps it, the client matches partial files by it.
+
+    `options` comes from `options_key`."""
+    return result_key("features", image_sha, feature_set, options, compression, level)
+
+
+def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, options: str, trees: int, seed: int) -> str:
     """Result key of a segmentation request."""
-    return result_key("segment", image_sha, labels_sha, feature_set, trees, seed)
+    return result_key("segment", image_sha, labels_sha, feature_set, options, trees, seed)

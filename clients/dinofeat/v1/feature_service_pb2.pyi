@@ -94,22 +94,34 @@ class Encoding(_message.Message):
     level: int
     def __init__(self, compression: _Optional[str] = ..., level: _Optional[int] = ...) -> None: ...
 
+class FeatureOptions(_message.Message):
+    __slots__ = ("backbone", "preset", "pca")
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    PCA_FIELD_NUMBER: _ClassVar[int]
+    backbone: str
+    preset: str
+    pca: int
+    def __init__(self, backbone: _Optional[str] = ..., preset: _Optional[str] = ..., pca: _Optional[int] = ...) -> None: ...
+
 class ComputeFeaturesRequest(_message.Message):
-    __slots__ = ("image_sha256", "feature_set", "encoding", "resume", "chunk_indices")
+    __slots__ = ("image_sha256", "feature_set", "encoding", "options", "resume", "chunk_indices")
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
     image_sha256: str
     feature_set: str
     encoding: Encoding
+    options: FeatureOptions
     resume: bool
     chunk_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., resume: _Optional[bool] = ..., chunk_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., resume: _Optional[bool] = ..., chunk_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("image_sha256", "labels_sha256", "feature_set", "classifier", "trees", "encoding", "seed")
+    __slots__ = ("image_sha256", "labels_sha256", "feature_set", "classifier", "trees", "encoding", "seed", "options")
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     LABELS_SHA256_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +129,7 @@ class SegmentRequest(_message.Message):
     TREES_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     image_sha256: str
     labels_sha256: str
     feature_set: str
@@ -124,7 +137,8 @@ class SegmentRequest(_message.Message):
     trees: int
     encoding: Encoding
     seed: int
-    def __init__(self, image_sha256: _Optional[str] = ..., labels_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., classifier: _Optional[str] = ..., trees: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    options: FeatureOptions
+    def __init__(self, image_sha256: _Optional[str] = ..., labels_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., classifier: _Optional[str] = ..., trees: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ...) -> None: ...
 
 class DatasetStream(_message.Message):
     __slots__ = ("progress", "header", "chunk", "trailer")

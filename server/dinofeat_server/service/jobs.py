@@ -15,11 +15,19 @@ import torch
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client import __version__
 from dinofeat_client.images import image_axes, image_sha256
-from dinofeat_client.wire import axistags, feature_layout, features_result_key, segment_result_key
+from dinofeat_client.wire import axistags, feature_layout, features_result_key, options_key, segment_result_key
 
-from ..engine.stacks import FeatureSet, intensity_scaled
+from ..engine.stacks import FeatureOptions, FeatureSet, Models, intensity_scaled
 from ..segment.forest import DEFAULT_TREES, class_probabilities, labelled_pixels, train_forest
 from .streaming import Cancelled, dataset_messages, progress_message
+
+
+def cancel_check(cancelled: threading.Event):
+    """A check for the engine to call between views and strips: stop when the client has gone."""
+    def check() -> None:
+        if cancelled.is_set():
+            raise Cancelled()
+    return check
 
 
 def slices_of(image: np.ndarray) -> list[np.ndarray]:
@@ -39,14 +47,15 @@ def block_origin(volume: bool, z: int, y0: int) -> tuple[int, ...]:
     return (0, z, y0, 0) if volume else (0, y0, 0)
 
 
-def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, names: list[str]) -> dict:
+def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, options: FeatureOptions,
+                       models: Models, names: list[str]) -> dict:
     volume = image_axes(image).startswith("z")
     return {
         "axistags": axistags("czyx" if volume else "cyx"),
         "channel_names": names,
-        "feature_set": fset.spec(),
-        "backbone": "",
-        "weights_sha256": "",
+        "feature_set": fset.spec(options),
+        "backbone": options.backbone if fset.deep else "",
+        "weights_sha256": models.weights_sha256(options.backbone) if fset.deep else "",
         "dinofeat_version": __version__,
         "source_sha256": image_sha,
         "source_shape": list(image.shape),
@@ -54,36 +63,39 @@ def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, name
     }
 
 
-def feature_work(image: np.ndarray, fset: FeatureSet, encoding: pb.Encoding, wanted: set[int] | None,
-                 device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, encoding: pb.Encoding,
+                 wanted: set[int] | None, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Compute `fset` over every slice and stream it as the dataset "features"."""
     image_sha = image_sha256(image)
     slices = slices_of(image)
     channels = 3 if image_axes(image).endswith("c") else 1
-    names = fset.channel_names(channels)
+    yield progress_message("loading", 0, 1)
+    names = fset.channel_names(channels, options, models)
     layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
-    key = features_result_key(image_sha, fset.name, layout.compression, layout.level)
+    key = features_result_key(image_sha, fset.name, options_key(options.backbone, options.preset, options.pca), layout.compression, layout.level)
     volume = len(layout.shape) == 4
+    check = cancel_check(cancelled)
 
     def blocks():
         for z, plane in enumerate(slices):
-            for y0, block in fset.strips(plane, device):
+            for y0, block in fset.strips(plane, device, options, models, check):
                 yield block_origin(volume, z, y0), block[:, None] if volume else block
 
-    attributes = feature_attributes(image, image_sha, fset, names)
+    attributes = feature_attributes(image, image_sha, fset, options, models, names)
     yield from dataset_messages(layout, attributes, key, blocks(), wanted, cancelled, "features")
 
 
-def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, trees: int, seed: int,
-                 encoding: pb.Encoding, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+                 trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
+                 cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Compute features, train a forest on the labelled pixels, stream the class probabilities."""
     slices = slices_of(image)
     label_slices = list(labels) if labels.ndim == 3 else [labels]
+    check = cancel_check(cancelled)
     stacks = []
     for z, plane in enumerate(slices):
-        if cancelled.is_set():
-            raise Cancelled()
-        stacks.append(fset.compute(plane, device))
+        check()
+        stacks.append(np.concatenate([b for _, b in fset.strips(plane, device, options, models, check)], axis=1))
         yield progress_message("features", z + 1, len(slices))
     samples, classes = zip(*(labelled_pixels(f, l) for f, l in zip(stacks, label_slices)))
     yield progress_message("training", 0, 1)
@@ -104,12 +116,13 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, trees:
         "axistags": axistags("czyx" if volume else "cyx"),
         "channel_names": [f"class_{v}" for v in values],
         "class_values": values,
-        "feature_set": fset.spec(),
+        "feature_set": fset.spec(options),
         "classifier": {"kind": "random_forest", "trees": trees or DEFAULT_TREES, "class_weight": "balanced", "seed": seed},
         "labelled_pixels": int(sum(len(c) for c in classes)),
         "dinofeat_version": __version__,
         "source_sha256": image_sha256(image),
         "labels_sha256": image_sha256(labels),
     }
-    key = segment_result_key(attributes["source_sha256"], attributes["labels_sha256"], fset.name, trees, seed)
+    key = segment_result_key(attributes["source_sha256"], attributes["labels_sha256"], fset.name,
+                             options_key(options.backbone, options.preset, options.pca), trees, seed)
     yield from dataset_messages(layout, attributes, key, blocks(), None, cancelled, "probabilities")

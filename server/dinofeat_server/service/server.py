@@ -15,6 +15,7 @@ import torch
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.errors import DinofeatError
 
+from .models import ModelRegistry
 from .servicer import FeatureServicer
 
 SERVER_OPTIONS = [
@@ -44,14 +45,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto",
-                       insecure: bool = False) -> tuple[grpc.aio.Server, int, FeatureServicer]:
-    """Bind and start a server; returns it with the bound port (a free one when `port` is 0)."""
+async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", insecure: bool = False,
+                       weights: dict[str, str] | None = None) -> tuple[grpc.aio.Server, int, FeatureServicer]:
+    """Bind and start a server; returns it with the bound port (a free one when `port` is 0).
+
+    `weights` maps backbone names (or "*" for any) to local weight files."""
     if not is_loopback(host) and not insecure:
         raise DinofeatError(f"serving on {host} would expose the server beyond this machine without a token or TLS; "
                             "serve on 127.0.0.1, or pass --insecure on a network you trust.")
     check_bindable(host, port)
-    servicer = FeatureServicer(pick_device(device))
+    chosen = pick_device(device)
+    servicer = FeatureServicer(chosen, models=ModelRegistry(chosen, weights))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     try:
@@ -65,11 +69,12 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     return server, bound, servicer
 
 
-def serve(host: str, port: int, device: str = "auto", insecure: bool = False, announce=print) -> None:
+def serve(host: str, port: int, device: str = "auto", insecure: bool = False, weights: dict[str, str] | None = None,
+          announce=print) -> None:
     """Run a server until SIGINT/SIGTERM, then stop it gracefully (running streams get 5 s)."""
 
     async def main() -> None:
-        server, bound, servicer = await start_server(host, port, device, insecure)
+        server, bound, servicer = await start_server(host, port, device, insecure, weights)
         announce(f"dinofeat server listening on {host}:{bound} (device {servicer.device}); Ctrl+C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -85,15 +90,16 @@ def serve(host: str, port: int, device: str = "auto", insecure: bool = False, an
 class EmbeddedServer:
     """A server on a free loopback port in a background thread of this process (the CLI's default)."""
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", weights: dict[str, str] | None = None):
         self.device = device
+        self.weights = weights
         self.address = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dinofeat-embedded", daemon=True)
 
     def __enter__(self) -> str:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, self.device), self._loop)
+        future = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, self.device, weights=self.weights), self._loop)
         try:
             self._server, port, self._servicer = future.result()
         except BaseException:

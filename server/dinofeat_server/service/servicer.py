@@ -16,10 +16,24 @@ from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
 
-from ..engine.stacks import FEATURE_SETS, FeatureSet
+from ..engine.deep import preset
+from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
+from ..engine.weights import check_backbone
 from .image_store import ImageStore, check_layout, image_from_bytes
+from .models import ModelRegistry
 from .jobs import feature_work, segment_work
 from .streaming import messages_from_thread
+
+
+def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
+    """Deep-set options with defaults filled in; unknown backbones, presets or PCA sizes refused."""
+    chosen = FeatureOptions(backbone=options.backbone or FeatureOptions.backbone,
+                            preset=options.preset or FeatureOptions.preset, pca=options.pca)
+    check_backbone(chosen.backbone)
+    preset(chosen.preset)
+    if not 0 <= chosen.pca <= 1024:
+        raise DinofeatError(f"the PCA size must be between 0 (no PCA) and 1024, not {chosen.pca}.")
+    return chosen
 
 
 def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
@@ -36,9 +50,11 @@ def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
 class FeatureServicer(pb_grpc.FeatureServiceServicer):
     """One per server: holds the uploaded images, the device and the engine's worker threads."""
 
-    def __init__(self, device: torch.device, store: ImageStore | None = None, workers: int = 2):
+    def __init__(self, device: torch.device, store: ImageStore | None = None, workers: int = 2,
+                 models: ModelRegistry | None = None):
         self.device = device
         self.store = store or ImageStore()
+        self.models = models or ModelRegistry(device)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinofeat-engine")
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -59,17 +75,14 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return image
 
     def _feature_set(self, name: str) -> FeatureSet:
-        fset = FEATURE_SETS.get(name or "classical")
-        if fset is None:
-            raise DinofeatError(f"unknown feature set {name!r}; choose one of {', '.join(FEATURE_SETS)}.")
-        return fset
+        return feature_set(name or "classical")
 
     async def Health(self, request, context):
         return pb.HealthReply(version=__version__, device=str(self.device), feature_sets=list(FEATURE_SETS))
 
     async def ListFeatureSets(self, request, context):
         return pb.ListFeatureSetsReply(feature_sets=[
-            pb.FeatureSetInfo(name=f.name, description=f.description, channels_per_image_channel=len(f.names_per_channel))
+            pb.FeatureSetInfo(name=f.name, description=f.description, channels_per_image_channel=len(f.channel_names(1)))
             for f in FEATURE_SETS.values()
         ])
 
@@ -107,11 +120,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         try:
             image = self._image(request.image_sha256)
             fset = self._feature_set(request.feature_set)
+            options = checked_options(request.options)
             encoding = checked_encoding(request.encoding)
         except DinofeatError as error:
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
-        work = partial(feature_work, image, fset, encoding, wanted, self.device)
+        work = partial(feature_work, image, fset, options, self.models, encoding, wanted, self.device)
         async for message in self._stream(work, context):
             yield message
 
@@ -120,6 +134,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             image = self._image(request.image_sha256)
             labels = check_labels(self._image(request.labels_sha256, "label image"), image)
             fset = self._feature_set(request.feature_set)
+            options = checked_options(request.options)
             encoding = checked_encoding(request.encoding)
             if request.classifier not in ("", "random_forest"):
                 raise DinofeatError(f"unknown classifier {request.classifier!r}; use random_forest.")
@@ -127,7 +142,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {request.trees}.")
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(segment_work, image, labels, fset, request.trees, request.seed, encoding, self.device)
+        work = partial(segment_work, image, labels, fset, options, self.models, request.trees, request.seed, encoding, self.device)
         async for message in self._stream(work, context):
             yield message
 
