@@ -54,3 +54,31 @@ def isb_three_phase() -> Path:
     if not folder.is_dir():
         pytest.skip(f"the shared data folder {folder} is absent")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A tiny random-weight DINOv2 (real architecture) saved in the official layout."""
+    from tiny_vit import save_official, tiny_model
+
+    return save_official(tiny_model(), tmp_path_factory.mktemp("weights") / "tiny_vits14.pth")
+
+
+@pytest.fixture(scope="session")
+def deep_server_address(tiny_weights) -> str:
+    """A `dinofeat serve` process whose dinov2_vits14 is the tiny model."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu",
+                                "--weights", f"dinov2_vits14={tiny_weights}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=120)
+    except grpc.FutureTimeoutError:
+        process.kill()
+        pytest.fail("the dinofeat server did not start: " + process.stdout.read())
+    finally:
+        channel.close()
+    yield address
+    process.terminate()
+    process.wait(timeout=30)

@@ -1,0 +1,102 @@
+"""DINOv2, attention and hybrid feature sets through the real server, client and command line."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import dinofeat
+from dinofeat_client.client import FeatureClient
+from dinofeat_client.errors import DinofeatError
+from dinofeat_client.metrics import mean_iou
+from dinofeat_server.engine.deep import PRESETS, DeepExtractor
+from dinofeat_server.engine.stacks import intensity_scaled
+from dinofeat_server.engine.weights import file_sha256, load_backbone
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return (np.random.default_rng(7).random((90, 110)) * 255).astype(np.uint8)
+
+
+def test_dinov2_set_streams_full_resolution_features_equal_to_the_engine(deep_server_address, tiny_weights, image, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(image, tmp_path / "d.h5", "dinov2", preset="fast")
+    expected = DeepExtractor(load_backbone(tiny_weights), torch.device("cpu")).features(intensity_scaled(image), PRESETS["fast"])
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        ds = f["features"]
+        assert ds.shape == (128, 90, 110)
+        assert list(ds.attrs["channel_names"][:2]) == ["dino_000", "dino_001"]
+        assert ds.attrs["backbone"] == "dinov2_vits14"
+        assert ds.attrs["weights_sha256"] == file_sha256(tiny_weights)
+        spec = json.loads(ds.attrs["feature_set"])
+        assert spec["preset"] == "fast" and spec["stride"] == 14 and spec["upsampler"] == "joint_bilateral"
+        np.testing.assert_allclose(ds[()], expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_set_has_one_channel_per_head(deep_server_address, image, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(image, tmp_path / "a.h5", "attention", preset="fast")
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert list(f["features"].attrs["channel_names"]) == ["attn_h0", "attn_h1"]
+        assert (f["features"][()] >= 0).all()
+
+
+def test_hybrid_set_is_deep_pca_then_classical_each_min_max_scaled(deep_server_address, image, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(image, tmp_path / "h.h5", "hybrid", preset="fast", pca=8)
+    with h5py.File(tmp_path / "h.h5", "r") as f:
+        ds = f["features"]
+        names = list(ds.attrs["channel_names"])
+        assert len(names) == 8 + 58 and names[0] == "dino_pca_00" and names[8] == "raw"
+        data = ds[()]
+        np.testing.assert_allclose(data.min(axis=(1, 2)), 0, atol=1e-6)
+        np.testing.assert_allclose(data.max(axis=(1, 2)), 1, atol=1e-6)
+
+
+def test_paper_preset_uses_stride_4_and_17_views(deep_server_address, image, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(image[:40, :50], tmp_path / "p.h5", "dinov2", preset="paper", pca=4)
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        spec = json.loads(f["features"].attrs["feature_set"])
+        assert (spec["stride"], spec["views"], spec["view_mode"], spec["pca"]) == (4, 17, "paper", 4)
+        assert f["features"].shape == (4, 40, 50)
+
+
+def test_hybrid_segmentation_of_the_isb_data_with_a_random_tiny_vit(isb_three_phase, deep_server_address, tmp_path):
+    result = dinofeat("segment", str(isb_three_phase / "image.tif"), "--labels", str(isb_three_phase / "scribbles.tif"),
+                      "-o", str(tmp_path / "seg.tif"), "--set", "hybrid", "--preset", "fast", "--server", deep_server_address)
+    assert result.returncode == 0, result.stderr
+    prediction = tifffile.imread(tmp_path / "seg.tif")
+    # random deep channels add noise to the classical ones; the forest still finds the phases
+    assert mean_iou(prediction, tifffile.imread(isb_three_phase / "ground_truth.tif")) > 0.6
+
+
+def test_cli_embedded_server_takes_local_weights(tiny_weights, image, tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    result = dinofeat("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "f.h5"), "--set", "dinov2",
+                      "--backbone", "dinov2_vits14", "--weights", str(tiny_weights), "--preset", "fast", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert f["features"].shape == (128, 90, 110)
+
+
+def test_weights_cannot_be_sent_to_a_remote_server(server_address, tiny_weights, image, tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    result = dinofeat("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "f.h5"), "--set", "dinov2",
+                      "--weights", str(tiny_weights), "--server", server_address)
+    assert result.returncode == 1 and "--weights names a file on this machine, but --server computes elsewhere" in result.stderr
+
+
+def test_unknown_preset_and_backbone_are_refused(deep_server_address, image, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        with pytest.raises(DinofeatError, match="unknown preset 'slow'; choose one of fast, default, paper, paper_flips"):
+            client.fetch_features(image, tmp_path / "x.h5", "dinov2", preset="slow")
+        with pytest.raises(DinofeatError, match="unknown backbone 'dinov3'"):
+            client.fetch_features(image, tmp_path / "x.h5", "dinov2", backbone="dinov3")
+    assert not list(tmp_path.iterdir())
