@@ -302,3 +302,28 @@ class socket_closed_port:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+def test_joint_bilateral_equals_a_per_pixel_loop():
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 3, 4, 5)
+    guide = torch.rand(1, 1, 30, 38)
+    placement = TokenPlacement(7, 6.5, 6.5)
+    ours = joint_bilateral(tokens, placement, (30, 38), guide, sigma_spatial=0.8, sigma_range=0.2)
+    g = (guide - guide.min()) / (guide.max() - guide.min())
+    expected = torch.zeros_like(ours)
+    for y in range(30):
+        for x in range(38):
+            ty, tx = (y - 6.5) / 7, (x - 6.5) / 7
+            ny, nx = min(max(round(ty), 0), 3), min(max(round(tx), 0), 4)
+            total, norm = torch.zeros(3), 0.0
+            for iy in range(ny - 1, ny + 2):
+                for ix in range(nx - 1, nx + 2):
+                    if 0 <= iy < 4 and 0 <= ix < 5:
+                        cy, cx = min(round(6.5 + 7 * iy), 29), min(round(6.5 + 7 * ix), 37)
+                        wgt = math.exp(-((ty - iy) ** 2 + (tx - ix) ** 2) / (2 * 0.8**2)) * math.exp(
+                            -float(g[0, 0, y, x] - g[0, 0, cy, cx]) ** 2 / (2 * 0.2**2))
+                        total += wgt * tokens[0, :, iy, ix]
+                        norm += wgt
+            expected[0, :, y, x] = total / norm
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

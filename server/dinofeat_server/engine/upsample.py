@@ -54,47 +54,51 @@ def bilinear(tokens: torch.Tensor, placement: TokenPlacement, size: tuple[int, i
 
 
 def joint_bilateral(tokens: torch.Tensor, placement: TokenPlacement, size: tuple[int, int], guide: torch.Tensor | None,
-                    sigma_spatial: float = 1.0, sigma_range: float = 0.15, radius: int = 1, rows: int = 64) -> torch.Tensor:
+                    sigma_spatial: float = 1.0, sigma_range: float = 0.15, radius: int = 1) -> torch.Tensor:
     """Joint bilateral upsampling (Kopf et al. 2007), training-free and guided by the image.
 
-    Each pixel averages the tokens within `radius` of its nearest token, weighted by a spatial
+    Each pixel averages the (2 radius + 1)^2 tokens around its nearest token, weighted by a spatial
     Gaussian over token-grid distance (`sigma_spatial`, in tokens) times a range Gaussian over the
     guide's difference between the pixel and the token's centre pixel (`sigma_range`, guide scaled
     to [0, 1]). Tokens across an edge of the guide get little weight, so edges stay sharp.
+
+    Pixels sharing a nearest token share its neighbourhood, so the work is one small matrix product
+    per token row: (C x K) neighbourhood features times (K x pixels) weights.
     """
     if guide is None:
         raise ValueError("joint bilateral upsampling needs the image as its guide")
     b, c, h, w = tokens.shape
     height, width = size
+    device = tokens.device
     low, high = guide.amin(dim=(-2, -1), keepdim=True), guide.amax(dim=(-2, -1), keepdim=True)
-    guide = (guide - low) / (high - low).clamp_min(1e-12)
-    ty_all = placement.token_coordinates(height, "y", tokens.device)
-    tx = placement.token_coordinates(width, "x", tokens.device)
-    nx = tx.round().long()
-    centre_x = (placement.offset_x + torch.arange(w, device=tokens.device) * placement.stride).round().clamp(0, width - 1).long()
-    centre_y = (placement.offset_y + torch.arange(h, device=tokens.device) * placement.stride).round().clamp(0, height - 1).long()
+    guide = ((guide - low) / (high - low).clamp_min(1e-12)).float()
+    ty = placement.token_coordinates(height, "y", device)
+    tx = placement.token_coordinates(width, "x", device)
+    ny, nx = ty.round().clamp(0, h - 1).long(), tx.round().clamp(0, w - 1).long()
+    centre_y = (placement.offset_y + torch.arange(h, device=device) * placement.stride).round().clamp(0, height - 1).long()
+    centre_x = (placement.offset_x + torch.arange(w, device=device) * placement.stride).round().clamp(0, width - 1).long()
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    weights = []
+    for dy, dx in offsets:
+        iy, ix = ny + dy, nx + dx
+        valid = ((iy >= 0) & (iy < h))[:, None] & ((ix >= 0) & (ix < w))[None, :]
+        iy, ix = iy.clamp(0, h - 1), ix.clamp(0, w - 1)
+        spatial = torch.exp(-((ty - iy)[:, None] ** 2 + (tx - ix)[None, :] ** 2) / (2 * sigma_spatial**2)) * valid
+        token_guide = guide[:, :, centre_y[iy]][:, :, :, centre_x[ix]]
+        weights.append(spatial * torch.exp(-((guide - token_guide) ** 2) / (2 * sigma_range**2))[:, 0])
+    weights = torch.stack(weights, dim=1)  # (B, K, H, W)
+    weights = (weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)).to(tokens.dtype)
+    kernel = 2 * radius + 1
+    neighbourhoods = F.unfold(tokens, kernel, padding=radius).view(b, c, kernel * kernel, h, w)
     out = tokens.new_empty(b, c, height, width)
-    for y0 in range(0, height, rows):
-        ty = ty_all[y0 : y0 + rows]
-        ny = ty.round().long()
-        pixel_guide = guide[:, :, y0 : y0 + rows]
-        total = torch.zeros(b, c, len(ty), width, device=tokens.device, dtype=tokens.dtype)
-        weights = torch.zeros(b, 1, len(ty), width, device=tokens.device, dtype=tokens.dtype)
-        for dy in range(-radius, radius + 1):
-            iy = ny + dy
-            valid_y = (iy >= 0) & (iy < h)
-            iy = iy.clamp(0, h - 1)
-            for dx in range(-radius, radius + 1):
-                ix = nx + dx
-                valid_x = (ix >= 0) & (ix < w)
-                ix = ix.clamp(0, w - 1)
-                spatial = torch.exp(-((ty - iy)[:, None] ** 2 + (tx - ix)[None, :] ** 2) / (2 * sigma_spatial**2))
-                spatial = spatial * (valid_y[:, None] & valid_x[None, :])
-                token_guide = guide[:, :, centre_y[iy]][:, :, :, centre_x[ix]]
-                weight = spatial * torch.exp(-((pixel_guide - token_guide) ** 2) / (2 * sigma_range**2))
-                total += weight * tokens[:, :, iy][:, :, :, ix]
-                weights += weight
-        out[:, :, y0 : y0 + rows] = total / weights.clamp_min(1e-12)
+    for i in range(h):
+        rows = (ny == i).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        y0, y1 = int(rows[0]), int(rows[-1]) + 1
+        features = neighbourhoods[:, :, :, i, :][..., nx].permute(0, 3, 1, 2).contiguous()  # (B, W, C, K)
+        row_weights = weights[:, :, y0:y1].permute(0, 3, 1, 2).contiguous()  # (B, W, K, rows)
+        out[:, :, y0:y1] = torch.matmul(features, row_weights).permute(0, 2, 3, 1)  # (B, C, rows, W)
     return out
 
 
