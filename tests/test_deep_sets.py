@@ -100,3 +100,18 @@ def test_unknown_preset_and_backbone_are_refused(deep_server_address, image, tmp
         with pytest.raises(DinofeatError, match="unknown backbone 'dinov3'"):
             client.fetch_features(image, tmp_path / "x.h5", "dinov2", backbone="dinov3")
     assert not list(tmp_path.iterdir())
+
+
+def test_normalised_dinov2_features_have_unit_length_per_pixel(deep_server_address, image, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(image, tmp_path / "n.h5", "dinov2", preset="fast", normalise="l2")
+    with h5py.File(tmp_path / "n.h5", "r") as f:
+        np.testing.assert_allclose(np.linalg.norm(f["features"][()], axis=0), 1.0, atol=1e-5)
+        assert json.loads(f["features"].attrs["feature_set"])["normalisation"] == "l2"
+
+
+def test_client_and_server_know_the_same_normalisations():
+    from dinofeat_client.wire import NORMALISATIONS as names
+    from dinofeat_server.engine.postprocess import NORMALISATIONS as functions
+
+    assert tuple(functions) == names

@@ -17,7 +17,7 @@ from .images import check_image, check_labels, check_output_path, read_image, wr
 from .metrics import class_iou
 from .pictures import class_overlay
 from .sample import three_phase_sample
-from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET
+from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
 
 
 class ProgressBars:
@@ -94,7 +94,7 @@ def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def deep_options(args: argparse.Namespace) -> dict:
-    return {"backbone": args.backbone, "preset": args.preset, "pca": args.pca}
+    return {"backbone": args.backbone, "preset": args.preset, "pca": args.pca, "normalise": args.normalise}
 
 
 def weights_map(entries: list[str]) -> dict[str, str]:
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
     deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
     deep.add_argument("--pca", type=int, default=0, help="PCA components of the deep features (0: all for dinov2, 32 for hybrid)")
+    deep.add_argument("--normalise", choices=NORMALISATIONS, default="none",
+                      help="dinov2/attention scaling: per-channel minmax or zscore, per-pixel l2 (default none)")
     deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

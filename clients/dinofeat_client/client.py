@@ -94,15 +94,17 @@ class FeatureClient:
 
     def fetch_features(self, image: np.ndarray, output: str | Path, feature_set: str = "classical",
                        compression: str = "gzip", level: int = DEFAULT_LEVEL, progress: Progress | None = None,
-                       backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0) -> Transfer:
+                       backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0,
+                       normalise: str = "none") -> Transfer:
         """Compute a feature stack on the server and write it to `output` (.h5), resuming a partial file.
 
-        `backbone`, `preset` and `pca` choose the deep sets' model, views and PCA size."""
+        `backbone`, `preset`, `pca` and `normalise` choose the deep sets' model, views, PCA size and scaling."""
         image = check_image(image)
         output = check_output_path(output)
         sha = self.upload(image)
-        options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca)
-        target = DatasetFile(output, features_result_key(sha, feature_set, options_key(backbone, preset, pca), compression, level))
+        options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise)
+        key = features_result_key(sha, feature_set, options_key(backbone, preset, pca, normalise), compression, level)
+        target = DatasetFile(output, key)
         missing = target.resumable_indices()
         request = pb.ComputeFeaturesRequest(
             image_sha256=sha, feature_set=feature_set, encoding=pb.Encoding(compression=compression, level=level),
@@ -112,7 +114,7 @@ class FeatureClient:
     def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "classical",
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
-                pca: int = 0) -> tuple[Path, Path | None]:
+                pca: int = 0, normalise: str = "none") -> tuple[Path, Path | None]:
         """Train a forest on `labels` and write the class map (TIFF, in the labels' values) to `output`.
 
         The per-class probabilities go to `probabilities` (.h5) when given.
@@ -123,9 +125,9 @@ class FeatureClient:
         probabilities_path = check_output_path(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
         request = pb.SegmentRequest(image_sha256=self.upload(image), labels_sha256=self.upload(labels),
                                     feature_set=feature_set, trees=trees, seed=seed,
-                                    options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca))
+                                    options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
         key = segment_result_key(request.image_sha256, request.labels_sha256, feature_set,
-                                 options_key(backbone, preset, pca), trees, seed)
+                                 options_key(backbone, preset, pca, normalise), trees, seed)
         transfer = self.receive(self.stub.Segment(request), DatasetFile(probabilities_path, key), False, progress)
         try:
             with h5py.File(transfer.path, "r") as f:

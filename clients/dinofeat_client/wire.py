@@ -123,9 +123,12 @@ DEFAULT_BACKBONE = "dinov2_vits14"
 DEFAULT_PRESET = "default"
 
 
-def options_key(backbone: str, preset: str, pca: int) -> str:
+NORMALISATIONS = ("none", "minmax", "zscore", "l2")
+
+
+def options_key(backbone: str, preset: str, pca: int, normalise: str) -> str:
     """The deep-set options as they enter result keys (defaults filled in, so both sides agree)."""
-    return f"{backbone or DEFAULT_BACKBONE}/{preset or DEFAULT_PRESET}/{pca}"
+    return f"{backbone or DEFAULT_BACKBONE}/{preset or DEFAULT_PRESET}/{pca}/{normalise or 'none'}"
 
 
 def features_result_key(image_sha: str, feature_set: str, options: str, compression: str, level: int) -> str:

@@ -95,14 +95,16 @@ class Encoding(_message.Message):
     def __init__(self, compression: _Optional[str] = ..., level: _Optional[int] = ...) -> None: ...
 
 class FeatureOptions(_message.Message):
-    __slots__ = ("backbone", "preset", "pca")
+    __slots__ = ("backbone", "preset", "pca", "normalise")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     PCA_FIELD_NUMBER: _ClassVar[int]
+    NORMALISE_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     preset: str
     pca: int
-    def __init__(self, backbone: _Optional[str] = ..., preset: _Optional[str] = ..., pca: _Optional[int] = ...) -> None: ...
+    normalise: str
+    def __init__(self, backbone: _Optional[str] = ..., preset: _Optional[str] = ..., pca: _Optional[int] = ..., normalise: _Optional[str] = ...) -> None: ...
 
 class ComputeFeaturesRequest(_message.Message):
     __slots__ = ("image_sha256", "feature_set", "encoding", "options", "resume", "chunk_indices")

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.wire import DEFAULT_BACKBONE, DEFAULT_PRESET
+from dinofeat_client.wire import DEFAULT_BACKBONE, DEFAULT_PRESET, options_key
 
 from .classical import WEKA_BLUR_FACTOR, WEKA_SIGMAS, weka_channel_names, weka_features, weka_halo
 from .deep import DeepExtractor, preset
-from .postprocess import fit_pca, min_max
+from .postprocess import NORMALISATIONS, fit_pca, min_max
 from .strips import STRIP_ROWS, feature_strips
 from .weights import official_config
 
@@ -32,6 +32,11 @@ class FeatureOptions:
     backbone: str = DEFAULT_BACKBONE
     preset: str = DEFAULT_PRESET
     pca: int = 0  # dinov2: 0 keeps every channel; hybrid: 0 means HYBRID_PCA
+    normalise: str = "none"  # dinov2 and attention: none, minmax, zscore or l2 (after PCA)
+
+    def key(self) -> str:
+        """These options as they enter result keys (see dinofeat_client.wire.options_key)."""
+        return options_key(self.backbone, self.preset, self.pca, self.normalise)
 
 
 HYBRID_PCA = 32
@@ -141,9 +146,10 @@ class DeepSet(FeatureSet):
     def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
         view = preset(options.preset)
         spec = {"name": self.name, "backbone": options.backbone, "preset": options.preset, "stride": view.stride,
-                "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler, "pca": self.components(options)}
+                "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler, "pca": self.components(options),
+                "normalisation": "minmax" if self.kind == "hybrid" else options.normalise}
         if self.kind == "hybrid":
-            spec.update(normalisation="minmax", classical=CLASSICAL.spec())
+            spec.update(classical=CLASSICAL.spec())
         return spec
 
     def features(self, image: np.ndarray, device: torch.device, options: FeatureOptions, models: Models, check: Check) -> torch.Tensor:
@@ -157,7 +163,7 @@ class DeepSet(FeatureSet):
         if k:
             deep = fit_pca(deep, k).apply(deep)
         if self.kind != "hybrid":
-            return deep
+            return NORMALISATIONS[options.normalise](deep)
         classical = torch.from_numpy(CLASSICAL.compute(image, device))
         return torch.cat([min_max(deep), min_max(classical)])
 

@@ -15,7 +15,7 @@ import torch
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client import __version__
 from dinofeat_client.images import image_axes, image_sha256
-from dinofeat_client.wire import axistags, feature_layout, features_result_key, options_key, segment_result_key
+from dinofeat_client.wire import axistags, feature_layout, features_result_key, segment_result_key
 
 from ..engine.stacks import FeatureOptions, FeatureSet, Models, intensity_scaled
 from ..segment.forest import DEFAULT_TREES, class_probabilities, labelled_pixels, train_forest
@@ -72,7 +72,7 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     yield progress_message("loading", 0, 1)
     names = fset.channel_names(channels, options, models)
     layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
-    key = features_result_key(image_sha, fset.name, options_key(options.backbone, options.preset, options.pca), layout.compression, layout.level)
+    key = features_result_key(image_sha, fset.name, options.key(), layout.compression, layout.level)
     volume = len(layout.shape) == 4
     check = cancel_check(cancelled)
 
@@ -124,5 +124,5 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
         "labels_sha256": image_sha256(labels),
     }
     key = segment_result_key(attributes["source_sha256"], attributes["labels_sha256"], fset.name,
-                             options_key(options.backbone, options.preset, options.pca), trees, seed)
+                             options.key(), trees, seed)
     yield from dataset_messages(layout, attributes, key, blocks(), None, cancelled, "probabilities")

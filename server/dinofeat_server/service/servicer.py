@@ -17,6 +17,7 @@ from dinofeat_client.images import check_labels
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
 
 from ..engine.deep import preset
+from ..engine.postprocess import NORMALISATIONS
 from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
 from ..engine.weights import check_backbone
 from .image_store import ImageStore, check_layout, image_from_bytes
@@ -28,7 +29,10 @@ from .streaming import messages_from_thread
 def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
     """Deep-set options with defaults filled in; unknown backbones, presets or PCA sizes refused."""
     chosen = FeatureOptions(backbone=options.backbone or FeatureOptions.backbone,
-                            preset=options.preset or FeatureOptions.preset, pca=options.pca)
+                            preset=options.preset or FeatureOptions.preset, pca=options.pca,
+                            normalise=options.normalise or "none")
+    if chosen.normalise not in NORMALISATIONS:
+        raise DinofeatError(f"unknown normalisation {chosen.normalise!r}; choose one of {', '.join(NORMALISATIONS)}.")
     check_backbone(chosen.backbone)
     preset(chosen.preset)
     if not 0 <= chosen.pca <= 1024:
