@@ -17,7 +17,7 @@ def written_by_stream(path, data: np.ndarray, compression: str) -> None:
     layout = feature_layout("features", data.shape, compression)
     target = DatasetFile(path, key="k")
     target.open(layout, {"channel_names": ["a", "b", "c"]}, resume=False)
-    for index, offset, piece in iter_chunks(data, (0,) * data.ndim, layout):
+    for _, offset, piece in iter_chunks(data, (0,) * data.ndim, layout):
         target.write_chunk(offset, encode_chunk(piece, layout), 0)
     target.close()
 

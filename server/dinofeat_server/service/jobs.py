@@ -31,9 +31,8 @@ def cancel_check(cancelled: threading.Event):
 
 
 def slices_of(image: np.ndarray) -> list[np.ndarray]:
-    """The 2-D (greyscale or RGB) slices of an image or stack, intensities scaled to float32."""
-    scaled = intensity_scaled(image)
-    return list(scaled) if image_axes(image).startswith("z") else [scaled]
+    """The 2-D (greyscale or RGB) slices of an image or stack (views, no copies)."""
+    return list(image) if image_axes(image).startswith("z") else [image]
 
 
 def stack_shape(channels: int, image: np.ndarray) -> tuple[int, ...]:
@@ -70,7 +69,8 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     slices = slices_of(image)
     channels = 3 if image_axes(image).endswith("c") else 1
     yield progress_message("loading", 0, 1)
-    names = fset.channel_names(channels, options, models)
+    names = fset.channel_names(channels, options, models)  # loads the model of a deep set
+    yield progress_message("loading", 1, 1)
     layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
     key = features_result_key(image_sha, fset.name, options.key(), layout.compression, layout.level)
     volume = len(layout.shape) == 4
@@ -78,7 +78,7 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
 
     def blocks():
         for z, plane in enumerate(slices):
-            for y0, block in fset.strips(plane, device, options, models, check):
+            for y0, block in fset.strips(intensity_scaled(plane), device, options, models, check):
                 yield block_origin(volume, z, y0), block[:, None] if volume else block
 
     attributes = feature_attributes(image, image_sha, fset, options, models, names)
@@ -95,7 +95,7 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
     stacks = []
     for z, plane in enumerate(slices):
         check()
-        stacks.append(np.concatenate([b for _, b in fset.strips(plane, device, options, models, check)], axis=1))
+        stacks.append(np.concatenate([b for _, b in fset.strips(intensity_scaled(plane), device, options, models, check)], axis=1))
         yield progress_message("features", z + 1, len(slices))
     samples, classes = zip(*(labelled_pixels(f, l) for f, l in zip(stacks, label_slices)))
     yield progress_message("training", 0, 1)
