@@ -13,10 +13,9 @@ import time
 
 import numpy as np
 import torch
-from skimage.feature import multiscale_basic_features
-
 from dinofeat_server.engine.classical import weka_features
 from machine import save
+from skimage.feature import multiscale_basic_features
 
 
 def timed(function, repeats: int, synchronise=lambda: None) -> float:

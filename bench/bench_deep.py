@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-
 from dinofeat_server.engine.backbone import DinoVisionTransformer, token_grid
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from dinofeat_server.engine.weights import official_config

@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.wire import feature_layout, features_result_key

@@ -8,7 +8,6 @@ import imagecodecs
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import dinofeat, free_port
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_image

@@ -7,12 +7,21 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
-
-from dinofeat_server.engine.classical import WEKA_SIGMAS, weka_channel_names, weka_features, weka_halo
-from dinofeat_server.engine.filters import line_kernels, line_responses, median_along, mirror_pad
+from dinofeat_server.engine.classical import (
+    WEKA_SIGMAS,
+    weka_channel_names,
+    weka_features,
+    weka_halo,
+)
+from dinofeat_server.engine.filters import (
+    line_kernels,
+    line_responses,
+    median_along,
+    mirror_pad,
+)
 from dinofeat_server.engine.stacks import FEATURE_SETS
 from dinofeat_server.engine.strips import feature_strips
+from scipy import ndimage as ndi
 
 ATOL = 2e-5
 

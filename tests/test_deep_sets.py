@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
 from conftest import dinofeat
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.errors import DinofeatError

@@ -6,7 +6,6 @@ import h5py
 import imagecodecs
 import numpy as np
 import tifffile
-
 from conftest import dinofeat
 from dinofeat_client.metrics import mean_iou
 from dinofeat_client.sample import three_phase_sample

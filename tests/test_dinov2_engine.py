@@ -10,14 +10,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dinofeat_client.errors import DinofeatError
 from dinofeat_server.engine import weights as weights_module
 from dinofeat_server.engine.backbone import imagenet_normalised, token_grid
-from dinofeat_server.engine.deep import PRESETS, DeepExtractor, estimated_bytes, tile_plan
+from dinofeat_server.engine.deep import (
+    PRESETS,
+    DeepExtractor,
+    estimated_bytes,
+    tile_plan,
+)
 from dinofeat_server.engine.postprocess import fit_pca, l2_per_pixel, min_max, z_score
-from dinofeat_server.engine.upsample import TokenPlacement, bilinear, joint_bilateral, nearest
-from dinofeat_server.engine.views import ViewSpec, aligned_views, view_ensemble, view_placement
+from dinofeat_server.engine.upsample import (
+    TokenPlacement,
+    bilinear,
+    joint_bilateral,
+    nearest,
+)
+from dinofeat_server.engine.views import (
+    ViewSpec,
+    aligned_views,
+    view_ensemble,
+    view_placement,
+)
 from dinofeat_server.engine.weights import load_backbone, official_url, resolve_weights
 from tiny_vit import save_hugging_face, save_official, tiny_model
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dinofeat_server.engine.classical import weka_features
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from tiny_vit import tiny_model

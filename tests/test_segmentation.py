@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import h5py
+import pytest
 import numpy as np
 import tifffile
-
 from conftest import dinofeat
 from dinofeat_client.metrics import class_iou, mean_iou
 
@@ -47,3 +47,69 @@ def test_class_map_keeps_the_users_16_bit_label_values(server_address, tmp_path)
     assert seg.dtype == np.uint16
     assert (seg[:, :28] == 1000).all() and (seg[:, 36:] == 7).all()
     assert not list(tmp_path.glob(".*"))  # the temporary probabilities file is gone
+
+
+def test_train_then_apply_gives_the_same_class_map_as_segment(isb_three_phase, server_address, tmp_path):
+    image, scribbles = str(isb_three_phase / "image.tif"), str(isb_three_phase / "scribbles.tif")
+    common = ["--set", "classical", "--trees", "50", "--server", server_address]
+    trained = dinofeat("train", image, "--labels", scribbles, "-o", str(tmp_path / "isb.dfm"), *common)
+    assert trained.returncode == 0, trained.stderr
+    assert "random_forest on" in trained.stdout and "classes 85, 170, 255" in trained.stdout
+    applied = dinofeat("apply", str(tmp_path / "isb.dfm"), image, "-o", str(tmp_path / "applied.tif"), "--server", server_address)
+    assert applied.returncode == 0, applied.stderr
+    segmented = dinofeat("segment", image, "--labels", scribbles, "-o", str(tmp_path / "segmented.tif"), *common)
+    assert segmented.returncode == 0, segmented.stderr
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "applied.tif"), tifffile.imread(tmp_path / "segmented.tif"))
+
+
+def test_applying_a_model_with_another_feature_set_fails_clearly(isb_three_phase, server_address, tmp_path):
+    image, scribbles = str(isb_three_phase / "image.tif"), str(isb_three_phase / "scribbles.tif")
+    dinofeat("train", image, "--labels", scribbles, "-o", str(tmp_path / "m.dfm"), "--trees", "5", "--server", server_address)
+    result = dinofeat("apply", str(tmp_path / "m.dfm"), image, "-o", str(tmp_path / "out.tif"), "--set", "hybrid",
+                      "--server", server_address)
+    assert result.returncode == 1
+    assert "the model was trained on 'classical' features, not 'hybrid'; apply it with --set classical" in result.stderr
+    assert not (tmp_path / "out.tif").exists()
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "gradient_boosting"])
+def test_other_classifiers_segment_the_isb_data(isb_three_phase, server_address, tmp_path, classifier):
+    result = dinofeat("segment", str(isb_three_phase / "image.tif"), "--labels", str(isb_three_phase / "scribbles.tif"),
+                      "-o", str(tmp_path / "seg.tif"), "--classifier", classifier, "--server", server_address, "--pictures",
+                      "--probabilities", str(tmp_path / "p.h5"))
+    assert result.returncode == 0, result.stderr
+    score = mean_iou(tifffile.imread(tmp_path / "seg.tif"), tifffile.imread(isb_three_phase / "ground_truth.tif"))
+    print(classifier, "mIoU", score)
+    assert score > 0.55  # the upstream project's own bar; the forest reaches 0.665
+    assert (tmp_path / "seg.overlay.png").exists() and (tmp_path / "seg.p255.png").exists()
+
+
+def test_cluster_pca_and_score_commands(isb_three_phase, server_address, tmp_path):
+    image = str(isb_three_phase / "image.tif")
+    clustered = dinofeat("cluster", image, "-k", "3", "-o", str(tmp_path / "k.tif"), "--server", server_address)
+    assert clustered.returncode == 0, clustered.stderr
+    labels = tifffile.imread(tmp_path / "k.tif")
+    assert labels.shape == (512, 512) and set(np.unique(labels)) == {1, 2, 3}
+    picture = dinofeat("pca", image, "-o", str(tmp_path / "pca.png"), "--server", server_address)
+    assert picture.returncode == 0, picture.stderr
+    import imagecodecs
+
+    assert imagecodecs.imread(str(tmp_path / "pca.png")).shape == (512, 512, 3)
+    scored = dinofeat("score", str(isb_three_phase / "ground_truth.tif"), str(isb_three_phase / "ground_truth.tif"))
+    assert scored.returncode == 0 and scored.stdout.strip().splitlines()[-1].split() == ["mean", "1.0000", "1.0000"]
+
+
+def test_fewshot_command_segments_the_right_half_from_the_left(isb_three_phase, server_address, tmp_path):
+    image = tifffile.imread(isb_three_phase / "image.tif")
+    truth = tifffile.imread(isb_three_phase / "ground_truth.tif")
+    tifffile.imwrite(tmp_path / "left.tif", image[:, :256])
+    tifffile.imwrite(tmp_path / "left_mask.tif", (truth[:, :256] == 85).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "right.tif", image[:, 256:])
+    result = dinofeat("fewshot", str(tmp_path / "right.tif"), "--support", str(tmp_path / "left.tif"),
+                      "--support-mask", str(tmp_path / "left_mask.tif"), "-o", str(tmp_path), "--server", server_address)
+    assert result.returncode == 0, result.stderr
+    mask = tifffile.imread(tmp_path / "right_mask.tif") > 0
+    expected = truth[:, 256:] == 85
+    dice = 2 * (mask & expected).sum() / (mask.sum() + expected.sum())
+    print("few-shot Dice (matrix, most confident component)", dice)
+    assert dice > 0.92

@@ -7,7 +7,6 @@ import json
 import h5py
 import numpy as np
 import pytest
-
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.wire import axistags

@@ -8,7 +8,6 @@ import zlib
 import h5py
 import numpy as np
 import pytest
-
 from dinofeat_client.dataset_file import DatasetFile
 from dinofeat_client.wire import axistags, encode_chunk, feature_layout, iter_chunks
 

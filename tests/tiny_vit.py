@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from dinofeat_server.engine.backbone import DinoVisionTransformer, VitConfig
+from safetensors.torch import save_file
 
 
 def tiny_config(registers: int = 0, swiglu: bool = False) -> VitConfig:

@@ -13,9 +13,12 @@ from tqdm import tqdm
 from . import __version__
 from .client import FeatureClient
 from .errors import DinofeatError
+import h5py
+import numpy as np
+
 from .images import check_image, check_labels, check_output_path, read_image, write_png, write_tiff
-from .metrics import class_iou
-from .pictures import class_overlay
+from .metrics import class_dice, class_iou
+from .pictures import class_overlay, probability_pictures
 from .sample import three_phase_sample
 from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
 
@@ -83,14 +86,127 @@ def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
 def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     labels = check_labels(read_image(args.labels), image)
-    for path in (args.output, args.probabilities):
-        if path:
-            check_output_path(path)
+    check_outputs(args.output, args.probabilities)
     with connect(args) as client:
         output, probabilities = client.segment(image, labels, args.output, args.set, args.probabilities,
-                                               args.trees, args.seed, progress=bars, **deep_options(args))
+                                               args.trees, args.seed, progress=bars, classifier=args.classifier, **deep_options(args))
     bars.close()
-    print(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
+    report_segmentation(args, image, output, probabilities)
+
+
+def check_outputs(*paths: str | None) -> None:
+    for path in paths:
+        if path:
+            check_output_path(path)
+
+
+def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Path, probabilities: Path | None) -> None:
+    """Say what was written; with --pictures also write the overlay and probability maps as PNG."""
+    written = [output] + ([probabilities] if probabilities else [])
+    if args.pictures and (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+        class_map = read_image(output)
+        written.append(write_png(output.with_suffix(".overlay.png"), class_overlay(image, class_map)))
+        if probabilities:
+            with h5py.File(probabilities, "r") as f:
+                for value, picture in probability_pictures(f["probabilities"]):
+                    written.append(write_png(output.with_suffix(f".p{value}.png"), picture))
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if len(args.images) != len(args.labels):
+        raise DinofeatError(f"give one --labels file per image ({len(args.images)} images, {len(args.labels)} label files).")
+    images = [check_image(read_image(p)) for p in args.images]
+    labels = [check_labels(read_image(p), i) for p, i in zip(args.labels, images)]
+    check_output_path(args.output)
+    with connect(args) as client:
+        summary = client.train(images, labels, args.output, args.set, args.classifier, args.trees, args.seed,
+                               progress=bars, **deep_options(args))
+    bars.close()
+    print(f"wrote {args.output}: {summary.classifier} on {summary.labelled_pixels} labelled pixels, "
+          f"classes {', '.join(str(v) for v in summary.class_values)}")
+
+
+def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
+    image = check_image(read_image(args.image))
+    check_outputs(args.output, args.probabilities)
+    with connect(args) as client:
+        output, probabilities = client.apply(args.model, image, args.output, args.probabilities, args.set or "", progress=bars)
+    bars.close()
+    report_segmentation(args, image, output, probabilities)
+
+
+def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
+    image = check_image(read_image(args.image))
+    check_output_path(args.output)
+    folder = Path(args.output).resolve().parent
+    with connect(args) as client:
+        path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", args.set, args.clusters, args.seed,
+                              progress=bars, **deep_options(args))
+    bars.close()
+    try:
+        with h5py.File(path, "r") as f:
+            labels = f["labels"][0]
+    finally:
+        path.unlink(missing_ok=True)
+    written = [write_tiff(Path(args.output), labels)]
+    if args.pictures and labels.ndim == 2:
+        written.append(write_png(Path(args.output).with_suffix(".overlay.png"), class_overlay(image, labels)))
+    print(f"wrote {', '.join(str(p) for p in written)} ({args.clusters} clusters, labels 1..{args.clusters})")
+
+
+def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
+    image = check_image(read_image(args.image))
+    check_output_path(args.output)
+    folder = Path(args.output).resolve().parent
+    with connect(args) as client:
+        path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", args.set, progress=bars, **deep_options(args))
+    bars.close()
+    try:
+        with h5py.File(path, "r") as f:
+            picture = np.moveaxis(f["picture"][()], 0, -1)
+    finally:
+        path.unlink(missing_ok=True)
+    if picture.ndim == 4:  # a stack: one RGB picture per slice, as a TIFF
+        print(f"wrote {write_tiff(Path(args.output).with_suffix('.tif'), picture)}")
+        return
+    print(f"wrote {write_png(Path(args.output), picture)}")
+
+
+def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if len(args.support) != len(args.support_mask):
+        raise DinofeatError("give one --support-mask per --support image.")
+    supports = [check_image(read_image(p)) for p in args.support]
+    masks = [read_image(p) for p in args.support_mask]
+    queries = [(Path(p), check_image(read_image(p))) for p in args.queries]
+    folder = Path(args.output)
+    if not folder.is_dir():
+        raise DinofeatError(f"the output folder {folder} does not exist; create it first.")
+    with connect(args) as client:
+        for path, query in queries:
+            result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", args.set, args.window, args.grid,
+                                     args.all_components, progress=bars, **deep_options(args))
+            try:
+                with h5py.File(result, "r") as f:
+                    mask = (f["fewshot"][0] > 0.5).astype(np.uint8) * 255
+            finally:
+                result.unlink(missing_ok=True)
+            written = [write_tiff(folder / f"{path.stem}_mask.tif", mask)]
+            if args.pictures and mask.ndim == 2:
+                written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(query, mask)))
+            print("wrote " + ", ".join(str(p) for p in written))
+    bars.close()
+
+
+def command_score(args: argparse.Namespace) -> None:
+    prediction, truth = read_image(args.prediction), read_image(args.truth)
+    if prediction.shape != truth.shape:
+        raise DinofeatError(f"the prediction has shape {prediction.shape} but the ground truth has {truth.shape}; they must match.")
+    ious, dice = class_iou(prediction, truth), class_dice(prediction, truth)
+    print(f"{'class':>8} {'IoU':>7} {'Dice':>7}")
+    for value in ious:
+        print(f"{value:>8} {ious[value]:7.4f} {dice[value]:7.4f}")
+    print(f"{'mean':>8} {np.mean(list(ious.values())):7.4f} {np.mean(list(dice.values())):7.4f}")
 
 
 def deep_options(args: argparse.Namespace) -> dict:
@@ -166,14 +282,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
     p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")
 
-    p = commands.add_parser("segment", parents=[remote, deep], help="segment an image from sparse scribbles")
+    classifier = argparse.ArgumentParser(add_help=False)
+    classifier.add_argument("--classifier", choices=("random_forest", "logistic", "gradient_boosting"), default="random_forest",
+                            help="random_forest (Weka-like, default), logistic (the paper's for deep features) or gradient_boosting")
+    classifier.add_argument("--trees", type=int, default=0, help="trees in the random forest (default 200)")
+    classifier.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pictures = argparse.ArgumentParser(add_help=False)
+    pictures.add_argument("--pictures", action="store_true", help="also write PNG pictures next to the outputs")
+
+    p = commands.add_parser("segment", parents=[remote, deep, classifier, pictures], help="segment an image from sparse scribbles")
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
     p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
-    p.add_argument("--trees", type=int, default=0, help="trees in the random forest (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the forest (default 0)")
+
+    p = commands.add_parser("train", parents=[remote, deep, classifier], help="train a classifier and save it as a model file")
+    p.add_argument("images", nargs="+", help="training images")
+    p.add_argument("--labels", nargs="+", required=True, help="one label image per training image, same order")
+    p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
+    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+
+    p = commands.add_parser("apply", parents=[remote, pictures], help="apply a saved model file to an image")
+    p.add_argument("model", help="model file written by `dinofeat train`")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="class map TIFF to write")
+    p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
+    p.add_argument("--set", help="check that the model uses this feature set")
+    p.set_defaults(device="auto", backbone=DEFAULT_BACKBONE, weights=None)
+
+    p = commands.add_parser("cluster", parents=[remote, deep, pictures], help="k-means clusters of the features")
+    p.add_argument("image")
+    p.add_argument("-k", "--clusters", type=int, required=True, help="number of clusters")
+    p.add_argument("-o", "--output", required=True, help="label TIFF to write (labels 1..k)")
+    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = commands.add_parser("pca", parents=[remote, deep], help="3-component PCA picture of the features")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="PNG picture to write")
+    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+
+    p = commands.add_parser("fewshot", parents=[remote, deep, pictures], help="segment queries from support images and masks")
+    p.add_argument("queries", nargs="+", help="query images")
+    p.add_argument("--support", nargs="+", required=True, help="support image(s)")
+    p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
+    p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files")
+    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    p.add_argument("--window", type=int, default=0, help="ALP pooling window in grid cells (default 4)")
+    p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
+    p.add_argument("--all-components", action="store_true", help="keep every predicted component, not only the most confident")
+
+    p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
+    p.add_argument("prediction")
+    p.add_argument("truth")
 
     p = commands.add_parser("serve", help="run a feature server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
@@ -199,6 +361,18 @@ def main(argv: list[str] | None = None) -> int:
             command_features(args, bars)
         elif args.command == "segment":
             command_segment(args, bars)
+        elif args.command == "train":
+            command_train(args, bars)
+        elif args.command == "apply":
+            command_apply(args, bars)
+        elif args.command == "cluster":
+            command_cluster(args, bars)
+        elif args.command == "pca":
+            command_pca(args, bars)
+        elif args.command == "fewshot":
+            command_fewshot(args, bars)
+        elif args.command == "score":
+            command_score(args)
         elif args.command == "serve":
             command_serve(args)
         elif args.command == "demo":

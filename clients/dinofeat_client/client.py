@@ -8,6 +8,7 @@ Progress is reported through an optional callback `progress(stage, done, total)`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,15 +17,14 @@ from pathlib import Path
 import grpc
 import h5py
 import numpy as np
-
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
 from .dataset_file import DatasetFile
 from .errors import DinofeatError
-from .images import check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
-from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, features_result_key,
-                   options_key, segment_result_key)
+from .images import atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
+from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
+                   features_result_key, options_key, result_key, segment_result_key)
 
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0
@@ -114,7 +114,7 @@ class FeatureClient:
     def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "classical",
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
-                pca: int = 0, normalise: str = "none") -> tuple[Path, Path | None]:
+                pca: int = 0, normalise: str = "none", classifier: str = "random_forest") -> tuple[Path, Path | None]:
         """Train a forest on `labels` and write the class map (TIFF, in the labels' values) to `output`.
 
         The per-class probabilities go to `probabilities` (.h5) when given.
@@ -124,19 +124,105 @@ class FeatureClient:
         output = check_output_path(output)
         probabilities_path = check_output_path(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
         request = pb.SegmentRequest(image_sha256=self.upload(image), labels_sha256=self.upload(labels),
-                                    feature_set=feature_set, trees=trees, seed=seed,
+                                    feature_set=feature_set, trees=trees, seed=seed, classifier=classifier,
                                     options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
         key = segment_result_key(request.image_sha256, request.labels_sha256, feature_set,
-                                 options_key(backbone, preset, pca, normalise), trees, seed)
+                                 options_key(backbone, preset, pca, normalise), classifier, trees, seed)
         transfer = self.receive(self.stub.Segment(request), DatasetFile(probabilities_path, key), False, progress)
+        return self.write_class_map(transfer, output, labels.dtype, probabilities)
+
+    def write_class_map(self, transfer: Transfer, output: Path, dtype: np.dtype,
+                        probabilities: str | Path | None) -> tuple[Path, Path | None]:
+        """The class map TIFF from a received probabilities file (removed unless the user asked for it)."""
         try:
             with h5py.File(transfer.path, "r") as f:
-                class_map = class_map_from_probabilities(f["probabilities"], labels.dtype)
+                class_map = class_map_from_probabilities(f["probabilities"], dtype)
             write_tiff(output, class_map)
         finally:
             if not probabilities:
                 transfer.path.unlink(missing_ok=True)
         return output, (transfer.path if probabilities else None)
+
+    def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path, feature_set: str = "classical",
+              classifier: str = "random_forest", trees: int = 0, seed: int = 0, progress: Progress | None = None,
+              backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0, normalise: str = "none") -> pb.ModelSummary:
+        """Train a classifier on the labelled pixels of `images` and save the model file to `output`."""
+        images = [check_image(i) for i in images]
+        labels = [check_labels(lab, img) for lab, img in zip(labels, images)]
+        output = check_output_path(output)
+        request = pb.TrainRequest(image_sha256=[self.upload(i) for i in images], labels_sha256=[self.upload(lab) for lab in labels],
+                                  feature_set=feature_set, classifier=classifier, trees=trees, seed=seed,
+                                  options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
+        pieces, summary = [], None
+        stream = self.stub.Train(request)
+        try:
+            for reply in stream:
+                kind = reply.WhichOneof("message")
+                if kind == "progress" and progress:
+                    progress(reply.progress.stage, reply.progress.done, reply.progress.total)
+                elif kind == "model_piece":
+                    pieces.append(reply.model_piece)
+                elif kind == "summary":
+                    summary = reply.summary
+        except grpc.RpcError as error:
+            raise rpc_error(error, self.address) from None
+        data = b"".join(pieces)
+        if summary is None or hashlib.sha256(data).hexdigest() != summary.sha256:
+            raise DinofeatError("the model file did not arrive whole; run the command again.")
+        atomic_write(output, lambda tmp: tmp.write_bytes(data))
+        return summary
+
+    def upload_model(self, path: str | Path) -> str:
+        """Send a model file unless the server holds it already; returns its sha256."""
+        path = Path(path)
+        if not path.is_file():
+            raise DinofeatError(f"cannot read {path}: no such model file.")
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.call(self.stub.HasModel, pb.HasImageRequest(sha256=sha)).present:
+            pieces = (pb.ModelPiece(data=data[i : i + MAX_MESSAGE_BYTES]) for i in range(0, max(len(data), 1), MAX_MESSAGE_BYTES))
+            self.call(self.stub.UploadModel, pieces)
+        return sha
+
+    def apply(self, model: str | Path, image: np.ndarray, output: str | Path, probabilities: str | Path | None = None,
+              feature_set: str = "", progress: Progress | None = None) -> tuple[Path, Path | None]:
+        """Apply a saved model file to an image: class map TIFF (and probabilities .h5 on request)."""
+        image = check_image(image)
+        output = check_output_path(output)
+        probabilities_path = check_output_path(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
+        model_sha = self.upload_model(model)
+        request = pb.ApplyRequest(model_sha256=model_sha, image_sha256=self.upload(image), feature_set=feature_set)
+        key = apply_result_key(model_sha, request.image_sha256)
+        transfer = self.receive(self.stub.Apply(request), DatasetFile(probabilities_path, key), False, progress)
+        return self.write_class_map(transfer, output, np.dtype(np.uint16), probabilities)
+
+    def analyse(self, image: np.ndarray, analysis: str, output: str | Path, feature_set: str = "classical", clusters: int = 0,
+                seed: int = 0, progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
+                pca: int = 0, normalise: str = "none") -> Path:
+        """k-means labels ("kmeans"), a PCA picture ("pca") or an attention foreground ("foreground") as .h5."""
+        image = check_image(image)
+        output = check_output_path(output)
+        request = pb.AnalyseRequest(image_sha256=self.upload(image), feature_set=feature_set, analysis=analysis, clusters=clusters,
+                                    seed=seed, options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
+        key = result_key(analysis, request.image_sha256, feature_set, options_key(backbone, preset, pca, normalise), clusters, seed)
+        return self.receive(self.stub.Analyse(request), DatasetFile(output, key), False, progress).path
+
+    def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
+                 feature_set: str = "classical", window: int = 0, grid: int = 0, all_components: bool = False,
+                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
+                 pca: int = 0, normalise: str = "none") -> Path:
+        """Segment `query` from support images and their masks; .h5 with channels [mask, foreground_probability]."""
+        supports = [check_image(s) for s in supports]
+        query = check_image(query)
+        output = check_output_path(output)
+        request = pb.FewShotRequest(support_sha256=[self.upload(s) for s in supports],
+                                    support_mask_sha256=[self.upload(np.ascontiguousarray(m)) for m in masks],
+                                    query_sha256=self.upload(query), feature_set=feature_set, window=window, grid=grid,
+                                    all_components=all_components,
+                                    options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
+        key = result_key("fewshot", request.query_sha256, list(request.support_sha256), list(request.support_mask_sha256),
+                         feature_set, options_key(backbone, preset, pca, normalise), window or 4, grid or 4, all_components)
+        return self.receive(self.stub.FewShot(request), DatasetFile(output, key), False, progress).path
 
     def receive(self, stream, target: DatasetFile, resume: bool, progress: Progress | None) -> Transfer:
         """Write a DatasetStream into `target`; on any failure keep the partial file for a resume."""

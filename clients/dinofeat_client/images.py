@@ -120,4 +120,4 @@ def write_tiff(path: Path, array: np.ndarray) -> Path:
 
 def write_png(path: Path, array: np.ndarray) -> Path:
     """Write an 8-bit greyscale or RGB array as PNG, atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(imagecodecs.png_encode(array)))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(imagecodecs.png_encode(np.ascontiguousarray(array))))

@@ -16,3 +16,11 @@ def class_iou(prediction: np.ndarray, truth: np.ndarray) -> dict[int, float]:
 def mean_iou(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Mean of the per-class IoUs (mIoU)."""
     return float(np.mean(list(class_iou(prediction, truth).values())))
+
+
+def class_dice(prediction: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    """Dice coefficient, 2 |P & T| / (|P| + |T|), of each class value present in the ground truth."""
+    return {
+        int(v): float(2 * ((prediction == v) & (truth == v)).sum() / ((prediction == v).sum() + (truth == v).sum()))
+        for v in np.unique(truth)
+    }

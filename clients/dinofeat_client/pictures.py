@@ -26,3 +26,9 @@ def class_overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.45)
         colours[class_map == value] = PALETTE[i % len(PALETTE)]
     return np.clip((1 - alpha) * grey + alpha * colours, 0, 255).astype(np.uint8)
 
+
+
+def probability_pictures(probabilities) -> list[tuple[int, np.ndarray]]:
+    """(class value, 8-bit greyscale picture) for each class of a (K, Y, X) probabilities dataset."""
+    values = [int(v) for v in probabilities.attrs["class_values"]]
+    return [(v, (np.asarray(probabilities[k]) * 255).round().astype(np.uint8)) for k, v in enumerate(values)]

@@ -138,6 +138,12 @@ def features_result_key(image_sha: str, feature_set: str, options: str, compress
     return result_key("features", image_sha, feature_set, options, compression, level)
 
 
-def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, options: str, trees: int, seed: int) -> str:
+def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, options: str, classifier: str, trees: int,
+                       seed: int) -> str:
     """Result key of a segmentation request."""
-    return result_key("segment", image_sha, labels_sha, feature_set, options, trees, seed)
+    return result_key("segment", image_sha, labels_sha, feature_set, options, classifier or "random_forest", trees, seed)
+
+
+def apply_result_key(model_sha: str, image_sha: str) -> str:
+    """Result key of applying a model file to an image."""
+    return result_key("apply", model_sha, image_sha)

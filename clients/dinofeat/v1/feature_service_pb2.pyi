@@ -142,6 +142,108 @@ class SegmentRequest(_message.Message):
     options: FeatureOptions
     def __init__(self, image_sha256: _Optional[str] = ..., labels_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., classifier: _Optional[str] = ..., trees: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ...) -> None: ...
 
+class TrainRequest(_message.Message):
+    __slots__ = ("image_sha256", "labels_sha256", "feature_set", "options", "classifier", "trees", "seed")
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    TREES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    image_sha256: _containers.RepeatedScalarFieldContainer[str]
+    labels_sha256: _containers.RepeatedScalarFieldContainer[str]
+    feature_set: str
+    options: FeatureOptions
+    classifier: str
+    trees: int
+    seed: int
+    def __init__(self, image_sha256: _Optional[_Iterable[str]] = ..., labels_sha256: _Optional[_Iterable[str]] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., classifier: _Optional[str] = ..., trees: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TrainReply(_message.Message):
+    __slots__ = ("progress", "model_piece", "summary")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PIECE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    model_piece: bytes
+    summary: ModelSummary
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., model_piece: _Optional[bytes] = ..., summary: _Optional[_Union[ModelSummary, _Mapping]] = ...) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("sha256", "bytes", "class_values", "labelled_pixels", "classifier")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    bytes: int
+    class_values: _containers.RepeatedScalarFieldContainer[int]
+    labelled_pixels: int
+    classifier: str
+    def __init__(self, sha256: _Optional[str] = ..., bytes: _Optional[int] = ..., class_values: _Optional[_Iterable[int]] = ..., labelled_pixels: _Optional[int] = ..., classifier: _Optional[str] = ...) -> None: ...
+
+class ModelPiece(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class UploadModelReply(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class ApplyRequest(_message.Message):
+    __slots__ = ("model_sha256", "image_sha256", "feature_set", "encoding")
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    model_sha256: str
+    image_sha256: str
+    feature_set: str
+    encoding: Encoding
+    def __init__(self, model_sha256: _Optional[str] = ..., image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ...) -> None: ...
+
+class AnalyseRequest(_message.Message):
+    __slots__ = ("image_sha256", "feature_set", "options", "analysis", "clusters", "seed")
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    image_sha256: str
+    feature_set: str
+    options: FeatureOptions
+    analysis: str
+    clusters: int
+    seed: int
+    def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., analysis: _Optional[str] = ..., clusters: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class FewShotRequest(_message.Message):
+    __slots__ = ("support_sha256", "support_mask_sha256", "query_sha256", "feature_set", "options", "window", "grid", "all_components")
+    SUPPORT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_MASK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    ALL_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    support_sha256: _containers.RepeatedScalarFieldContainer[str]
+    support_mask_sha256: _containers.RepeatedScalarFieldContainer[str]
+    query_sha256: str
+    feature_set: str
+    options: FeatureOptions
+    window: int
+    grid: int
+    all_components: bool
+    def __init__(self, support_sha256: _Optional[_Iterable[str]] = ..., support_mask_sha256: _Optional[_Iterable[str]] = ..., query_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., window: _Optional[int] = ..., grid: _Optional[int] = ..., all_components: _Optional[bool] = ...) -> None: ...
+
 class DatasetStream(_message.Message):
     __slots__ = ("progress", "header", "chunk", "trailer")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,36 @@ class FeatureServiceStub:
                 request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.SegmentRequest.SerializeToString,
                 response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/dinofeat.v1.FeatureService/Train',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.TrainRequest.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.TrainReply.FromString,
+                _registered_method=True)
+        self.HasModel = channel.unary_unary(
+                '/dinofeat.v1.FeatureService/HasModel',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.HasImageRequest.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.HasImageReply.FromString,
+                _registered_method=True)
+        self.UploadModel = channel.stream_unary(
+                '/dinofeat.v1.FeatureService/UploadModel',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.ModelPiece.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.UploadModelReply.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_stream(
+                '/dinofeat.v1.FeatureService/Apply',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+                _registered_method=True)
+        self.Analyse = channel.unary_stream(
+                '/dinofeat.v1.FeatureService/Analyse',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.AnalyseRequest.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+                _registered_method=True)
+        self.FewShot = channel.unary_stream(
+                '/dinofeat.v1.FeatureService/FewShot',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.FewShotRequest.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -111,6 +141,47 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request, context):
+        """Train a classifier on the labelled pixels of one or more images; stream back the model file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HasModel(self, request, context):
+        """Whether the server holds a model file with this sha256; upload one in pieces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadModel(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Apply an uploaded model to an image: per-class probabilities as HDF5 chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Analyse(self, request, context):
+        """Unsupervised: k-means labels, a 3-component PCA picture, or an attention foreground mask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FewShot(self, request, context):
+        """1-way k-shot segmentation of one query with adaptive local prototypes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +213,36 @@ def add_FeatureServiceServicer_to_server(servicer, server):
             'Segment': grpc.unary_stream_rpc_method_handler(
                     servicer.Segment,
                     request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.SegmentRequest.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.TrainRequest.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.TrainReply.SerializeToString,
+            ),
+            'HasModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.HasModel,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.HasImageRequest.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.HasImageReply.SerializeToString,
+            ),
+            'UploadModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModel,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.ModelPiece.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.UploadModelReply.SerializeToString,
+            ),
+            'Apply': grpc.unary_stream_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.ApplyRequest.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.SerializeToString,
+            ),
+            'Analyse': grpc.unary_stream_rpc_method_handler(
+                    servicer.Analyse,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.AnalyseRequest.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.SerializeToString,
+            ),
+            'FewShot': grpc.unary_stream_rpc_method_handler(
+                    servicer.FewShot,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.FewShotRequest.FromString,
                     response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.SerializeToString,
             ),
     }
@@ -306,6 +407,168 @@ class FeatureService:
             target,
             '/dinofeat.v1.FeatureService/Segment',
             dinofeat_dot_v1_dot_feature__service__pb2.SegmentRequest.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dinofeat.v1.FeatureService/Train',
+            dinofeat_dot_v1_dot_feature__service__pb2.TrainRequest.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.TrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HasModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dinofeat.v1.FeatureService/HasModel',
+            dinofeat_dot_v1_dot_feature__service__pb2.HasImageRequest.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.HasImageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dinofeat.v1.FeatureService/UploadModel',
+            dinofeat_dot_v1_dot_feature__service__pb2.ModelPiece.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.UploadModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dinofeat.v1.FeatureService/Apply',
+            dinofeat_dot_v1_dot_feature__service__pb2.ApplyRequest.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Analyse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dinofeat.v1.FeatureService/Analyse',
+            dinofeat_dot_v1_dot_feature__service__pb2.AnalyseRequest.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FewShot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dinofeat.v1.FeatureService/FewShot',
+            dinofeat_dot_v1_dot_feature__service__pb2.FewShotRequest.SerializeToString,
             dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
             options,
             channel_credentials,

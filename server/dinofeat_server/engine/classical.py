@@ -18,7 +18,13 @@ from itertools import combinations
 
 import torch
 
-from .filters import derivatives, gaussian_blur_bank, line_kernels, line_responses, median_along
+from .filters import (
+    derivatives,
+    gaussian_blur_bank,
+    line_kernels,
+    line_responses,
+    median_along,
+)
 
 WEKA_SIGMAS: tuple[int, ...] = (1, 2, 4, 8, 16)
 WEKA_BLUR_FACTOR = 0.4

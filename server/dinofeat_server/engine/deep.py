@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from dinofeat_client.errors import DinofeatError
 
 from .backbone import DinoVisionTransformer, imagenet_normalised, token_grid

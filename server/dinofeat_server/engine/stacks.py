@@ -12,11 +12,16 @@ from typing import Protocol
 
 import numpy as np
 import torch
-
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.wire import DEFAULT_BACKBONE, DEFAULT_PRESET, options_key
 
-from .classical import WEKA_BLUR_FACTOR, WEKA_SIGMAS, weka_channel_names, weka_features, weka_halo
+from .classical import (
+    WEKA_BLUR_FACTOR,
+    WEKA_SIGMAS,
+    weka_channel_names,
+    weka_features,
+    weka_halo,
+)
 from .deep import DeepExtractor, preset
 from .postprocess import NORMALISATIONS, fit_pca, min_max
 from .strips import STRIP_ROWS, feature_strips

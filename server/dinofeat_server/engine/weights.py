@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import torch
-
 from dinofeat_client.errors import DinofeatError
 
 from .backbone import OFFICIAL_CONFIGS, DinoVisionTransformer, VitConfig

@@ -6,19 +6,49 @@ knows about gRPC beyond the message types.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import numpy as np
 import torch
-
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client import __version__
 from dinofeat_client.images import image_axes, image_sha256
-from dinofeat_client.wire import axistags, feature_layout, features_result_key, segment_result_key
+from dinofeat_client.wire import (
+    MAX_MESSAGE_BYTES,
+    apply_result_key,
+    axistags,
+    feature_layout,
+    features_result_key,
+    result_key,
+    segment_result_key,
+)
 
-from ..engine.stacks import FeatureOptions, FeatureSet, Models, intensity_scaled
-from ..segment.forest import DEFAULT_TREES, class_probabilities, labelled_pixels, train_forest
+from ..engine.stacks import (
+    FeatureOptions,
+    FeatureSet,
+    Models,
+    feature_set,
+    intensity_scaled,
+)
+from ..segment.classifiers import (
+    DEFAULT_TREES,
+    class_probabilities,
+    class_values,
+    labelled_pixels,
+    train_classifier,
+)
+from ..segment.fewshot import (
+    Shot,
+    segment_query,
+    standardise_by_support,
+    to_grid,
+    volume_support_slices,
+)
+from ..segment.model_file import TrainedModel, model_bytes
+from ..segment.unsupervised import attention_foreground, kmeans_labels, pca_picture
 from .streaming import Cancelled, dataset_messages, progress_message
 
 
@@ -40,6 +70,13 @@ def stack_shape(channels: int, image: np.ndarray) -> tuple[int, ...]:
     axes = image_axes(image)
     spatial = [image.shape[axes.index(a)] for a in axes if a != "c"]
     return (channels, *spatial)
+
+
+ANALYSES = ("kmeans", "pca", "foreground")
+
+
+def attention_set() -> FeatureSet:
+    return feature_set("attention")
 
 
 def block_origin(volume: bool, z: int, y0: int) -> tuple[int, ...]:
@@ -85,23 +122,59 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     yield from dataset_messages(layout, attributes, key, blocks(), wanted, cancelled, "features")
 
 
-def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
-                 trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
-                 cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Compute features, train a forest on the labelled pixels, stream the class probabilities."""
+def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+                   device: torch.device, check, stage: str = "features") -> Iterator[pb.Progress | np.ndarray]:
+    """Progress messages, then the (C, Y, X) feature stack of each slice of `image`, in order."""
     slices = slices_of(image)
-    label_slices = list(labels) if labels.ndim == 3 else [labels]
-    check = cancel_check(cancelled)
-    stacks = []
     for z, plane in enumerate(slices):
         check()
-        stacks.append(np.concatenate([b for _, b in fset.strips(intensity_scaled(plane), device, options, models, check)], axis=1))
-        yield progress_message("features", z + 1, len(slices))
-    samples, classes = zip(*(labelled_pixels(f, l) for f, l in zip(stacks, label_slices)))
-    yield progress_message("training", 0, 1)
-    forest = train_forest(np.concatenate(samples), np.concatenate(classes), trees or DEFAULT_TREES, seed)
-    yield progress_message("training", 1, 1)
-    values = [int(v) for v in forest.classes_]
+        yield np.concatenate([b for _, b in fset.strips(intensity_scaled(plane), device, options, models, check)], axis=1)
+        yield pb.Progress(stage=stage, done=z + 1, total=len(slices))
+
+
+def split_progress(items: Iterator[pb.Progress | np.ndarray], results: list) -> Iterator[pb.Progress]:
+    """Pass progress messages on; collect everything else into `results`."""
+    for item in items:
+        if isinstance(item, pb.Progress):
+            yield item
+        else:
+            results.append(item)
+
+
+def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
+                kind: str, trees: int, seed: int, device: torch.device, check, trained: list,
+                stacks: list | None = None) -> Iterator[pb.Progress]:
+    """Compute features, train a classifier on the labelled pixels; append the TrainedModel to `trained`.
+
+    The feature stacks of every slice are appended to `stacks` when given (to predict without recomputing)."""
+    samples, classes, channels = [], [], 0
+    for number, (image, label) in enumerate(zip(images, labels)):
+        slices: list[np.ndarray] = []
+        yield from split_progress(slice_features(image, fset, options, models, device, check, f"features {number + 1}/{len(images)}"), slices)
+        for features, label_slice in zip(slices, list(label) if label.ndim == 3 else [label]):
+            s, c = labelled_pixels(features, label_slice)
+            samples.append(s)
+            classes.append(c)
+            channels = features.shape[0]
+        if stacks is not None:
+            stacks.extend(slices)
+    yield pb.Progress(stage="training", done=0, total=1)
+    samples, classes = np.concatenate(samples), np.concatenate(classes)
+    classifier = train_classifier(samples, classes, kind, trees, seed)
+    yield pb.Progress(stage="training", done=1, total=1)
+    trained.append(TrainedModel(classifier, {
+        "feature_set": fset.name, "options": asdict(options), "feature_spec": fset.spec(options), "channels": channels,
+        "class_values": class_values(classifier), "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed,
+                                                                  "class_weight": "balanced"},
+        "labelled_pixels": int(len(classes)), "training_images": [image_sha256(i) for i in images],
+        "dinofeat_version": __version__,
+    }))
+
+
+def probability_messages(model: TrainedModel, image: np.ndarray, stacks: list[np.ndarray], encoding: pb.Encoding,
+                         key: str, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """Stream the per-class probabilities of every slice as the dataset "probabilities"."""
+    values = model.metadata["class_values"]
     layout = feature_layout("probabilities", stack_shape(len(values), image), encoding.compression, encoding.level)
     volume = len(layout.shape) == 4
     rows = layout.chunk_shape[-2]
@@ -109,20 +182,129 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
     def blocks():
         for z, stack in enumerate(stacks):
             for y0 in range(0, stack.shape[1], rows):
-                block = class_probabilities(forest, stack[:, y0 : y0 + rows])
+                block = class_probabilities(model.classifier, stack[:, y0 : y0 + rows])
                 yield block_origin(volume, z, y0), block[:, None] if volume else block
 
     attributes = {
         "axistags": axistags("czyx" if volume else "cyx"),
         "channel_names": [f"class_{v}" for v in values],
         "class_values": values,
-        "feature_set": fset.spec(options),
-        "classifier": {"kind": "random_forest", "trees": trees or DEFAULT_TREES, "class_weight": "balanced", "seed": seed},
-        "labelled_pixels": int(sum(len(c) for c in classes)),
+        "feature_set": model.metadata["feature_spec"],
+        "classifier": model.metadata["classifier"],
+        "labelled_pixels": model.metadata["labelled_pixels"],
         "dinofeat_version": __version__,
         "source_sha256": image_sha256(image),
-        "labels_sha256": image_sha256(labels),
     }
-    key = segment_result_key(attributes["source_sha256"], attributes["labels_sha256"], fset.name,
-                             options.key(), trees, seed)
     yield from dataset_messages(layout, attributes, key, blocks(), None, cancelled, "probabilities")
+
+
+def as_stream(progress: Iterator[pb.Progress]) -> Iterator[pb.DatasetStream]:
+    for message in progress:
+        yield pb.DatasetStream(progress=message)
+
+
+def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+                 kind: str, trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
+                 cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """Train on the image's own labels and stream its class probabilities (features computed once)."""
+    trained, stacks = [], []
+    yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device,
+                                     cancel_check(cancelled), trained, stacks))
+    key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
+    yield from probability_messages(trained[0], image, stacks, encoding, key, cancelled)
+
+
+def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
+               kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.TrainReply]:
+    """Train on several images and stream the model file back in pieces, then its summary."""
+    trained: list[TrainedModel] = []
+    for message in train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled), trained):
+        yield pb.TrainReply(progress=message)
+    data = model_bytes(trained[0])
+    for start in range(0, len(data), MAX_MESSAGE_BYTES):
+        yield pb.TrainReply(model_piece=data[start : start + MAX_MESSAGE_BYTES])
+    meta = trained[0].metadata
+    yield pb.TrainReply(summary=pb.ModelSummary(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), class_values=meta["class_values"],
+                                                labelled_pixels=meta["labelled_pixels"], classifier=meta["classifier"]["kind"]))
+
+
+def apply_work(model: TrainedModel, model_sha: str, image: np.ndarray, fset: FeatureSet, models: Models, encoding: pb.Encoding,
+               device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """Compute the model's feature set on a new image and stream its class probabilities."""
+    options = FeatureOptions(**model.metadata["options"])
+    channels = 3 if image_axes(image).endswith("c") else 1
+    model.check_features(fset.name, len(fset.channel_names(channels, options, models)))
+    stacks: list[np.ndarray] = []
+    yield from as_stream(split_progress(slice_features(image, fset, options, models, device, cancel_check(cancelled)), stacks))
+    key = apply_result_key(model_sha, image_sha256(image))
+    yield from probability_messages(model, image, stacks, encoding, key, cancelled)
+
+
+def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, analysis: str, clusters: int,
+                 seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """k-means labels, a PCA picture or an attention foreground mask of every slice, as one dataset."""
+    if analysis == "foreground":
+        fset = attention_set()
+    stacks: list[np.ndarray] = []
+    yield from as_stream(split_progress(slice_features(image, fset, options, models, device, cancel_check(cancelled)), stacks))
+    results = []
+    for stack in stacks:
+        features = torch.from_numpy(stack)
+        if analysis == "kmeans":
+            results.append(kmeans_labels(features, clusters, seed)[None])
+        elif analysis == "pca":
+            results.append(np.moveaxis(pca_picture(features), -1, 0))
+        else:
+            results.append(attention_foreground(features)[None].astype(np.uint8))
+    name, dtype, channels = {"kmeans": ("labels", "uint16", ["cluster"]), "pca": ("picture", "uint8", ["pc1", "pc2", "pc3"]),
+                             "foreground": ("mask", "uint8", ["foreground"])}[analysis]
+    yield from whole_dataset(name, dtype, channels, results, image, cancelled,
+                             {"analysis": analysis, "clusters": clusters, "seed": seed, "feature_set": fset.spec(options)},
+                             result_key(analysis, image_sha256(image), fset.name, options.key(), clusters, seed))
+
+
+def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, fset: FeatureSet, options: FeatureOptions,
+                 models: Models, window: int, grid: int, all_components: bool, device: torch.device,
+                 cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """Few-shot segmentation of every slice of the query: dataset "fewshot" with channels [mask, foreground_probability].
+
+    A stack as the single support follows the volume protocol (three sections, middle slices)."""
+    check = cancel_check(cancelled)
+    support_stacks: list[np.ndarray] = []
+    for image in supports:
+        yield from as_stream(split_progress(slice_features(image, fset, options, models, device, check, "support features"), support_stacks))
+    support_masks = [m for mask in masks for m in (list(mask) if mask.ndim == 3 else [mask])]
+    query_stacks: list[np.ndarray] = []
+    yield from as_stream(split_progress(slice_features(query, fset, options, models, device, check, "query features"), query_stacks))
+    support_tensors, query_tensors = standardise_by_support([torch.from_numpy(f) for f in support_stacks],
+                                                            [torch.from_numpy(f) for f in query_stacks])
+    shots = []
+    for features, mask in zip(support_tensors, support_masks):
+        cells, share = to_grid(features, torch.from_numpy(mask != 0), grid)
+        shots.append(Shot(cells, share))
+    volume = len(supports) == 1 and supports[0].ndim >= 3 and image_axes(supports[0]).startswith("z")
+    chosen = volume_support_slices(np.stack(support_masks), len(query_tensors)) if volume else None
+    results = []
+    for z, features in enumerate(query_tensors):
+        check()
+        cells, _ = to_grid(features, None, grid)
+        slice_shots = [shots[chosen[z]]] if volume else [s for s in shots if s.foreground.max() > 0]
+        probability, mask = segment_query(cells, slice_shots, tuple(features.shape[-2:]), window, not all_components)
+        results.append(np.stack([mask.astype(np.float32), probability]))
+        yield pb.DatasetStream(progress=pb.Progress(stage="segmenting", done=z + 1, total=len(query_tensors)))
+    yield from whole_dataset("fewshot", "float32", ["mask", "foreground_probability"], results, query, cancelled,
+                             {"window": window, "grid": grid, "all_components": all_components, "shots": len(shots),
+                              "feature_set": fset.spec(options)},
+                             result_key("fewshot", image_sha256(query), [image_sha256(s) for s in supports],
+                                        [image_sha256(m) for m in masks], fset.name, options.key(), window, grid, all_components))
+
+
+def whole_dataset(name: str, dtype: str, channels: list[str], slices: list[np.ndarray], image: np.ndarray,
+                  cancelled: threading.Event, extra: dict, key: str) -> Iterator[pb.DatasetStream]:
+    """Stream per-slice results (K, Y, X) as one (K, Y, X) or (K, Z, Y, X) dataset."""
+    layout = feature_layout(name, stack_shape(len(channels), image), dtype=dtype)
+    volume = len(layout.shape) == 4
+    blocks = ((block_origin(volume, z, 0), s[:, None] if volume else s) for z, s in enumerate(slices))
+    attributes = {"axistags": axistags("czyx" if volume else "cyx"), "channel_names": channels,
+                  "dinofeat_version": __version__, "source_sha256": image_sha256(image), **extra}
+    yield from dataset_messages(layout, attributes, key, blocks, None, cancelled, name)

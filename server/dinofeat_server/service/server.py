@@ -11,7 +11,6 @@ import threading
 
 import grpc
 import torch
-
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.errors import DinofeatError
 

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import grpc
 import numpy as np
 import torch
-
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_labels
+from dinofeat_client.images import check_labels, image_axes
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
 
 from ..engine.deep import preset
 from ..engine.postprocess import NORMALISATIONS
 from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
 from ..engine.weights import check_backbone
+from ..segment.classifiers import CLASSIFIERS
+from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW
+from ..segment.model_file import TrainedModel, model_from_bytes
 from .image_store import ImageStore, check_layout, image_from_bytes
 from .models import ModelRegistry
-from .jobs import feature_work, segment_work
+
+MAX_MODEL_BYTES = 512 << 20
+MAX_MODELS = 32
+from .jobs import (
+    ANALYSES,
+    analyse_work,
+    apply_work,
+    feature_work,
+    fewshot_work,
+    segment_work,
+    train_work,
+)
 from .streaming import messages_from_thread
 
 
@@ -38,6 +52,25 @@ def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
     if not 0 <= chosen.pca <= 1024:
         raise DinofeatError(f"the PCA size must be between 0 (no PCA) and 1024, not {chosen.pca}.")
     return chosen
+
+
+def checked_classifier(kind: str, trees: int) -> str:
+    kind = kind or "random_forest"
+    if kind not in CLASSIFIERS:
+        raise DinofeatError(f"unknown classifier {kind!r}; choose one of {', '.join(CLASSIFIERS)}.")
+    if not 0 <= trees <= 5000:
+        raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {trees}.")
+    return kind
+
+
+def check_mask(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """A support mask: one value per pixel of its image, some of it non-zero."""
+    spatial = image.shape[:-1] if image_axes(image).endswith("c") else image.shape
+    if mask.shape != spatial:
+        raise DinofeatError(f"the support mask has shape {mask.shape} but its image has {spatial}; they must match pixel for pixel.")
+    if not mask.any():
+        raise DinofeatError("a support mask is empty; mark the object in every support image.")
+    return mask
 
 
 def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
@@ -59,6 +92,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.device = device
         self.store = store or ImageStore()
         self.models = models or ModelRegistry(device)
+        self.trained_models: dict[str, TrainedModel] = {}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinofeat-engine")
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -140,13 +174,98 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             fset = self._feature_set(request.feature_set)
             options = checked_options(request.options)
             encoding = checked_encoding(request.encoding)
-            if request.classifier not in ("", "random_forest"):
-                raise DinofeatError(f"unknown classifier {request.classifier!r}; use random_forest.")
-            if request.trees < 0 or request.trees > 5000:
-                raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {request.trees}.")
+            kind = checked_classifier(request.classifier, request.trees)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(segment_work, image, labels, fset, options, self.models, request.trees, request.seed, encoding, self.device)
+        work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device)
+        async for message in self._stream(work, context):
+            yield message
+
+    async def Train(self, request, context):
+        try:
+            if not request.image_sha256 or len(request.image_sha256) != len(request.labels_sha256):
+                raise DinofeatError("give one label image per training image.")
+            images = [self._image(sha) for sha in request.image_sha256]
+            labels = [check_labels(self._image(sha, "label image"), image) for sha, image in zip(request.labels_sha256, images)]
+            fset = self._feature_set(request.feature_set)
+            options = checked_options(request.options)
+            kind = checked_classifier(request.classifier, request.trees)
+        except DinofeatError as error:
+            await self._fail(context, error)
+        work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device)
+        async for message in self._stream(work, context):
+            yield message
+
+    async def HasModel(self, request, context):
+        return pb.HasImageReply(present=request.sha256 in self.trained_models)
+
+    async def UploadModel(self, request_iterator, context):
+        pieces, size = [], 0
+        try:
+            async for piece in request_iterator:
+                size += len(piece.data)
+                if size > MAX_MODEL_BYTES:
+                    raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
+                pieces.append(piece.data)
+            data = b"".join(pieces)
+            model = model_from_bytes(data)
+        except DinofeatError as error:
+            await self._fail(context, error)
+        sha = hashlib.sha256(data).hexdigest()
+        self.trained_models[sha] = model
+        while len(self.trained_models) > MAX_MODELS:
+            self.trained_models.pop(next(iter(self.trained_models)))
+        return pb.UploadModelReply(sha256=sha)
+
+    async def Apply(self, request, context):
+        try:
+            model = self.trained_models.get(request.model_sha256)
+            if model is None:
+                raise DinofeatError("the server holds no such model; upload it first.")
+            trained_on = model.metadata["feature_set"]
+            if request.feature_set and request.feature_set != trained_on:
+                raise DinofeatError(f"the model was trained on {trained_on!r} features, not {request.feature_set!r}; "
+                                    f"apply it with --set {trained_on} or train a new one.")
+            image = self._image(request.image_sha256)
+            fset = self._feature_set(trained_on)
+            encoding = checked_encoding(request.encoding)
+        except DinofeatError as error:
+            await self._fail(context, error)
+        work = partial(apply_work, model, request.model_sha256, image, fset, self.models, encoding, self.device)
+        async for message in self._stream(work, context):
+            yield message
+
+    async def Analyse(self, request, context):
+        try:
+            image = self._image(request.image_sha256)
+            fset = self._feature_set(request.feature_set)
+            options = checked_options(request.options)
+            if request.analysis not in ANALYSES:
+                raise DinofeatError(f"unknown analysis {request.analysis!r}; choose one of {', '.join(ANALYSES)}.")
+            if request.analysis == "kmeans" and not 2 <= request.clusters <= 256:
+                raise DinofeatError(f"k-means needs between 2 and 256 clusters, not {request.clusters}.")
+        except DinofeatError as error:
+            await self._fail(context, error)
+        work = partial(analyse_work, image, fset, options, self.models, request.analysis, request.clusters, request.seed, self.device)
+        async for message in self._stream(work, context):
+            yield message
+
+    async def FewShot(self, request, context):
+        try:
+            if not request.support_sha256 or len(request.support_sha256) != len(request.support_mask_sha256):
+                raise DinofeatError("give one mask per support image.")
+            supports = [self._image(sha, "support image") for sha in request.support_sha256]
+            masks = [check_mask(self._image(sha, "support mask"), image) for sha, image in zip(request.support_mask_sha256, supports)]
+            query = self._image(request.query_sha256, "query image")
+            fset = self._feature_set(request.feature_set)
+            options = checked_options(request.options)
+            window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
+            if not (1 <= window <= 64 and 1 <= grid <= 64):
+                raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
+        except DinofeatError as error:
+            await self._fail(context, error)
+        work = partial(fewshot_work, supports, masks, query, fset, options, self.models, window, grid,
+                       request.all_components, self.device)
         async for message in self._stream(work, context):
             yield message
 

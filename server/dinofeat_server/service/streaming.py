@@ -18,9 +18,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
-
 from dinofeat.v1 import feature_service_pb2 as pb
-from dinofeat_client.wire import DatasetLayout, encode_chunk, iter_chunks, stream_checksum
+from dinofeat_client.wire import (
+    DatasetLayout,
+    encode_chunk,
+    iter_chunks,
+    stream_checksum,
+)
 
 QUEUE_LENGTH = 8
 """Messages buffered between the worker thread and the network (backpressure beyond this)."""
