@@ -198,6 +198,37 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
     bars.close()
 
 
+def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
+    from .ilastik.provider import QUANTISATIONS, IlastikSpec, batch_features, build_project, headless_command
+
+    images = [(p, check_image(read_image(p))) for p in args.images]
+    folder = Path(args.output)
+    if args.batch:
+        with connect(args) as client:
+            files = batch_features(client, folder, images, progress=bars)
+        bars.close()
+        print("wrote " + ", ".join(str(f) for f in files))
+        projects = sorted(folder.glob("*.ilp"))
+        if projects:
+            relative = [f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f for f in files]
+            print("predict them with the trained project:\n  " + headless_command(projects[0], relative))
+        return
+    if args.quantise not in QUANTISATIONS:
+        raise DinofeatError(f"unknown quantisation {args.quantise!r}; choose one of {', '.join(QUANTISATIONS)}.")
+    scribbles = None
+    if args.labels:
+        if len(args.labels) != len(images):
+            raise DinofeatError(f"give one scribble file per image ({len(images)} images, {len(args.labels)} scribble files).")
+        scribbles = [check_labels(read_image(p), image) for p, (_, image) in zip(args.labels, images)]
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (48 if args.set != "classical" else 0), args.quantise)
+    with connect(args) as client:
+        project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)
+    bars.close()
+    print(f"wrote {project} with {len(files)} lane(s): {', '.join(f.name for f in files)}")
+    print(f"open it in ilastik (Pixel Classification); new images: dinofeat ilastik --batch {folder} IMAGE...")
+
+
 def command_score(args: argparse.Namespace) -> None:
     prediction, truth = read_image(args.prediction), read_image(args.truth)
     if prediction.shape != truth.shape:
@@ -333,6 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
     p.add_argument("--all-components", action="store_true", help="keep every predicted component, not only the most confident")
 
+    p = commands.add_parser("ilastik", parents=[remote, deep], help="feature files and a ready-to-open ilastik project")
+    p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
+    p.add_argument("-o", "--output", required=True, help="project folder (created if missing)")
+    p.add_argument("--set", default="hybrid", help="feature set (default hybrid)")
+    p.add_argument("--labels", nargs="+", help="scribbles, one per image, shown in ilastik as labels")
+    p.add_argument("--classes", nargs="+", help="class names, in ascending scribble value")
+    p.add_argument("--quantise", default="float32", help="float32 (default), uint16 or uint8: smaller files, same classes")
+    p.add_argument("--name", default="dinofeat", help="project file name (default dinofeat.ilp)")
+    p.add_argument("--batch", action="store_true", help="add feature files for new images to an existing project folder")
+
     p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
     p.add_argument("prediction")
     p.add_argument("truth")
@@ -373,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             command_fewshot(args, bars)
         elif args.command == "score":
             command_score(args)
+        elif args.command == "ilastik":
+            command_ilastik(args, bars)
         elif args.command == "serve":
             command_serve(args)
         elif args.command == "demo":

@@ -1,0 +1,145 @@
+"""ilastik projects and feature files, checked structurally against real ilastik projects (ilastik
+itself cannot be installed here; shared/docs/ILASTIK.md lists what it reads)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import SHARED_DATA, dinofeat
+
+REFERENCE = SHARED_DATA / "ilastik_reference" / "pc.ilp"
+
+
+@pytest.fixture(scope="module")
+def crops(isb_three_phase, tmp_path_factory) -> list[tuple[Path, Path]]:
+    """Three 96x110 crops of the ISB image with their scribbles (crops that hold all three classes)."""
+    folder = tmp_path_factory.mktemp("crops")
+    image = tifffile.imread(isb_three_phase / "image.tif")
+    scribbles = tifffile.imread(isb_three_phase / "scribbles.tif")
+    out = []
+    for number, (y, x) in enumerate([(0, 0), (200, 150), (400, 380)]):
+        crop, labels = image[y : y + 96, x : x + 110], scribbles[y : y + 96, x : x + 110].copy()
+        labels[:3, :3], labels[-3:, :3], labels[:3, -3:] = 85, 170, 255  # every crop labels every class
+        tifffile.imwrite(folder / f"img{number}.tif", crop)
+        tifffile.imwrite(folder / f"img{number}_scribbles.tif", labels)
+        out.append((folder / f"img{number}.tif", folder / f"img{number}_scribbles.tif"))
+    return out
+
+
+def make_project(crops, folder: Path, server: str, count: int, scribbles: bool) -> subprocess.CompletedProcess:
+    args = ["ilastik", *[str(c[0]) for c in crops[:count]], "-o", str(folder), "--set", "hybrid", "--pca", "8",
+            "--preset", "fast", "--server", server]
+    if scribbles:
+        args += ["--labels", *[str(c[1]) for c in crops[:count]], "--classes", "matrix", "grain", "pit"]
+    return dinofeat(*args)
+
+
+def kind(dataset: h5py.Dataset) -> str:
+    """dtype kind with every string flavour (fixed, variable, object) as one."""
+    return "string" if dataset.dtype.kind in "SOU" else dataset.dtype.kind
+
+
+@pytest.mark.parametrize("count,scribbles", [(1, False), (1, True), (3, True)])
+def test_project_has_every_group_dataset_and_attribute_ilastik_reads(crops, deep_server_address, tmp_path, count, scribbles):
+    result = make_project(crops, tmp_path / "proj", deep_server_address, count, scribbles)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(tmp_path / "proj" / "dinofeat.ilp", "r") as ours, h5py.File(REFERENCE, "r") as reference:
+        for name in ["ilastikVersion", "workflowName", "time", "Input Data/StorageVersion", "Input Data/Role Names",
+                     "FeatureSelections/StorageVersion", "FeatureSelections/FeatureIds", "FeatureSelections/Scales",
+                     "FeatureSelections/SelectionMatrix", "FeatureSelections/ComputeIn2d", "PixelClassification/StorageVersion",
+                     "PixelClassification/LabelNames", "PixelClassification/LabelColors", "PixelClassification/PmapColors"]:
+            assert kind(ours[name]) == kind(reference[name]), name
+            if name not in ("PixelClassification/LabelNames", "PixelClassification/LabelColors", "PixelClassification/PmapColors"):
+                assert ours[name].shape == reference[name].shape, name  # the class-dependent ones differ in length
+        assert ours["workflowName"][()] == b"Pixel Classification"
+        assert ours["currentApplet"][()] == 2 and ours["currentApplet"].dtype == np.int64
+        assert [v.decode() for v in ours["Input Data/Role Names"][()]] == ["Raw Data", "Prediction Mask"]
+        assert list(ours["FeatureSelections/FeatureIds"][()]) == list(reference["FeatureSelections/FeatureIds"][()])
+        np.testing.assert_array_equal(ours["FeatureSelections/Scales"][()], reference["FeatureSelections/Scales"][()])
+        matrix = ours["FeatureSelections/SelectionMatrix"][()]
+        assert matrix.shape == (6, 7) and matrix[0, 0] and matrix.sum() == 1
+        assert "FeatureListFilename" not in ours["FeatureSelections"]
+        assert "local_data" in ours["Input Data"]
+        for name in ("LabelNames", "LabelColors", "PmapColors"):
+            assert ours["PixelClassification"][name].attrs["isEmpty"] == False  # noqa: E712
+        assert ours["PixelClassification/LabelColors"].shape == (3 if scribbles else 2, 3)
+        reference_raw = set(reference["Input Data/infos/lane0000/Raw Data"]) | {"normalizeDisplay"}
+        for lane in range(count):
+            raw = ours[f"Input Data/infos/lane{lane:04d}/Raw Data"]
+            assert "Prediction Mask" in ours[f"Input Data/infos/lane{lane:04d}"]
+            for field in ("filePath", "allowLabels", "nickname", "axistags", "shape", "location", "datasetId", "__class__",
+                          "display_mode", "normalizeDisplay"):
+                assert field in raw and field in reference_raw | {"filePath"}, field
+            assert raw["__class__"][()] == b"RelativeFilesystemDatasetInfo" and raw["location"][()] == b"FileSystem"
+            file_name, internal = raw["filePath"][()].decode().split(".h5/")
+            target = tmp_path / "proj" / (file_name + ".h5")
+            assert target.exists() and not internal.startswith("/")
+            with h5py.File(target, "r") as features:
+                data = features[internal]
+                tags = json.loads(raw["axistags"][()])
+                assert len(tags["axes"]) == data.ndim == len(raw["shape"][()])
+                assert [a["key"] for a in tags["axes"]] == ["c", "y", "x"] and tuple(raw["shape"][()]) == data.shape
+                assert json.loads(data.attrs["axistags"]) == tags
+                assert data.shape[0] == 8 + 58 and data.chunks == (66, 64, 64) and data.dtype == np.float32
+
+
+def test_scribbles_become_label_blocks_with_values_1_to_n(crops, deep_server_address, tmp_path):
+    assert make_project(crops, tmp_path / "proj", deep_server_address, 3, True).returncode == 0
+    with h5py.File(tmp_path / "proj" / "dinofeat.ilp", "r") as f:
+        assert [v.decode() for v in f["PixelClassification/LabelNames"][()]] == ["matrix", "grain", "pit"]
+        for lane, (_, scribble_path) in enumerate(crops):
+            block = f[f"PixelClassification/LabelSets/labels{lane:03d}/block0000"]
+            y0, y1, x0, x1 = map(int, re.match(r"\[(\d+):(\d+),(\d+):(\d+),0:1\]$", block.attrs["blockSlice"]).groups())
+            scribbles = tifffile.imread(scribble_path)
+            expected = np.searchsorted([85, 170, 255], scribbles) + 1
+            expected[scribbles == 0] = 0
+            assert block.dtype == np.uint8 and block.shape == (y1 - y0, x1 - x0, 1)
+            np.testing.assert_array_equal(block[..., 0], expected[y0:y1, x0:x1])
+            assert set(np.unique(block[()])) == {0, 1, 2, 3}
+            assert not expected[:y0].any() and not expected[y1:].any()
+
+
+def test_batch_reuses_the_stored_pca_basis(crops, deep_server_address, tmp_path):
+    folder = tmp_path / "proj"
+    assert make_project(crops, folder, deep_server_address, 2, True).returncode == 0
+    with h5py.File(folder / "img0_features.h5", "r") as f:
+        original = f["features"][()]
+    tifffile.imwrite(tmp_path / "again.tif", tifffile.imread(crops[0][0]))
+    first = dinofeat("ilastik", "--batch", str(tmp_path / "again.tif"), "-o", str(folder), "--server", deep_server_address)
+    assert first.returncode == 0, first.stderr
+    assert "--headless" in first.stdout and "again_features.h5/features" in first.stdout
+    with h5py.File(folder / "again_features.h5", "r") as f:
+        once = f["features"][()]
+    assert dinofeat("ilastik", "--batch", str(tmp_path / "again.tif"), "-o", str(folder), "--server", deep_server_address).returncode == 0
+    with h5py.File(folder / "again_features.h5", "r") as f:
+        np.testing.assert_array_equal(f["features"][()], once)
+    np.testing.assert_allclose(once, original, atol=1e-5)
+
+
+def test_uint8_quantisation_uses_the_projects_scaling(crops, deep_server_address, tmp_path):
+    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "q"), "--set", "classical", "--quantise", "uint8",
+                      "--server", deep_server_address)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(tmp_path / "q" / "img0_features.h5", "r") as f:
+        data = f["features"]
+        assert data.dtype == np.uint8 and data.shape == (58, 96, 110)
+        assert data[()].min(axis=(1, 2)).max() == 0 and (data[()].max(axis=(1, 2)) == 255).sum() >= 57
+
+
+def test_vigra_reads_our_axistags(tmp_path):
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import vigra"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-vigra is not installed for the system Python here")
+    from dinofeat_client.wire import axistags
+
+    out = subprocess.run(["/usr/bin/python3", "-c", "import sys, vigra; t = vigra.AxisTags.fromJSON(sys.argv[1]); "
+                          "print(''.join(a.key for a in t))", axistags("cyx")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cyx"
