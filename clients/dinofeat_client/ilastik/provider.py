@@ -27,8 +27,9 @@ from .project import Lane, headless_command, write_project
 SPEC_FILE = "dinofeat_ilastik.json"
 BASIS_FILE = "dinofeat_basis.h5"
 ILASTIK_CHUNK = 64
-ROWS_PER_BLOCK = 64
-PCA_SAMPLE_PIXELS = 200_000
+ROWS_PER_BLOCK = 256
+"""Rows read at a time: one row of the streamed files' 256 x 256 chunks, so each chunk is read once."""
+PCA_SAMPLE_PIXELS = 50_000
 QUANTISATIONS = {"float32": None, "uint8": 255, "uint16": 65535}
 
 
@@ -78,10 +79,14 @@ def fit_pca(raw_files: list[Path], components: int) -> tuple[np.ndarray, np.ndar
         with h5py.File(path, "r") as f:
             data = f["features"]
             step = max(1, int(np.sqrt(data.shape[1] * data.shape[2] * len(raw_files) / PCA_SAMPLE_PIXELS)))
-            samples.append(data[:, ::step, ::step].reshape(data.shape[0], -1))
-    pixels = np.concatenate(samples, axis=1).astype(np.float64)
-    mean = pixels.mean(axis=1)
-    variance, vectors = np.linalg.eigh(np.cov(pixels - mean[:, None]))
+            for y0 in range(0, data.shape[1], ROWS_PER_BLOCK):  # whole chunk rows: h5py's strided reads are slow
+                block = data[:, y0 : y0 + ROWS_PER_BLOCK][:, (-y0) % step :: step, ::step]
+                samples.append(block.reshape(data.shape[0], -1))
+    pixels = np.concatenate(samples, axis=1).astype(np.float32)
+    mean = pixels.mean(axis=1, dtype=np.float64).astype(np.float32)
+    centred = pixels - mean[:, None]
+    covariance = (centred @ centred.T).astype(np.float64) / max(centred.shape[1] - 1, 1)
+    variance, vectors = np.linalg.eigh(covariance)
     order = np.argsort(variance)[::-1][:components]
     vectors = vectors[:, order].T
     vectors *= np.sign(vectors[np.arange(len(vectors)), np.abs(vectors).argmax(axis=1)])[:, None]
@@ -146,7 +151,8 @@ def fetch_parts(client: FeatureClient, image: np.ndarray, stem: str, folder: Pat
     files = []
     for part in spec.parts():  # no PCA on the server: the project's own basis is applied here
         path = folder / f".{stem}.{part}.h5"
-        client.fetch_features(image, path, part, progress=progress, backbone=spec.backbone, preset=spec.preset)
+        client.fetch_features(image, path, part, compression="none", progress=progress, backbone=spec.backbone,
+                              preset=spec.preset)  # temporary: no deflate on either side
         files.append(path)
     return files
 
