@@ -28,11 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server_address() -> str:
-    """A `dinofeat serve` process on a free 127.0.0.1 port, for the whole session."""
+def running_server(*extra: str):
+    """Run `dinofeat serve` on a free 127.0.0.1 port until the generator is closed; yields its address."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu"],
+    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu", *extra],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(address)
@@ -46,6 +45,12 @@ def server_address() -> str:
     yield address
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server_address() -> str:
+    """A `dinofeat serve` process for the whole session."""
+    yield from running_server()
 
 
 @pytest.fixture(scope="session")
@@ -67,18 +72,4 @@ def tiny_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deep_server_address(tiny_weights) -> str:
     """A `dinofeat serve` process whose dinov2_vits14 is the tiny model."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu",
-                                "--weights", f"dinov2_vits14={tiny_weights}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"127.0.0.1:{port}"
-    channel = grpc.insecure_channel(address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=120)
-    except grpc.FutureTimeoutError:
-        process.kill()
-        pytest.fail("the dinofeat server did not start: " + process.stdout.read())
-    finally:
-        channel.close()
-    yield address
-    process.terminate()
-    process.wait(timeout=30)
+    yield from running_server("--weights", f"dinov2_vits14={tiny_weights}")
