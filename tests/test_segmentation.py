@@ -106,10 +106,25 @@ def test_fewshot_command_segments_the_right_half_from_the_left(isb_three_phase, 
     tifffile.imwrite(tmp_path / "left_mask.tif", (truth[:, :256] == 85).astype(np.uint8))
     tifffile.imwrite(tmp_path / "right.tif", image[:, 256:])
     result = dinofeat("fewshot", str(tmp_path / "right.tif"), "--support", str(tmp_path / "left.tif"),
-                      "--support-mask", str(tmp_path / "left_mask.tif"), "-o", str(tmp_path), "--server", server_address)
+                      "--support-mask", str(tmp_path / "left_mask.tif"), "-o", str(tmp_path), "--set", "classical",
+                      "--server", server_address)
     assert result.returncode == 0, result.stderr
     mask = tifffile.imread(tmp_path / "right_mask.tif") > 0
     expected = truth[:, 256:] == 85
     dice = 2 * (mask & expected).sum() / (mask.sum() + expected.sum())
     print("few-shot Dice (matrix, most confident component)", dice)
     assert dice > 0.92
+
+
+def test_fewshot_uses_dinov2_features_by_default(isb_three_phase, deep_server_address, tmp_path):
+    image = tifffile.imread(isb_three_phase / "image.tif")[:128, :256]
+    truth = tifffile.imread(isb_three_phase / "ground_truth.tif")[:128, :256]
+    tifffile.imwrite(tmp_path / "left.tif", image[:, :128])
+    tifffile.imwrite(tmp_path / "left_mask.tif", (truth[:, :128] == 170).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "right.tif", image[:, 128:])
+    result = dinofeat("fewshot", str(tmp_path / "right.tif"), "--support", str(tmp_path / "left.tif"),
+                      "--support-mask", str(tmp_path / "left_mask.tif"), "-o", str(tmp_path), "--preset", "fast",
+                      "--all-components", "--server", deep_server_address)
+    assert result.returncode == 0, result.stderr
+    mask = tifffile.imread(tmp_path / "right_mask.tif")
+    assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255}

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", nargs="+", required=True, help="support image(s)")
     p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
     p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    p.add_argument("--set", default="dinov2", help="feature set name (default dinov2, the frozen encoder of seed 001)")
     p.add_argument("--window", type=int, default=0, help="ALP pooling window in grid cells (default 4)")
     p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
     p.add_argument("--all-components", action="store_true", help="keep every predicted component, not only the most confident")

@@ -208,7 +208,7 @@ class FeatureClient:
         return self.receive(self.stub.Analyse(request), DatasetFile(output, key), False, progress).path
 
     def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
-                 feature_set: str = "classical", window: int = 0, grid: int = 0, all_components: bool = False,
+                 feature_set: str = "dinov2", window: int = 0, grid: int = 0, all_components: bool = False,
                  progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
                  pca: int = 0, normalise: str = "none") -> Path:
         """Segment `query` from support images and their masks; .h5 with channels [mask, foreground_probability]."""
