@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,20 +28,24 @@ def free_port() -> int:
 
 
 def running_server(*extra: str):
-    """Run `dinofeat serve` on a free 127.0.0.1 port until the generator is closed; yields its address."""
+    """Run `dinofeat serve` on a free 127.0.0.1 port until the generator is closed; yields its address
+    once the port accepts connections (plain TCP, so TLS servers are awaited the same way)."""
+    import socket
+    import time
+
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu", *extra],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"127.0.0.1:{port}"
-    channel = grpc.insecure_channel(address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=120)
-    except grpc.FutureTimeoutError:
-        process.kill()
-        pytest.fail("the dinofeat server did not start: " + process.stdout.read())
-    finally:
-        channel.close()
-    yield address
+    deadline = time.monotonic() + 120
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the dinofeat server did not start: " + process.stdout.read())
+        time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=30)
 

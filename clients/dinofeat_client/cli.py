@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from .images import check_image, check_labels, check_output_path, read_image, wr
 from .metrics import class_dice, class_iou
 from .pictures import class_overlay, probability_pictures
 from .sample import three_phase_sample
+from .tokens import read_tokens
 from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
 
 
@@ -53,7 +55,8 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
         if getattr(args, "weights", None):
             raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
                                 "give the weights to that server (dinofeat serve --weights ...).")
-        with FeatureClient(args.server) as client:
+        token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
+        with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             yield client
         return
     try:
@@ -258,7 +261,8 @@ def command_serve(args: argparse.Namespace) -> None:
         from dinofeat_server.service.server import serve
     except ImportError:
         raise DinofeatError("serving needs the server part; install dinofeat[server].") from None
-    serve(args.host, args.port, args.device, args.insecure, weights_map(args.weights))
+    serve(args.host, args.port, args.device, args.insecure, weights_map(args.weights), token_file=args.token_file,
+          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -295,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--server", metavar="ADDRESS", help="host:port of a dinofeat server (default: start one in this process)")
     remote.add_argument("--device", default="auto", help="device of the embedded server: auto, cpu, cuda[:N] (default: auto)")
     remote.add_argument("--quiet", action="store_true", help="no progress bars")
+    remote.add_argument("--token-file", help="file with the server's access token (default: $DINOFEAT_TOKEN)")
+    remote.add_argument("--tls-ca", help="CA certificate that signed the server's TLS certificate (turns TLS on)")
+    remote.add_argument("--tls-cert", help="client certificate, for servers that require one")
+    remote.add_argument("--tls-key", help="client certificate's key")
     deep = argparse.ArgumentParser(add_help=False)
     deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
     deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
@@ -385,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without token or TLS")
     p.add_argument("--weights", action="append", default=[], metavar="[BACKBONE=]PATH",
                    help="local weights for a backbone (repeatable); a bare PATH serves any backbone")
+    p.add_argument("--token-file", help="accepted access tokens, one per line; clients send one as a bearer token")
+    p.add_argument("--tls-cert", help="server TLS certificate (PEM)")
+    p.add_argument("--tls-key", help="server TLS key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
 
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")

@@ -40,19 +40,59 @@ class Transfer:
     bytes_received: int
 
 
-class FeatureClient:
-    """A connection to one dinofeat server."""
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
 
-    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return details._replace(metadata=[*(details.metadata or []), self._metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+
+def read_client_file(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise DinofeatError(f"cannot read the {what} {path} ({error.strerror}).") from None
+
+
+class FeatureClient:
+    """A connection to one dinofeat server; `token` and the TLS files are needed by protected servers."""
+
+    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None):
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read_client_file(tls_ca, "CA certificate") if tls_ca else None,
+                private_key=read_client_file(tls_key, "TLS key") if tls_key else None,
+                certificate_chain=read_client_file(tls_cert, "TLS certificate") if tls_cert else None)
+            self.channel = grpc.secure_channel(address, credentials)
+        else:
+            self.channel = grpc.insecure_channel(address)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
             self.channel.close()
-            raise DinofeatError(f"cannot reach a dinofeat server at {address}; start one with `dinofeat serve`, "
+            hint = " (or its TLS certificate is not signed by --tls-ca)" if tls_ca else ""
+            raise DinofeatError(f"cannot reach a dinofeat server at {address}{hint}; start one with `dinofeat serve`, "
                                 "or leave out --server to use an embedded one.") from None
-        self.stub = pb_grpc.FeatureServiceStub(self.channel)
+        channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
+        self.stub = pb_grpc.FeatureServiceStub(channel)
 
     def __enter__(self) -> FeatureClient:
         return self
@@ -273,6 +313,8 @@ def rpc_error(error: grpc.RpcError, address: str) -> DinofeatError:
     code = error.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return DinofeatError(f"lost the connection to the dinofeat server at {address}; run the same command again to resume.")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return DinofeatError(f"the server at {address} refused the request: {error.details()}")
     if code == grpc.StatusCode.CANCELLED:
         return DinofeatError("the request was cancelled before it finished; run the same command again to resume.")
     return DinofeatError(error.details() or f"the server failed with {code.name}.")

@@ -13,8 +13,10 @@ import grpc
 import torch
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.errors import DinofeatError
+from dinofeat_client.tokens import read_tokens
 
 from .models import ModelRegistry
+from .security import TokenAuthentication, server_credentials
 from .servicer import FeatureServicer
 
 SERVER_OPTIONS = [
@@ -45,20 +47,29 @@ def is_loopback(host: str) -> bool:
 
 
 async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", insecure: bool = False,
-                       weights: dict[str, str] | None = None) -> tuple[grpc.aio.Server, int, FeatureServicer]:
+                       weights: dict[str, str] | None = None, token_file: str | None = None, tls_cert: str | None = None,
+                       tls_key: str | None = None, tls_client_ca: str | None = None) -> tuple[grpc.aio.Server, int, FeatureServicer]:
     """Bind and start a server; returns it with the bound port (a free one when `port` is 0).
 
-    `weights` maps backbone names (or "*" for any) to local weight files."""
-    if not is_loopback(host) and not insecure:
-        raise DinofeatError(f"serving on {host} would expose the server beyond this machine without a token or TLS; "
-                            "serve on 127.0.0.1, or pass --insecure on a network you trust.")
+    `weights` maps backbone names (or "*" for any) to local weight files. Beyond loopback the server
+    needs a token file and a TLS certificate and key, unless `insecure` says otherwise."""
+    if bool(tls_cert) != bool(tls_key):
+        raise DinofeatError("TLS needs both --tls-cert and --tls-key.")
+    if tls_client_ca and not tls_cert:
+        raise DinofeatError("--tls-client-ca needs TLS itself: give --tls-cert and --tls-key too.")
+    if not is_loopback(host) and not insecure and not (token_file and tls_cert):
+        raise DinofeatError(f"serving on {host} would expose the server beyond this machine without a token and TLS; "
+                            "give --token-file, --tls-cert and --tls-key, serve on 127.0.0.1, or pass --insecure on a network you trust.")
+    interceptors = [TokenAuthentication(read_tokens(token_file))] if token_file else []
+    credentials = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     check_bindable(host, port)
     chosen = pick_device(device)
     servicer = FeatureServicer(chosen, models=ModelRegistry(chosen, weights))
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -69,12 +80,16 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
 
 
 def serve(host: str, port: int, device: str = "auto", insecure: bool = False, weights: dict[str, str] | None = None,
-          announce=print) -> None:
-    """Run a server until SIGINT/SIGTERM, then stop it gracefully (running streams get 5 s)."""
+          announce=print, **security: str | None) -> None:
+    """Run a server until SIGINT/SIGTERM, then stop it gracefully (running streams get 5 s).
+
+    `security`: token_file, tls_cert, tls_key, tls_client_ca (see start_server)."""
 
     async def main() -> None:
-        server, bound, servicer = await start_server(host, port, device, insecure, weights)
-        announce(f"dinofeat server listening on {host}:{bound} (device {servicer.device}); Ctrl+C stops it.")
+        server, bound, servicer = await start_server(host, port, device, insecure, weights, **security)
+        protection = ", ".join(p for p, on in (("TLS", security.get("tls_cert")), ("tokens", security.get("token_file"))) if on)
+        announce(f"dinofeat server listening on {host}:{bound} (device {servicer.device}"
+                 f"{'; ' + protection if protection else ''}); Ctrl+C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

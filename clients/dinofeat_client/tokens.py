@@ -1,0 +1,19 @@
+"""Access-token files: one token per line, blank lines and # comments ignored (server and client alike)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DinofeatError
+
+
+def read_tokens(path: str | Path) -> list[str]:
+    """The tokens of a token file; an empty or unreadable file is an error, not an open door."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise DinofeatError(f"cannot read the token file {path} ({error.strerror}).") from None
+    tokens = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not tokens:
+        raise DinofeatError(f"the token file {path} holds no token; put one token per line.")
+    return tokens
