@@ -40,7 +40,7 @@ class PrecomputedServicer(FeatureServicer):
         key = features_result_key(request.image_sha256, request.feature_set, layout.compression, layout.level)
         rows = layout.chunk_shape[-2]
         blocks = (((0, y, 0), self.stack[:, y : y + rows]) for y in range(0, self.stack.shape[1], rows))
-        work = partial(dataset_messages, layout, {"channel_names": [f"c{i}" for i in range(len(self.stack))]}, key, blocks, None,
+        work = partial(dataset_messages, layout, {"channel_names": [f"c{i}" for i in range(len(self.stack))]}, key, blocks,
                        stage="features")
         async for message in self._stream(lambda cancelled: work(cancelled), context):
             yield message

@@ -34,7 +34,8 @@ def running_server(*extra: str):
     import time
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu", *extra],
+    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu",
+                                "--cache-gb", "0", *extra],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while True:

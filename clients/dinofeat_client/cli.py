@@ -262,7 +262,8 @@ def command_serve(args: argparse.Namespace) -> None:
     except ImportError:
         raise DinofeatError("serving needs the server part; install dinofeat[server].") from None
     serve(args.host, args.port, args.device, args.insecure, weights_map(args.weights), token_file=args.token_file,
-          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, cache_dir=args.cache_dir,
+          cache_bytes=int(args.cache_gb * 1e9))
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="server TLS certificate (PEM)")
     p.add_argument("--tls-key", help="server TLS key (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--cache-dir", help="where recent feature results are kept (default: ~/.cache/dinofeat/results)")
+    p.add_argument("--cache-gb", type=float, default=8.0, help="disk budget of the result cache in GB; 0 turns it off (default 8)")
 
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")

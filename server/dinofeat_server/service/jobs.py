@@ -49,7 +49,8 @@ from ..segment.fewshot import (
 )
 from ..segment.model_file import TrainedModel, model_bytes
 from ..segment.unsupervised import attention_foreground, kmeans_labels, pca_picture
-from .streaming import Cancelled, dataset_messages, progress_message
+from .result_cache import ResultCache
+from .streaming import Cancelled, dataset_messages, only_chunks, progress_message
 
 
 def cancel_check(cancelled: threading.Event):
@@ -100,7 +101,7 @@ def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, opti
 
 
 def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, encoding: pb.Encoding,
-                 wanted: set[int] | None, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+                 device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Compute `fset` over every slice and stream it as the dataset "features"."""
     image_sha = image_sha256(image)
     slices = slices_of(image)
@@ -119,7 +120,23 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
                 yield block_origin(volume, z, y0), block[:, None] if volume else block
 
     attributes = feature_attributes(image, image_sha, fset, options, models, names)
-    yield from dataset_messages(layout, attributes, key, blocks(), wanted, cancelled, "features")
+    yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "features")
+
+
+def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+                   encoding: pb.Encoding, wanted: set[int] | None, device: torch.device,
+                   cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """feature_work through the result cache (keyed by image, set, options, encoding and the weights'
+    checksum), keeping only the chunks a resuming client asked for."""
+    def compute() -> Iterator[pb.DatasetStream]:
+        return feature_work(image, fset, options, models, encoding, device, cancelled)
+
+    if cache is None:
+        yield from only_chunks(compute(), wanted)
+        return
+    weights = models.weights_sha256(options.backbone) if fset.deep else ""
+    key = result_key(features_result_key(image_sha256(image), fset.name, options.key(), encoding.compression, encoding.level), weights)
+    yield from only_chunks(cache.stream(key, compute), wanted)
 
 
 def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
@@ -195,7 +212,7 @@ def probability_messages(model: TrainedModel, image: np.ndarray, stacks: list[np
         "dinofeat_version": __version__,
         "source_sha256": image_sha256(image),
     }
-    yield from dataset_messages(layout, attributes, key, blocks(), None, cancelled, "probabilities")
+    yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "probabilities")
 
 
 def as_stream(progress: Iterator[pb.Progress]) -> Iterator[pb.DatasetStream]:
@@ -307,4 +324,4 @@ def whole_dataset(name: str, dtype: str, channels: list[str], slices: list[np.nd
     blocks = ((block_origin(volume, z, 0), s[:, None] if volume else s) for z, s in enumerate(slices))
     attributes = {"axistags": axistags("czyx" if volume else "cyx"), "channel_names": channels,
                   "dinofeat_version": __version__, "source_sha256": image_sha256(image), **extra}
-    yield from dataset_messages(layout, attributes, key, blocks, None, cancelled, name)
+    yield from dataset_messages(layout, attributes, key, blocks, cancelled, name)

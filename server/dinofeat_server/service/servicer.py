@@ -9,6 +9,7 @@ from functools import partial
 import grpc
 import numpy as np
 import torch
+
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
@@ -24,20 +25,13 @@ from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW
 from ..segment.model_file import TrainedModel, model_from_bytes
 from .image_store import ImageStore, check_layout, image_from_bytes
+from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
 from .models import ModelRegistry
+from .result_cache import ResultCache
+from .streaming import messages_from_thread
 
 MAX_MODEL_BYTES = 512 << 20
 MAX_MODELS = 32
-from .jobs import (
-    ANALYSES,
-    analyse_work,
-    apply_work,
-    feature_work,
-    fewshot_work,
-    segment_work,
-    train_work,
-)
-from .streaming import messages_from_thread
 
 
 def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
@@ -88,11 +82,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     """One per server: holds the uploaded images, the device and the engine's worker threads."""
 
     def __init__(self, device: torch.device, store: ImageStore | None = None, workers: int = 2,
-                 models: ModelRegistry | None = None):
+                 models: ModelRegistry | None = None, cache: ResultCache | None = None):
         self.device = device
         self.store = store or ImageStore()
         self.models = models or ModelRegistry(device)
         self.trained_models: dict[str, TrainedModel] = {}
+        self.cache = cache
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinofeat-engine")
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -163,7 +158,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         except DinofeatError as error:
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
-        work = partial(feature_work, image, fset, options, self.models, encoding, wanted, self.device)
+        work = partial(feature_stream, self.cache, image, fset, options, self.models, encoding, wanted, self.device)
         async for message in self._stream(work, context):
             yield message
 

@@ -53,14 +53,10 @@ def dataset_messages(
     attributes: dict,
     key: str,
     blocks: Iterable[tuple[tuple[int, ...], np.ndarray]],
-    wanted: set[int] | None,
     cancelled: threading.Event,
     stage: str,
 ) -> Iterator[pb.DatasetStream]:
-    """Header, the chunks of `blocks` ((origin, samples) on chunk boundaries) that are `wanted`, trailer.
-
-    Every chunk is encoded, sent or not, because the trailer's checksum covers all of them.
-    """
+    """Header, every chunk of `blocks` ((origin, samples) on chunk boundaries), trailer."""
     yield header_message(layout, attributes, key)
     digests: dict[int, bytes] = {}
     for origin, block in blocks:
@@ -70,13 +66,20 @@ def dataset_messages(
         encoded = CHUNK_ENCODERS.map(lambda chunk: encode_chunk(chunk[2], layout), chunks)
         for (index, offset, _), data in zip(chunks, encoded):
             digests[index] = hashlib.sha256(data).digest()
-            if wanted is None or index in wanted:
-                yield pb.DatasetStream(chunk=pb.DatasetChunk(index=index, offset=offset, data=data))
+            yield pb.DatasetStream(chunk=pb.DatasetChunk(index=index, offset=offset, data=data))
         yield progress_message(stage, len(digests), layout.chunk_count)
     if len(digests) != layout.chunk_count:
         raise RuntimeError(f"the engine produced {len(digests)} of {layout.chunk_count} chunks")
     yield pb.DatasetStream(trailer=pb.DatasetTrailer(
         chunk_count=layout.chunk_count, sha256=stream_checksum([digests[i] for i in range(layout.chunk_count)])))
+
+
+def only_chunks(messages: Iterable[pb.DatasetStream], wanted: set[int] | None) -> Iterator[pb.DatasetStream]:
+    """Drop the chunks a resuming client already has (all chunks are still computed: the trailer's
+    checksum covers them all)."""
+    for message in messages:
+        if wanted is None or message.WhichOneof("message") != "chunk" or message.chunk.index in wanted:
+            yield message
 
 
 async def messages_from_thread(
@@ -105,8 +108,9 @@ async def messages_from_thread(
                     raise Cancelled() from None
 
     def run() -> None:
+        messages = work(cancelled)
         try:
-            for message in work(cancelled):
+            for message in messages:
                 hand_over(message)
             hand_over(finished)
         except Cancelled:
@@ -116,6 +120,8 @@ async def messages_from_thread(
                 hand_over(error)
             except Cancelled:
                 pass
+        finally:
+            messages.close()  # runs the work's own clean-up (partial cache entries, locks) at once
 
     loop.run_in_executor(executor, run)
     try:
