@@ -69,7 +69,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
         yield client
 
 
-def command_sets(args: argparse.Namespace) -> None:
+def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
     with connect(args) as client:
         for info in client.feature_sets():
             print(f"{info.name:<12} {info.channels_per_image_channel:>4} channels  {info.description}")
@@ -232,7 +232,7 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
     print(f"open it in ilastik (Pixel Classification); new images: dinofeat ilastik --batch {folder} IMAGE...")
 
 
-def command_score(args: argparse.Namespace) -> None:
+def command_score(args: argparse.Namespace, bars: ProgressBars) -> None:
     prediction, truth = read_image(args.prediction), read_image(args.truth)
     if prediction.shape != truth.shape:
         raise DinofeatError(f"the prediction has shape {prediction.shape} but the ground truth has {truth.shape}; they must match.")
@@ -256,7 +256,7 @@ def weights_map(entries: list[str]) -> dict[str, str]:
     return mapping
 
 
-def command_serve(args: argparse.Namespace) -> None:
+def command_serve(args: argparse.Namespace, bars: ProgressBars) -> None:
     try:
         from dinofeat_server.service.server import serve
     except ImportError:
@@ -313,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers")
+    commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers").set_defaults(run=command_sets)
 
     p = commands.add_parser("features", parents=[remote, deep], help="compute a feature stack and write it as HDF5")
+    p.set_defaults(run=command_features)
     p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
     p.add_argument("-o", "--output", required=True, help="the .h5 file to write")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     pictures.add_argument("--pictures", action="store_true", help="also write PNG pictures next to the outputs")
 
     p = commands.add_parser("segment", parents=[remote, deep, classifier, pictures], help="segment an image from sparse scribbles")
+    p.set_defaults(run=command_segment)
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
@@ -338,12 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
 
     p = commands.add_parser("train", parents=[remote, deep, classifier], help="train a classifier and save it as a model file")
+    p.set_defaults(run=command_train)
     p.add_argument("images", nargs="+", help="training images")
     p.add_argument("--labels", nargs="+", required=True, help="one label image per training image, same order")
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
     p = commands.add_parser("apply", parents=[remote, pictures], help="apply a saved model file to an image")
+    p.set_defaults(run=command_apply)
     p.add_argument("model", help="model file written by `dinofeat train`")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write")
@@ -352,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(device="auto", backbone=DEFAULT_BACKBONE, weights=None)
 
     p = commands.add_parser("cluster", parents=[remote, deep, pictures], help="k-means clusters of the features")
+    p.set_defaults(run=command_cluster)
     p.add_argument("image")
     p.add_argument("-k", "--clusters", type=int, required=True, help="number of clusters")
     p.add_argument("-o", "--output", required=True, help="label TIFF to write (labels 1..k)")
@@ -359,11 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     p = commands.add_parser("pca", parents=[remote, deep], help="3-component PCA picture of the features")
+    p.set_defaults(run=command_pca)
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="PNG picture to write")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
     p = commands.add_parser("fewshot", parents=[remote, deep, pictures], help="segment queries from support images and masks")
+    p.set_defaults(run=command_fewshot)
     p.add_argument("queries", nargs="+", help="query images")
     p.add_argument("--support", nargs="+", required=True, help="support image(s)")
     p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
@@ -374,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-components", action="store_true", help="keep every predicted component, not only the most confident")
 
     p = commands.add_parser("ilastik", parents=[remote, deep], help="feature files and a ready-to-open ilastik project")
+    p.set_defaults(run=command_ilastik)
     p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
     p.add_argument("-o", "--output", required=True, help="project folder (created if missing)")
     p.add_argument("--set", default="hybrid", help="feature set (default hybrid)")
@@ -384,10 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", action="store_true", help="add feature files for new images to an existing project folder")
 
     p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
+    p.set_defaults(run=command_score)
     p.add_argument("prediction")
     p.add_argument("truth")
 
     p = commands.add_parser("serve", help="run a feature server")
+    p.set_defaults(run=command_serve)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=50051, help="port (default 50051)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -402,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-gb", type=float, default=8.0, help="disk budget of the result cache in GB; 0 turns it off (default 8)")
 
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
+    p.set_defaults(run=command_demo)
     p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
     return parser
@@ -411,30 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bars = ProgressBars(enabled=not getattr(args, "quiet", False) and sys.stderr.isatty())
     try:
-        if args.command == "sets":
-            command_sets(args)
-        elif args.command == "features":
-            command_features(args, bars)
-        elif args.command == "segment":
-            command_segment(args, bars)
-        elif args.command == "train":
-            command_train(args, bars)
-        elif args.command == "apply":
-            command_apply(args, bars)
-        elif args.command == "cluster":
-            command_cluster(args, bars)
-        elif args.command == "pca":
-            command_pca(args, bars)
-        elif args.command == "fewshot":
-            command_fewshot(args, bars)
-        elif args.command == "score":
-            command_score(args)
-        elif args.command == "ilastik":
-            command_ilastik(args, bars)
-        elif args.command == "serve":
-            command_serve(args)
-        elif args.command == "demo":
-            command_demo(args, bars)
+        args.run(args, bars)
     except DinofeatError as error:
         bars.close()
         print(f"dinofeat: error: {error}", file=sys.stderr)
