@@ -94,3 +94,40 @@ def test_non_loopback_needs_both_token_and_tls(pki, tmp_path):
     (tmp_path / "empty").write_text("# nothing\n")
     empty = dinofeat("serve", "--port", str(free_port()), "--token-file", str(tmp_path / "empty"))
     assert empty.returncode == 1 and "holds no token" in empty.stderr
+
+
+def test_standard_health_service_answers_serving(server_address):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server_address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "dinofeat.v1.FeatureService"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_status_shows_loaded_models_and_finished_requests(deep_server_address, tmp_path):
+    image = (np.random.default_rng(3).random((40, 40)) * 255).astype(np.uint8)
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(image, tmp_path / "d.h5", "dinov2", preset="fast")
+        status = client.status()
+    assert "dinov2_vits14" in status.loaded_models and status.finished >= 1 and status.running == 0
+    assert status.device == "cpu" and status.images_held >= 1
+    printed = dinofeat("status", "--server", deep_server_address)
+    assert printed.returncode == 0 and "loaded models     dinov2_vits14" in printed.stdout
+
+
+def test_every_streaming_call_leaves_one_json_log_line(caplog, tmp_path):
+    import json
+    import logging
+
+    from dinofeat_server.service.server import EmbeddedServer
+
+    image = (np.random.default_rng(4).random((30, 30)) * 255).astype(np.uint8)
+    with caplog.at_level(logging.INFO, logger="dinofeat.requests"):
+        with EmbeddedServer("cpu") as address, FeatureClient(address, token=None) as client:
+            client.fetch_features(image, tmp_path / "f.h5")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dinofeat.requests"]
+    assert len(lines) == 1 and lines[0]["method"] == "feature_stream" and lines[0]["outcome"] == "ok"
+    assert lines[0]["bytes"] > 0 and lines[0]["peer"].startswith("ipv")

@@ -75,6 +75,20 @@ def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
             print(f"{info.name:<12} {info.channels_per_image_channel:>4} channels  {info.description}")
 
 
+def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
+    with connect(args) as client:
+        status = client.status()
+    memory = (f"{status.device_memory_allocated_bytes / 1e9:.2f} of {status.device_memory_total_bytes / 1e9:.1f} GB"
+              if status.device_memory_total_bytes else "n/a (CPU)")
+    cache = (f"{status.cache_bytes / 1e9:.2f} of {status.cache_budget_bytes / 1e9:.1f} GB" if status.cache_budget_bytes else "off")
+    print(f"dinofeat server {status.version} on {status.device}\n"
+          f"  running requests  {status.running} (finished {status.finished})\n"
+          f"  loaded models     {', '.join(status.loaded_models) or 'none'}\n"
+          f"  device memory     {memory}\n"
+          f"  result cache      {cache}\n"
+          f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB)")
+
+
 def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     check_output_path(args.output)
@@ -314,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers").set_defaults(run=command_sets)
+    commands.add_parser("status", parents=[remote], help="what a server is doing: requests, models, memory, cache").set_defaults(
+        run=command_status)
 
     p = commands.add_parser("features", parents=[remote, deep], help="compute a feature stack and write it as HDF5")
     p.set_defaults(run=command_features)

@@ -113,6 +113,9 @@ class FeatureClient:
     def health(self) -> pb.HealthReply:
         return self.call(self.stub.Health, pb.HealthRequest())
 
+    def status(self) -> pb.StatusReply:
+        return self.call(self.stub.Status, pb.StatusRequest())
+
     def feature_sets(self) -> list[pb.FeatureSetInfo]:
         return list(self.call(self.stub.ListFeatureSets, pb.ListFeatureSetsRequest()).feature_sets)
 

@@ -6,6 +6,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_HELD_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    device: str
+    running: int
+    finished: int
+    loaded_models: _containers.RepeatedScalarFieldContainer[str]
+    device_memory_allocated_bytes: int
+    device_memory_total_bytes: int
+    cache_bytes: int
+    cache_budget_bytes: int
+    images_held: int
+    image_bytes: int
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -94,6 +94,11 @@ class FeatureServiceStub:
                 request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.FewShotRequest.SerializeToString,
                 response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/dinofeat.v1.FeatureService/Status',
+                request_serializer=dinofeat_dot_v1_dot_feature__service__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -182,6 +187,13 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """What the server is doing: running work, loaded models, device memory, cache and image store use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +256,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.FewShot,
                     request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.FewShotRequest.FromString,
                     response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=dinofeat_dot_v1_dot_feature__service__pb2.StatusRequest.FromString,
+                    response_serializer=dinofeat_dot_v1_dot_feature__service__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +587,33 @@ class FeatureService:
             '/dinofeat.v1.FeatureService/FewShot',
             dinofeat_dot_v1_dot_feature__service__pb2.FewShotRequest.SerializeToString,
             dinofeat_dot_v1_dot_feature__service__pb2.DatasetStream.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dinofeat.v1.FeatureService/Status',
+            dinofeat_dot_v1_dot_feature__service__pb2.StatusRequest.SerializeToString,
+            dinofeat_dot_v1_dot_feature__service__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

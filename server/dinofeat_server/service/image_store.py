@@ -62,6 +62,14 @@ class ImageStore:
                 self._images.move_to_end(sha256)
             return image
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._images)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._images.values())
+
     def __contains__(self, sha256: str) -> bool:
         with self._lock:
             return sha256 in self._images

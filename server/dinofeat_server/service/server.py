@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import signal
 import socket
 import threading
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.tokens import read_tokens
@@ -25,6 +27,14 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port in use must be an error, not silently shared
     ("grpc.max_receive_message_length", 8 << 20),
 ]
+
+
+async def serving_health() -> health.aio.HealthServicer:
+    """The standard gRPC health service, reporting the server and FeatureService as SERVING."""
+    servicer = health.aio.HealthServicer()
+    for name in ("", "dinofeat.v1.FeatureService"):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -72,6 +82,7 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     servicer = FeatureServicer(chosen, models=ModelRegistry(chosen, weights), cache=cache)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(await serving_health(), server)
     try:
         address = f"{host}:{port}"
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -91,6 +102,7 @@ def serve(host: str, port: int, device: str = "auto", insecure: bool = False, we
     `security`: token_file, tls_cert, tls_key, tls_client_ca, cache_dir, cache_bytes (see start_server)."""
 
     async def main() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         server, bound, servicer = await start_server(host, port, device, insecure, weights, **security)
         protection = ", ".join(p for p, on in (("TLS", security.get("tls_cert")), ("tokens", security.get("token_file")),
                                                ("result cache", servicer.cache)) if on)

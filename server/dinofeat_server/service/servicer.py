@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -30,6 +34,8 @@ from .models import ModelRegistry
 from .result_cache import ResultCache
 from .streaming import messages_from_thread
 
+REQUEST_LOG = logging.getLogger("dinofeat.requests")
+"""One JSON line per streaming call; no tokens or image contents ever go into it."""
 MAX_MODEL_BYTES = 512 << 20
 MAX_MODELS = 32
 
@@ -88,18 +94,39 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.models = models or ModelRegistry(device)
         self.trained_models: dict[str, TrainedModel] = {}
         self.cache = cache
+        self.running = self.finished = 0
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinofeat-engine")
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     async def _stream(self, work, context):
-        """Relay the work's messages; bad input found while working ends the call as INVALID_ARGUMENT."""
+        """Relay the work's messages; bad input found while working ends the call as INVALID_ARGUMENT.
+
+        Every call leaves one structured log line: peer, method, seconds, bytes sent, outcome."""
+        started, sent, outcome = time.perf_counter(), 0, "ok"
+        self.running += 1
         try:
             async for message in messages_from_thread(work, self.executor):
+                if message.WhichOneof("message") == "chunk":
+                    sent += len(message.chunk.data)
+                elif message.WhichOneof("message") == "model_piece":
+                    sent += len(message.model_piece)
                 yield message
         except DinofeatError as error:
+            outcome = "invalid_argument"
             await self._fail(context, error)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            self.running -= 1
+            self.finished += 1
+            REQUEST_LOG.info(json.dumps({"peer": context.peer(), "method": getattr(work, "func", work).__name__,
+                                         "seconds": round(time.perf_counter() - started, 3), "bytes": sent, "outcome": outcome}))
 
     def _image(self, sha256: str, what: str = "image") -> np.ndarray:
         image = self.store.get(sha256)
@@ -118,6 +145,17 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             pb.FeatureSetInfo(name=f.name, description=f.description, channels_per_image_channel=len(f.channel_names(1)))
             for f in FEATURE_SETS.values()
         ])
+
+    async def Status(self, request, context):
+        allocated = total = 0
+        if self.device.type == "cuda":
+            allocated = torch.cuda.memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        return pb.StatusReply(
+            version=__version__, device=str(self.device), running=self.running, finished=self.finished,
+            loaded_models=self.models.loaded(), device_memory_allocated_bytes=allocated, device_memory_total_bytes=total,
+            cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
+            images_held=len(self.store), image_bytes=self.store.used_bytes())
 
     async def HasImage(self, request, context):
         return pb.HasImageReply(present=request.sha256 in self.store)
