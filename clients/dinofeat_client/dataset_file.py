@@ -39,6 +39,11 @@ def write_attributes(target: h5py.AttributeManager, attributes: dict) -> None:
             target[key] = value
 
 
+def stored_layout(dataset: h5py.Dataset) -> DatasetLayout:
+    """The chunk grid of a dataset on disk (filters do not matter for chunk numbering)."""
+    return DatasetLayout(dataset.name, dataset.dtype.name, dataset.shape, dataset.chunks)
+
+
 class DatasetFile:
     """An HDF5 file being filled from a dataset stream (`header`, chunks, then `finish`)."""
 
@@ -59,12 +64,9 @@ class DatasetFile:
                 if f.attrs.get(RESULT_KEY_ATTRIBUTE) != self.key or len(f.keys()) != 1:
                     return None
                 dataset = f[next(iter(f.keys()))]
-                grid = [int(np.ceil(n / c)) for n, c in zip(dataset.shape, dataset.chunks)]
-                present = {
-                    int(np.ravel_multi_index(tuple(o // c for o, c in zip(info.chunk_offset, dataset.chunks)), grid))
-                    for info in (dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks()))
-                }
-                return sorted(set(range(int(np.prod(grid)))) - present)
+                layout = stored_layout(dataset)
+                present = {layout.chunk_index(dataset.id.get_chunk_info(i).chunk_offset) for i in range(dataset.id.get_num_chunks())}
+                return sorted(set(range(layout.chunk_count)) - present)
         except (OSError, KeyError, ValueError):
             return None  # unreadable leftovers of a killed writer: start again
 
@@ -100,10 +102,10 @@ class DatasetFile:
         if stored != chunk_count:
             self.close()
             raise DinofeatError(f"the stream ended with {stored} of {chunk_count} chunks; run the same command again to resume.")
-        grid = [int(np.ceil(n / c)) for n, c in zip(dataset.shape, dataset.chunks)]
+        layout = stored_layout(dataset)
         digests = []
         for index in range(chunk_count):
-            offset = tuple(int(p) * c for p, c in zip(np.unravel_index(index, grid), dataset.chunks))
+            offset = layout.chunk_offset(index)
             digest = self.digests.get(offset)
             if digest is None:
                 digest = hashlib.sha256(dataset.id.read_direct_chunk(offset)[1]).digest()
