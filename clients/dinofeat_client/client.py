@@ -23,6 +23,7 @@ from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from .dataset_file import DatasetFile
 from .errors import DinofeatError
 from .images import atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
+from .tokens import read_credential
 from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
                    features_result_key, options_key, result_key, segment_result_key)
 
@@ -63,13 +64,6 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         return continuation(self._with_token(details), request_iterator)
 
 
-def read_client_file(path: str | Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise DinofeatError(f"cannot read the {what} {path} ({error.strerror}).") from None
-
-
 class FeatureClient:
     """A connection to one dinofeat server; `token` and the TLS files are needed by protected servers."""
 
@@ -78,9 +72,9 @@ class FeatureClient:
         self.address = address
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=read_client_file(tls_ca, "CA certificate") if tls_ca else None,
-                private_key=read_client_file(tls_key, "TLS key") if tls_key else None,
-                certificate_chain=read_client_file(tls_cert, "TLS certificate") if tls_cert else None)
+                root_certificates=read_credential(tls_ca, "CA certificate") if tls_ca else None,
+                private_key=read_credential(tls_key, "TLS key") if tls_key else None,
+                certificate_chain=read_credential(tls_cert, "TLS certificate") if tls_cert else None)
             self.channel = grpc.secure_channel(address, credentials)
         else:
             self.channel = grpc.insecure_channel(address)

@@ -64,9 +64,14 @@ def check_image(image: np.ndarray, name: str = "the image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def spatial_shape(image: np.ndarray) -> tuple[int, ...]:
+    """(Y, X) or (Z, Y, X): the image's shape without its colour axis (what a label image must match)."""
+    return image.shape[:-1] if image_axes(image).endswith("c") else image.shape
+
+
 def check_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
     """Labels: integers, one value per pixel of the image, 0 unlabelled, at least two other values."""
-    spatial = image.shape[:-1] if image_axes(image).endswith("c") else image.shape
+    spatial = spatial_shape(image)
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and labels.shape[:2] == spatial:
         raise DinofeatError("the label image is RGB; save the labels as a single-channel image of class values.")
     if labels.shape != spatial:

@@ -1,10 +1,19 @@
-"""Access-token files: one token per line, blank lines and # comments ignored (server and client alike)."""
+"""Credential files, read the same way by server and client: access tokens (one per line, blank
+lines and # comments ignored) and TLS certificates and keys."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .errors import DinofeatError
+
+
+def read_credential(path: str | Path, what: str) -> bytes:
+    """The bytes of a certificate or key file, or one sentence saying why they cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise DinofeatError(f"cannot read the {what} {path} ({error.strerror}).") from None
 
 
 def read_tokens(path: str | Path) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client import __version__
-from dinofeat_client.images import image_axes, image_sha256
+from dinofeat_client.images import image_axes, image_sha256, spatial_shape
 from dinofeat_client.wire import (
     MAX_MESSAGE_BYTES,
     apply_result_key,
@@ -68,9 +68,7 @@ def slices_of(image: np.ndarray) -> list[np.ndarray]:
 
 def stack_shape(channels: int, image: np.ndarray) -> tuple[int, ...]:
     """(C, Y, X) for a 2-D image, (C, Z, Y, X) for a stack."""
-    axes = image_axes(image)
-    spatial = [image.shape[axes.index(a)] for a in axes if a != "c"]
-    return (channels, *spatial)
+    return (channels, *spatial_shape(image))
 
 
 ANALYSES = ("kmeans", "pca", "foreground")

@@ -7,25 +7,18 @@ Tokens come from a file, one per line (blank lines and # comments ignored); a re
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
 
 import grpc
-from dinofeat_client.errors import DinofeatError
+
+from dinofeat_client.tokens import read_credential
 
 REFUSAL = "missing or wrong token; pass --token-file (or set DINOFEAT_TOKEN) with a token this server accepts."
 
 
-def read_file(path: str | Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise DinofeatError(f"cannot read the {what} {path} ({error.strerror}).") from None
-
-
 def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
     """TLS with the server's certificate and key; with a client CA, clients must present certificates it signed."""
-    return grpc.ssl_server_credentials([(read_file(key, "TLS key"), read_file(cert, "TLS certificate"))],
-                                       root_certificates=read_file(client_ca, "client CA") if client_ca else None,
+    return grpc.ssl_server_credentials([(read_credential(key, "TLS key"), read_credential(cert, "TLS certificate"))],
+                                       root_certificates=read_credential(client_ca, "client CA") if client_ca else None,
                                        require_client_auth=bool(client_ca))
 
 

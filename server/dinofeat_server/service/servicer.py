@@ -18,7 +18,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_labels, image_axes
+from dinofeat_client.images import check_labels, spatial_shape
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
 
 from ..engine.deep import preset
@@ -65,7 +65,7 @@ def checked_classifier(kind: str, trees: int) -> str:
 
 def check_mask(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
     """A support mask: one value per pixel of its image, some of it non-zero."""
-    spatial = image.shape[:-1] if image_axes(image).endswith("c") else image.shape
+    spatial = spatial_shape(image)
     if mask.shape != spatial:
         raise DinofeatError(f"the support mask has shape {mask.shape} but its image has {spatial}; they must match pixel for pixel.")
     if not mask.any():
