@@ -153,6 +153,15 @@ def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     report_segmentation(args, image, output, probabilities)
 
 
+def take_dataset(path: Path, name: str) -> np.ndarray:
+    """Read a whole dataset from a temporary result file, then remove the file."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f[name][()]
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     check_output_path(args.output)
@@ -161,11 +170,7 @@ def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
         path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", args.set, args.clusters, args.seed,
                               progress=bars, **deep_options(args))
     bars.close()
-    try:
-        with h5py.File(path, "r") as f:
-            labels = f["labels"][0]
-    finally:
-        path.unlink(missing_ok=True)
+    labels = take_dataset(path, "labels")[0]
     written = [write_tiff(Path(args.output), labels)]
     if args.pictures and labels.ndim == 2:
         written.append(write_png(Path(args.output).with_suffix(".overlay.png"), class_overlay(image, labels)))
@@ -179,11 +184,7 @@ def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
     with connect(args) as client:
         path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", args.set, progress=bars, **deep_options(args))
     bars.close()
-    try:
-        with h5py.File(path, "r") as f:
-            picture = np.moveaxis(f["picture"][()], 0, -1)
-    finally:
-        path.unlink(missing_ok=True)
+    picture = np.moveaxis(take_dataset(path, "picture"), 0, -1)
     if picture.ndim == 4:  # a stack: one RGB picture per slice, as a TIFF
         print(f"wrote {write_tiff(Path(args.output).with_suffix('.tif'), picture)}")
         return
@@ -203,11 +204,7 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
         for path, query in queries:
             result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", args.set, args.window, args.grid,
                                      args.all_components, progress=bars, **deep_options(args))
-            try:
-                with h5py.File(result, "r") as f:
-                    mask = (f["fewshot"][0] > 0.5).astype(np.uint8) * 255
-            finally:
-                result.unlink(missing_ok=True)
+            mask = (take_dataset(result, "fewshot")[0] > 0.5).astype(np.uint8) * 255
             written = [write_tiff(folder / f"{path.stem}_mask.tif", mask)]
             if args.pictures and mask.ndim == 2:
                 written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(query, mask)))
