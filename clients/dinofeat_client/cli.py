@@ -56,7 +56,8 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
             raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
                                 "give the weights to that server (dinofeat serve --weights ...).")
         token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
-        with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+        with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           retries=args.retries, notify=lambda message: print(message, file=sys.stderr)) as client:
             yield client
         return
     try:
@@ -82,7 +83,8 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
               if status.device_memory_total_bytes else "n/a (CPU)")
     cache = (f"{status.cache_bytes / 1e9:.2f} of {status.cache_budget_bytes / 1e9:.1f} GB" if status.cache_budget_bytes else "off")
     print(f"dinofeat server {status.version} on {status.device}\n"
-          f"  running requests  {status.running} (finished {status.finished})\n"
+          f"  requests          {status.running} running on {status.workers} workers, {status.queued} waiting "
+          f"(queue {status.queue_length}); {status.finished} finished, {status.cancelled} cancelled, {status.refused} refused\n"
           f"  loaded models     {', '.join(status.loaded_models) or 'none'}\n"
           f"  device memory     {memory}\n"
           f"  result cache      {cache}\n"
@@ -269,12 +271,25 @@ def weights_map(entries: list[str]) -> dict[str, str]:
 
 def command_serve(args: argparse.Namespace, bars: ProgressBars) -> None:
     try:
+        from dinofeat_server.service.config import serve_settings
         from dinofeat_server.service.server import serve
     except ImportError:
         raise DinofeatError("serving needs the server part; install dinofeat[server].") from None
-    serve(args.host, args.port, args.device, args.insecure, weights_map(args.weights), token_file=args.token_file,
-          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, cache_dir=args.cache_dir,
-          cache_bytes=int(args.cache_gb * 1e9))
+    given = vars(args)
+    flags = {key: given[key] for key in SERVE_FLAGS}
+    flags["weights"] = weights_map(args.weights) if args.weights else None
+    flags["insecure"] = True if args.insecure else None
+    settings, limits = serve_settings(args.config, flags, {key: given[key] for key in LIMIT_FLAGS})
+    serve(settings, limits)
+
+
+SERVE_FLAGS = ("host", "port", "device", "token_file", "tls_cert", "tls_key", "tls_client_ca", "cache_dir", "cache_gb")
+LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_channels": (int, "feature channels per result"),
+               "max_upload_mb": (float, "size of one uploaded image in MiB"),
+               "max_streams_per_client": (int, "concurrent requests of one client"),
+               "queue_length": (int, "requests waiting for a worker before new ones are refused"),
+               "workers": (int, "requests computed at once"), "max_request_seconds": (float, "longest a request may run"),
+               "image_store_gb": (float, "memory for uploaded images")}
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -315,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--tls-ca", help="CA certificate that signed the server's TLS certificate (turns TLS on)")
     remote.add_argument("--tls-cert", help="client certificate, for servers that require one")
     remote.add_argument("--tls-key", help="client certificate's key")
+    remote.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="times to try again when the server is unavailable, pausing 0.5 s, 1 s, 2 s, ... (default 5)")
     deep = argparse.ArgumentParser(add_help=False)
     deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
     deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
@@ -411,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="run a feature server")
     p.set_defaults(run=command_serve)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=50051, help="port (default 50051)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--config", help="server configuration (TOML with [server] and [limits]); flags override it")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="port (default 50051)")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without token or TLS")
     p.add_argument("--weights", action="append", default=[], metavar="[BACKBONE=]PATH",
                    help="local weights for a backbone (repeatable); a bare PATH serves any backbone")
@@ -422,7 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="server TLS key (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--cache-dir", help="where recent feature results are kept (default: ~/.cache/dinofeat/results)")
-    p.add_argument("--cache-gb", type=float, default=8.0, help="disk budget of the result cache in GB; 0 turns it off (default 8)")
+    p.add_argument("--cache-gb", type=float, help="disk budget of the result cache in GB; 0 turns it off (default 8)")
+    limits = p.add_argument_group("limits", "override the config file's [limits]; the README lists the defaults")
+    for name, (kind, meaning) in LIMIT_FLAGS.items():
+        limits.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help=meaning)
 
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.set_defaults(run=command_demo)

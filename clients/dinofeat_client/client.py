@@ -8,8 +8,13 @@ Progress is reported through an optional callback `progress(stage, done, total)`
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
+import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
 from .dataset_file import DatasetFile
-from .errors import DinofeatError
+from .errors import DinofeatError, ServerUnavailable
 from .images import atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
 from .tokens import read_credential
 from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
@@ -29,6 +34,37 @@ from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_
 
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0
+RETRIES = 5
+FIRST_BACKOFF_S = 0.5
+LONGEST_BACKOFF_S = 8.0
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+"""Reconnect quickly to a restarted server; the client's own retries pace the attempts."""
+
+
+def retried(method):
+    """Run a client operation again, after a growing pause, when the server was unavailable.
+
+    A feature stream starts again where it broke (its partial file keeps what arrived); nested
+    operations (an upload inside a fetch) are retried only by the outermost one."""
+    @functools.wraps(method)
+    def run(self: FeatureClient, *args, **kwargs):
+        if getattr(self._retrying, "active", False):
+            return method(self, *args, **kwargs)
+        self._retrying.active = True
+        try:
+            for attempt in itertools.count():
+                try:
+                    return method(self, *args, **kwargs)
+                except ServerUnavailable:
+                    if attempt >= self.retries:
+                        raise
+                    pause = min(FIRST_BACKOFF_S * 2**attempt, LONGEST_BACKOFF_S) * random.uniform(0.8, 1.2)
+                    self.notify(f"the server at {self.address} is unavailable; trying again in {pause:.1f} s "
+                                f"(retry {attempt + 1} of {self.retries}).")
+                    time.sleep(pause)
+        finally:
+            self._retrying.active = False
+    return run
 
 
 @dataclass(frozen=True)
@@ -65,19 +101,26 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
 
 class FeatureClient:
-    """A connection to one dinofeat server; `token` and the TLS files are needed by protected servers."""
+    """A connection to one dinofeat server; `token` and the TLS files are needed by protected servers.
+
+    Operations are tried again up to `retries` times when the server is unavailable (restarting,
+    network trouble), with pauses doubling from 0.5 s to 8 s; `notify` hears about each retry."""
 
     def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S, token: str | None = None,
-                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None):
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 retries: int = RETRIES, notify: Callable[[str], None] = lambda message: None):
         self.address = address
+        self.retries = retries
+        self.notify = notify
+        self._retrying = threading.local()
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=read_credential(tls_ca, "CA certificate") if tls_ca else None,
                 private_key=read_credential(tls_key, "TLS key") if tls_key else None,
                 certificate_chain=read_credential(tls_cert, "TLS certificate") if tls_cert else None)
-            self.channel = grpc.secure_channel(address, credentials)
+            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.insecure_channel(address)
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
@@ -104,15 +147,19 @@ class FeatureClient:
         except grpc.RpcError as error:
             raise rpc_error(error, self.address) from None
 
+    @retried
     def health(self) -> pb.HealthReply:
         return self.call(self.stub.Health, pb.HealthRequest())
 
+    @retried
     def status(self) -> pb.StatusReply:
         return self.call(self.stub.Status, pb.StatusRequest())
 
+    @retried
     def feature_sets(self) -> list[pb.FeatureSetInfo]:
         return list(self.call(self.stub.ListFeatureSets, pb.ListFeatureSetsRequest()).feature_sets)
 
+    @retried
     def upload(self, image: np.ndarray) -> str:
         """Send an image unless the server holds it already; returns its sha256."""
         sha = image_sha256(image)
@@ -129,6 +176,7 @@ class FeatureClient:
         self.call(self.stub.UploadImage, pieces())
         return sha
 
+    @retried
     def fetch_features(self, image: np.ndarray, output: str | Path, feature_set: str = "classical",
                        compression: str = "gzip", level: int = DEFAULT_LEVEL, progress: Progress | None = None,
                        backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0,
@@ -148,6 +196,7 @@ class FeatureClient:
             options=options, resume=missing is not None, chunk_indices=missing or [])
         return self.receive(self.stub.ComputeFeatures(request), target, missing is not None, progress)
 
+    @retried
     def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "classical",
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
@@ -180,6 +229,7 @@ class FeatureClient:
                 transfer.path.unlink(missing_ok=True)
         return output, (transfer.path if probabilities else None)
 
+    @retried
     def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path, feature_set: str = "classical",
               classifier: str = "random_forest", trees: int = 0, seed: int = 0, progress: Progress | None = None,
               backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0, normalise: str = "none") -> pb.ModelSummary:
@@ -209,6 +259,7 @@ class FeatureClient:
         atomic_write(output, lambda tmp: tmp.write_bytes(data))
         return summary
 
+    @retried
     def upload_model(self, path: str | Path) -> str:
         """Send a model file unless the server holds it already; returns its sha256."""
         path = Path(path)
@@ -221,6 +272,7 @@ class FeatureClient:
             self.call(self.stub.UploadModel, pieces)
         return sha
 
+    @retried
     def apply(self, model: str | Path, image: np.ndarray, output: str | Path, probabilities: str | Path | None = None,
               feature_set: str = "", progress: Progress | None = None) -> tuple[Path, Path | None]:
         """Apply a saved model file to an image: class map TIFF (and probabilities .h5 on request)."""
@@ -233,6 +285,7 @@ class FeatureClient:
         transfer = self.receive(self.stub.Apply(request), DatasetFile(probabilities_path, key), False, progress)
         return self.write_class_map(transfer, output, np.dtype(np.uint16), probabilities)
 
+    @retried
     def analyse(self, image: np.ndarray, analysis: str, output: str | Path, feature_set: str = "classical", clusters: int = 0,
                 seed: int = 0, progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
                 pca: int = 0, normalise: str = "none") -> Path:
@@ -244,6 +297,7 @@ class FeatureClient:
         key = result_key(analysis, request.image_sha256, feature_set, options_key(backbone, preset, pca, normalise), clusters, seed)
         return self.receive(self.stub.Analyse(request), DatasetFile(output, key), False, progress).path
 
+    @retried
     def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
                  feature_set: str = "dinov2", window: int = 0, grid: int = 0, all_components: bool = False,
                  progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
@@ -309,7 +363,7 @@ def rpc_error(error: grpc.RpcError, address: str) -> DinofeatError:
     """One sentence for a failed call: the server's own message for bad input, else what happened."""
     code = error.code()
     if code == grpc.StatusCode.UNAVAILABLE:
-        return DinofeatError(f"lost the connection to the dinofeat server at {address}; run the same command again to resume.")
+        return ServerUnavailable(f"lost the connection to the dinofeat server at {address}; run the same command again to resume.")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return DinofeatError(f"the server at {address} refused the request: {error.details()}")
     if code == grpc.StatusCode.CANCELLED:

@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes")
+    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes", "queued", "queue_length", "workers", "cancelled", "refused")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,11 @@ class StatusReply(_message.Message):
     CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMAGES_HELD_FIELD_NUMBER: _ClassVar[int]
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     running: int
@@ -34,7 +39,12 @@ class StatusReply(_message.Message):
     cache_budget_bytes: int
     images_held: int
     image_bytes: int
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
+    queued: int
+    queue_length: int
+    workers: int
+    cancelled: int
+    refused: int
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., queue_length: _Optional[int] = ..., workers: _Optional[int] = ..., cancelled: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -18,6 +18,7 @@ from dinofeat_client.errors import DinofeatError
 from dinofeat_client.tokens import read_tokens
 
 from ..engine.weights import cache_dir as cache_root
+from .config import ServerLimits
 from .models import ModelRegistry
 from .result_cache import ResultCache
 from .security import TokenAuthentication, server_credentials
@@ -61,12 +62,12 @@ def is_loopback(host: str) -> bool:
 async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", insecure: bool = False,
                        weights: dict[str, str] | None = None, token_file: str | None = None, tls_cert: str | None = None,
                        tls_key: str | None = None, tls_client_ca: str | None = None, cache_dir: str | None = None,
-                       cache_bytes: int = 0) -> tuple[grpc.aio.Server, int, FeatureServicer]:
+                       cache_gb: float = 0, limits: ServerLimits = ServerLimits()) -> tuple[grpc.aio.Server, int, FeatureServicer]:
     """Bind and start a server; returns it with the bound port (a free one when `port` is 0).
 
     `weights` maps backbone names (or "*" for any) to local weight files. Beyond loopback the server
     needs a token file and a TLS certificate and key, unless `insecure` says otherwise. With
-    `cache_bytes` > 0, feature results are kept in `cache_dir` (default: the dinofeat cache's results/)."""
+    `cache_gb` > 0, feature results are kept in `cache_dir` (default: the dinofeat cache's results/)."""
     if bool(tls_cert) != bool(tls_key):
         raise DinofeatError("TLS needs both --tls-cert and --tls-key.")
     if tls_client_ca and not tls_cert:
@@ -78,8 +79,8 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     credentials = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     check_bindable(host, port)
     chosen = pick_device(device)
-    cache = ResultCache(cache_dir or cache_root() / "results", cache_bytes) if cache_bytes > 0 else None
-    servicer = FeatureServicer(chosen, models=ModelRegistry(chosen, weights), cache=cache)
+    cache = ResultCache(cache_dir or cache_root() / "results", int(cache_gb * 1e9)) if cache_gb > 0 else None
+    servicer = FeatureServicer(chosen, limits, models=ModelRegistry(chosen, weights), cache=cache)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(await serving_health(), server)
@@ -95,19 +96,19 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     return server, bound, servicer
 
 
-def serve(host: str, port: int, device: str = "auto", insecure: bool = False, weights: dict[str, str] | None = None,
-          announce=print, **security: str | None) -> None:
+def serve(settings: dict, limits: ServerLimits = ServerLimits(), announce=print) -> None:
     """Run a server until SIGINT/SIGTERM, then stop it gracefully (running streams get 5 s).
 
-    `security`: token_file, tls_cert, tls_key, tls_client_ca, cache_dir, cache_bytes (see start_server)."""
+    `settings`: start_server's keyword arguments (host, port, device, insecure, weights, token_file,
+    tls_cert, tls_key, tls_client_ca, cache_dir, cache_gb), as read by config.serve_settings."""
 
     async def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        server, bound, servicer = await start_server(host, port, device, insecure, weights, **security)
-        protection = ", ".join(p for p, on in (("TLS", security.get("tls_cert")), ("tokens", security.get("token_file")),
+        server, bound, servicer = await start_server(**settings, limits=limits)
+        protection = ", ".join(p for p, on in (("TLS", settings.get("tls_cert")), ("tokens", settings.get("token_file")),
                                                ("result cache", servicer.cache)) if on)
-        announce(f"dinofeat server listening on {host}:{bound} (device {servicer.device}"
-                 f"{'; ' + protection if protection else ''}); Ctrl+C stops it.")
+        announce(f"dinofeat server listening on {settings.get('host', '127.0.0.1')}:{bound} (device {servicer.device}; "
+                 f"{limits.workers} workers, queue {limits.queue_length}{'; ' + protection if protection else ''}); Ctrl+C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

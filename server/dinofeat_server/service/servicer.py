@@ -18,7 +18,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_labels, spatial_shape
+from dinofeat_client.images import check_labels, image_axes, spatial_shape
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
 
 from ..engine.deep import preset
@@ -28,10 +28,12 @@ from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW
 from ..segment.model_file import TrainedModel, model_from_bytes
+from .config import ServerLimits
 from .image_store import ImageStore, check_layout, image_from_bytes
 from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
 from .models import ModelRegistry
 from .result_cache import ResultCache
+from .scheduler import FairScheduler, QueueFull
 from .streaming import messages_from_thread
 
 REQUEST_LOG = logging.getLogger("dinofeat.requests")
@@ -52,6 +54,23 @@ def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
     if not 0 <= chosen.pca <= 1024:
         raise DinofeatError(f"the PCA size must be between 0 (no PCA) and 1024, not {chosen.pca}.")
     return chosen
+
+
+def check_channels(fset: FeatureSet, options: FeatureOptions, images: list[np.ndarray], limit: int) -> None:
+    """Refuse a result with more feature channels than the server allows (known before any work)."""
+    for image in images:
+        channels = len(fset.channel_names(3 if image_axes(image).endswith("c") else 1, options))
+        if channels > limit:
+            raise DinofeatError(f"the {fset.name} set gives {channels} channels here, more than this server's limit of {limit}; "
+                                "ask for fewer with --pca.")
+
+
+def client_of(context: grpc.aio.ServicerContext) -> str:
+    """Who a request belongs to, for fair queueing: its token (hashed) when it has one, else its connection."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return "token:" + hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()[:16]
+    return context.peer()
 
 
 def checked_classifier(kind: str, trees: int) -> str:
@@ -87,46 +106,66 @@ def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
 class FeatureServicer(pb_grpc.FeatureServiceServicer):
     """One per server: holds the uploaded images, the device and the engine's worker threads."""
 
-    def __init__(self, device: torch.device, store: ImageStore | None = None, workers: int = 2,
-                 models: ModelRegistry | None = None, cache: ResultCache | None = None):
+    def __init__(self, device: torch.device, limits: ServerLimits = ServerLimits(), models: ModelRegistry | None = None,
+                 cache: ResultCache | None = None):
         self.device = device
-        self.store = store or ImageStore()
+        self.limits = limits
+        self.store = ImageStore(int(limits.image_store_gb * 1e9))
         self.models = models or ModelRegistry(device)
         self.trained_models: dict[str, TrainedModel] = {}
         self.cache = cache
-        self.running = self.finished = 0
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinofeat-engine")
+        self.finished = self.cancelled = self.refused = 0
+        self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client)
+        self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dinofeat-engine")
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
-    async def _stream(self, work, context):
-        """Relay the work's messages; bad input found while working ends the call as INVALID_ARGUMENT.
+    def _seconds_allowed(self, context: grpc.aio.ServicerContext) -> float:
+        """The server's longest request, or less when the client's own deadline comes first."""
+        remaining = context.time_remaining()
+        return min(self.limits.max_request_seconds, remaining) if remaining is not None else self.limits.max_request_seconds
 
-        Every call leaves one structured log line: peer, method, seconds, bytes sent, outcome."""
+    async def _stream(self, work, context):
+        """Wait for a fair turn, then relay the work's messages. Bad input found while working ends the
+        call as INVALID_ARGUMENT, a full queue as RESOURCE_EXHAUSTED, running too long as DEADLINE_EXCEEDED.
+
+        Every call leaves one structured log line: client, method, seconds, bytes sent, outcome."""
         started, sent, outcome = time.perf_counter(), 0, "ok"
         peer = context.peer()  # now: asking a cancelled call's context for its peer crashes grpc (SIGSEGV)
-        self.running += 1
+        client, allowed = client_of(context), self._seconds_allowed(context)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + allowed
         try:
-            async for message in messages_from_thread(work, self.executor):
-                if message.WhichOneof("message") == "chunk":
-                    sent += len(message.chunk.data)
-                elif message.WhichOneof("message") == "model_piece":
-                    sent += len(message.model_piece)
-                yield message
+            async with self.scheduler.slot(client, allowed):
+                async for message in messages_from_thread(work, self.executor, max(deadline - loop.time(), 0)):
+                    if message.WhichOneof("message") == "chunk":
+                        sent += len(message.chunk.data)
+                    elif message.WhichOneof("message") == "model_piece":
+                        sent += len(message.model_piece)
+                    yield message
         except DinofeatError as error:
             outcome = "invalid_argument"
             await self._fail(context, error)
+        except QueueFull as error:
+            outcome = "resource_exhausted"
+            self.refused += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except TimeoutError:
+            outcome = "deadline_exceeded"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the request ran out of time after {allowed:.0f} s (this server's limit, or the client's deadline); "
+                                "ask for a smaller image or a faster preset.")
         except asyncio.CancelledError:
             outcome = "cancelled"
+            self.cancelled += 1
             raise
         except Exception:
             outcome = "error"
             raise
         finally:
-            self.running -= 1
             self.finished += 1
-            REQUEST_LOG.info(json.dumps({"peer": peer, "method": getattr(work, "func", work).__name__,
+            REQUEST_LOG.info(json.dumps({"peer": peer, "client": client[:22], "method": getattr(work, "func", work).__name__,
                                          "seconds": round(time.perf_counter() - started, 3), "bytes": sent, "outcome": outcome}))
 
     def _image(self, sha256: str, what: str = "image") -> np.ndarray:
@@ -153,7 +192,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             allocated = torch.cuda.memory_allocated(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
         return pb.StatusReply(
-            version=__version__, device=str(self.device), running=self.running, finished=self.finished,
+            version=__version__, device=str(self.device), running=self.scheduler.running, finished=self.finished,
+            queued=self.scheduler.queued, workers=self.limits.workers, queue_length=self.limits.queue_length,
+            cancelled=self.cancelled, refused=self.refused,
             loaded_models=self.models.loaded(), device_memory_allocated_bytes=allocated, device_memory_total_bytes=total,
             cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
             images_held=len(self.store), image_bytes=self.store.used_bytes())
@@ -170,7 +211,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 if message.WhichOneof("part") == "header":
                     header = message.header
                     layout = header.layout
-                    expected = check_layout(layout.dtype, tuple(layout.shape), layout.axes)
+                    expected = check_layout(layout.dtype, tuple(layout.shape), layout.axes, self.limits.max_pixels)
+                    if expected > self.limits.max_upload_bytes:
+                        raise DinofeatError(f"the image is {expected / 2**20:.0f} MiB, more than this server's upload limit of "
+                                            f"{self.limits.max_upload_mb:.0f} MiB; send a smaller image or tile it.")
                     continue
                 if header is None:
                     raise DinofeatError("an upload must start with its header (layout and sha256).")
@@ -194,6 +238,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             fset = self._feature_set(request.feature_set)
             options = checked_options(request.options)
             encoding = checked_encoding(request.encoding)
+            check_channels(fset, options, [image], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
@@ -209,6 +254,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             options = checked_options(request.options)
             encoding = checked_encoding(request.encoding)
             kind = checked_classifier(request.classifier, request.trees)
+            check_channels(fset, options, [image], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device)
@@ -224,6 +270,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             fset = self._feature_set(request.feature_set)
             options = checked_options(request.options)
             kind = checked_classifier(request.classifier, request.trees)
+            check_channels(fset, options, images, self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device)
@@ -278,6 +325,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 raise DinofeatError(f"unknown analysis {request.analysis!r}; choose one of {', '.join(ANALYSES)}.")
             if request.analysis == "kmeans" and not 2 <= request.clusters <= 256:
                 raise DinofeatError(f"k-means needs between 2 and 256 clusters, not {request.clusters}.")
+            check_channels(fset, options, [image], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(analyse_work, image, fset, options, self.models, request.analysis, request.clusters, request.seed, self.device)
@@ -296,6 +344,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
             if not (1 <= window <= 64 and 1 <= grid <= 64):
                 raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
+            check_channels(fset, options, [*supports, query], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(fewshot_work, supports, masks, query, fset, options, self.models, window, grid,

@@ -85,11 +85,13 @@ def only_chunks(messages: Iterable[pb.DatasetStream], wanted: set[int] | None) -
 async def messages_from_thread(
     work: Callable[[threading.Event], Iterator[pb.DatasetStream]],
     executor: Executor,
+    seconds: float | None = None,
 ) -> AsyncIterator[pb.DatasetStream]:
     """Run the generator `work(cancelled)` in `executor`, yielding its messages on the event loop.
 
     Exceptions raised by the work are re-raised here; leaving the iteration early (the client
-    cancelled) sets `cancelled`, and the worker stops at its next message.
+    cancelled, or `seconds` passed: TimeoutError) sets `cancelled`, and the worker stops at its next
+    message.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(QUEUE_LENGTH)
@@ -124,9 +126,10 @@ async def messages_from_thread(
             messages.close()  # runs the work's own clean-up (partial cache entries, locks) at once
 
     loop.run_in_executor(executor, run)
+    deadline = None if seconds is None else loop.time() + seconds
     try:
         while True:
-            item = await queue.get()
+            item = await (queue.get() if deadline is None else asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0)))
             if item is finished:
                 break
             if isinstance(item, BaseException):

@@ -1,0 +1,92 @@
+"""The server's settings: one TOML file (`dinofeat serve --config FILE`) whose values flags override.
+
+    [server]                      [limits]
+    host = "0.0.0.0"              max_pixels = 268435456      # samples per image (Z*Y*X*C)
+    port = 50051                  max_channels = 2048         # feature channels per result
+    device = "cuda"               max_upload_mb = 2048        # bytes of one uploaded image
+    token_file = "tokens.txt"     max_streams_per_client = 4  # concurrent streams of one client
+    tls_cert = "server.pem"       queue_length = 64           # requests waiting for a worker
+    tls_key = "server.key"        workers = 2                 # requests computed at once
+    cache_dir = "/scratch/cache"  max_request_seconds = 3600  # longest a request may run
+    cache_gb = 50                 image_store_gb = 8          # uploaded images held in memory
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dinofeat_client.errors import DinofeatError
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one server accepts; requests beyond it get INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+
+    max_pixels: int = 1 << 30
+    max_channels: int = 4096
+    max_upload_mb: float = 4096
+    max_streams_per_client: int = 8
+    queue_length: int = 64
+    workers: int = 2
+    max_request_seconds: float = 6 * 3600
+    image_store_gb: float = 4
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise DinofeatError(f"the limit {field.name} must be a positive number, not {value!r}.")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * (1 << 20))
+
+
+SERVER_KEYS = {"host": str, "port": int, "device": str, "insecure": bool, "token_file": str, "tls_cert": str,
+               "tls_key": str, "tls_client_ca": str, "cache_dir": str, "cache_gb": float, "weights": dict}
+"""Keys of the [server] table and their types (weights: backbone name -> file)."""
+LIMIT_KEYS = {field.name: float if field.type == "float" else int for field in fields(ServerLimits)}
+
+
+def read_config(path: str | Path) -> tuple[dict, ServerLimits]:
+    """The [server] settings and [limits] of a TOML file; unknown tables, keys or types refused in one sentence."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DinofeatError(f"cannot read the server configuration {path}: no such file.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise DinofeatError(f"the server configuration {path} is not valid TOML ({error}); fix it or leave out --config.") from None
+    unknown = set(document) - {"server", "limits"}
+    if unknown:
+        raise DinofeatError(f"{path}: unknown table [{sorted(unknown)[0]}]; the configuration has [server] and [limits].")
+    settings = checked_table(path, "server", document.get("server", {}), SERVER_KEYS)
+    limits = checked_table(path, "limits", document.get("limits", {}), LIMIT_KEYS)
+    return settings, ServerLimits(**limits)
+
+
+def checked_table(path: Path, name: str, table: dict, types: dict[str, type]) -> dict:
+    for key, value in table.items():
+        if key not in types:
+            raise DinofeatError(f"{path}: [{name}] has no setting {key!r}; known: {', '.join(types)}.")
+        wanted = types[key]
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool) if wanted is float else isinstance(value, wanted)
+        if not fits or (wanted is int and isinstance(value, bool)):
+            raise DinofeatError(f"{path}: [{name}] {key} must be {wanted.__name__}, not {value!r}.")
+    return dict(table)
+
+
+SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 50051, "device": "auto", "insecure": False, "cache_gb": 8.0}
+
+
+def serve_settings(config: str | Path | None, flags: dict, limit_flags: dict) -> tuple[dict, ServerLimits]:
+    """start_server's settings and the limits: built-in defaults, then the config file, then the flags
+    given on the command line (None means not given). Weights from both are merged, flags winning."""
+    settings, limits = read_config(config) if config else ({}, ServerLimits())
+    weights = {**settings.get("weights", {}), **(flags.pop("weights", None) or {})}
+    merged = {**SERVE_DEFAULTS, **settings, **{k: v for k, v in flags.items() if v is not None}, "weights": weights}
+    chosen = {**{f.name: getattr(limits, f.name) for f in fields(ServerLimits)},
+              **{k: v for k, v in limit_flags.items() if v is not None}}
+    return merged, ServerLimits(**chosen)

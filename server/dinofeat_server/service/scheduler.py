@@ -1,0 +1,93 @@
+"""Fair admission of work: a bounded queue served round-robin between clients.
+
+`workers` requests run at once. The others wait in one queue per client, and a freed worker goes to
+the next client in turn, so a user with ten large requests waiting cannot hold back another user's
+small one. The queue has a fixed length and each client a fixed number of concurrent streams; beyond
+either the request is refused at once (RESOURCE_EXHAUSTED) instead of piling up. Lives on the event loop
+(no locks): every method is called from the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+
+
+class QueueFull(Exception):
+    """No room for the request: the queue is full or the client has too many streams open."""
+
+
+class FairScheduler:
+    """Round-robin between clients over `workers` slots, with `queue_length` waiting requests at most."""
+
+    def __init__(self, workers: int, queue_length: int, streams_per_client: int):
+        self.workers = workers
+        self.queue_length = queue_length
+        self.streams_per_client = streams_per_client
+        self.running = 0
+        self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()
+        self._streams: dict[str, int] = {}
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @contextlib.asynccontextmanager
+    async def slot(self, client: str, timeout: float | None = None) -> AsyncIterator[None]:
+        """Hold one worker slot for `client` while the body runs; wait fairly for it first, at most
+        `timeout` seconds (TimeoutError)."""
+        if self._streams.get(client, 0) >= self.streams_per_client:
+            raise QueueFull(f"this client already has {self.streams_per_client} requests open, the server's limit per client; "
+                            "wait for one to finish.")
+        if self.running >= self.workers and self.queued >= self.queue_length:
+            raise QueueFull(f"the server's queue is full ({self.queue_length} requests waiting); try again in a moment.")
+        self._streams[client] = self._streams.get(client, 0) + 1
+        try:
+            async with asyncio.timeout(timeout):
+                await self._acquire(client)
+            try:
+                yield
+            finally:
+                self.running -= 1
+                self._hand_on()
+        finally:
+            self._streams[client] -= 1
+            if not self._streams[client]:
+                del self._streams[client]
+
+    async def _acquire(self, client: str) -> None:
+        if self.running < self.workers and not self._waiting:
+            self.running += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(client, deque()).append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # granted just as the caller went away: pass it on
+                self.running -= 1
+                self._hand_on()
+            else:
+                self._forget(client, turn)
+            raise
+
+    def _hand_on(self) -> None:
+        """Give free slots to the waiting clients in turn (the served client goes to the back)."""
+        while self.running < self.workers and self._waiting:
+            client, turns = next(iter(self._waiting.items()))
+            turn = turns.popleft()
+            if turns:
+                self._waiting.move_to_end(client)
+            else:
+                del self._waiting[client]
+            self.running += 1
+            turn.set_result(None)
+
+    def _forget(self, client: str, turn: asyncio.Future) -> None:
+        turns = self._waiting.get(client)
+        if turns and turn in turns:
+            turns.remove(turn)
+            if not turns:
+                del self._waiting[client]
