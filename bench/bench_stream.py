@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.wire import feature_layout, features_result_key
+from dinofeat_client.wire import feature_layout, features_result_key, options_key
 from dinofeat_server.service.servicer import FeatureServicer, checked_encoding
 from dinofeat_server.service.streaming import dataset_messages
 from machine import save
@@ -37,7 +37,9 @@ class PrecomputedServicer(FeatureServicer):
     async def ComputeFeatures(self, request, context):
         encoding = checked_encoding(request.encoding)
         layout = feature_layout("features", self.stack.shape, encoding.compression, encoding.level)
-        key = features_result_key(request.image_sha256, request.feature_set, layout.compression, layout.level)
+        chosen = request.options
+        key = features_result_key(request.image_sha256, request.feature_set,
+                                  options_key(chosen.backbone, chosen.preset, chosen.pca, chosen.normalise), layout.compression, layout.level)
         rows = layout.chunk_shape[-2]
         blocks = (((0, y, 0), self.stack[:, y : y + rows]) for y in range(0, self.stack.shape[1], rows))
         work = partial(dataset_messages, layout, {"channel_names": [f"c{i}" for i in range(len(self.stack))]}, key, blocks,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,35 +23,64 @@ def dinofeat(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def running_server(*extra: str):
-    """Run `dinofeat serve` on a free 127.0.0.1 port until the generator is closed; yields its address
-    once the port accepts connections (plain TCP, so TLS servers are awaited the same way)."""
-    import socket
-    import time
+class ServerProcess:
+    """A `dinofeat serve` process on 127.0.0.1: its address, its Popen and everything it printed so far."""
 
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--device", "cpu",
-                                "--cache-gb", "0", *extra],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the dinofeat server did not start: " + process.stdout.read())
-        time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=30)
+    def __init__(self, *extra: str, port: int | None = None):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = ""
+        self.process = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(self.port),
+                                         "--device", "cpu", "--cache-gb", "0", *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_until_listening()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.log += line
+
+    def wait_until_listening(self) -> None:
+        """Plain TCP, so TLS servers are awaited the same way."""
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                self._reader.join(5)
+                pytest.fail("the dinofeat server did not start: " + self.log)
+            time.sleep(0.1)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process now (Linux /proc)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._reader.join(5)
+
+
+def running_server(*extra: str):
+    """Run `dinofeat serve` on a free 127.0.0.1 port until the generator is closed; yields its address."""
+    server = ServerProcess(*extra)
+    yield server.address
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,15 @@ def test_truncated_png_is_reported(tmp_path, server_address):
     assert_refused(result, "cannot read", tmp_path)
 
 
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.99])
+def test_truncated_tiff_is_reported(tmp_path, server_address, keep):
+    tifffile.imwrite(tmp_path / "whole.tif", (np.random.default_rng(1).random((128, 128)) * 65535).astype(np.uint16))
+    data = (tmp_path / "whole.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: int(len(data) * keep)])
+    result = dinofeat("features", str(tmp_path / "cut.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
+    assert_refused(result, "cut.tif", tmp_path)
+
+
 def test_missing_image_file(tmp_path, server_address):
     result = dinofeat("features", str(tmp_path / "absent.tif"), "-o", str(tmp_path / "out.h5"), "--server", server_address)
     assert_refused(result, "no such file", tmp_path)

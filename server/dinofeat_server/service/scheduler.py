@@ -1,8 +1,8 @@
 """Fair admission of work: a bounded queue served round-robin between clients.
 
 `workers` requests run at once. The others wait in one queue per client, and a freed worker goes to
-the next client in turn, so a user with ten large requests waiting cannot hold back another user's
-small one. The queue has a fixed length and each client a fixed number of concurrent streams; beyond
+the waiting client served least recently, so a user with ten large requests waiting cannot hold back
+another user's small one. The queue has a fixed length and each client a fixed number of concurrent streams; beyond
 either the request is refused at once (RESOURCE_EXHAUSTED) instead of piling up. Lives on the event loop
 (no locks): every method is called from the loop's thread.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
@@ -29,6 +30,8 @@ class FairScheduler:
         self.running = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()
         self._streams: dict[str, int] = {}
+        self._served: dict[str, int] = {}
+        self._tickets = itertools.count()
 
     @property
     def queued(self) -> int:
@@ -56,10 +59,12 @@ class FairScheduler:
             self._streams[client] -= 1
             if not self._streams[client]:
                 del self._streams[client]
+                self._served.pop(client, None)
 
     async def _acquire(self, client: str) -> None:
         if self.running < self.workers and not self._waiting:
             self.running += 1
+            self._served[client] = next(self._tickets)
             return
         turn = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(client, deque()).append(turn)
@@ -74,15 +79,15 @@ class FairScheduler:
             raise
 
     def _hand_on(self) -> None:
-        """Give free slots to the waiting clients in turn (the served client goes to the back)."""
+        """Give free slots to waiting clients, least recently served first (ties: who waited first)."""
         while self.running < self.workers and self._waiting:
-            client, turns = next(iter(self._waiting.items()))
+            client = min(self._waiting, key=lambda c: self._served.get(c, -1))
+            turns = self._waiting[client]
             turn = turns.popleft()
-            if turns:
-                self._waiting.move_to_end(client)
-            else:
+            if not turns:
                 del self._waiting[client]
             self.running += 1
+            self._served[client] = next(self._tickets)
             turn.set_result(None)
 
     def _forget(self, client: str, turn: asyncio.Future) -> None:

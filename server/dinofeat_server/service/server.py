@@ -153,6 +153,7 @@ def check_bindable(host: str, port: int) -> None:
     """Refuse a taken port or a foreign address in one sentence (before gRPC, which logs its own failure)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a restarted server may take its port back
         try:
             probe.bind((host, port))
         except OSError as error:

@@ -131,7 +131,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         call as INVALID_ARGUMENT, a full queue as RESOURCE_EXHAUSTED, running too long as DEADLINE_EXCEEDED.
 
         Every call leaves one structured log line: client, method, seconds, bytes sent, outcome."""
-        started, sent, outcome = time.perf_counter(), 0, "ok"
+        started, sent, outcome, delivered = time.perf_counter(), 0, "ok", False
         peer = context.peer()  # now: asking a cancelled call's context for its peer crashes grpc (SIGSEGV)
         client, allowed = client_of(context), self._seconds_allowed(context)
         loop = asyncio.get_running_loop()
@@ -139,10 +139,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         try:
             async with self.scheduler.slot(client, allowed):
                 async for message in messages_from_thread(work, self.executor, max(deadline - loop.time(), 0)):
-                    if message.WhichOneof("message") == "chunk":
+                    kind = message.WhichOneof("message")
+                    if kind == "chunk":
                         sent += len(message.chunk.data)
-                    elif message.WhichOneof("message") == "model_piece":
+                    elif kind == "model_piece":
                         sent += len(message.model_piece)
+                    delivered = kind in ("trailer", "summary")  # the client may hang up once it has the end
                     yield message
         except DinofeatError as error:
             outcome = "invalid_argument"
@@ -157,8 +159,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                                 f"the request ran out of time after {allowed:.0f} s (this server's limit, or the client's deadline); "
                                 "ask for a smaller image or a faster preset.")
         except asyncio.CancelledError:
-            outcome = "cancelled"
-            self.cancelled += 1
+            if not delivered:
+                outcome = "cancelled"
+                self.cancelled += 1
             raise
         except Exception:
             outcome = "error"

@@ -1,0 +1,82 @@
+"""A shared server under load: requests per second and p50/p95 latency for 1, 4 and 16 concurrent
+clients, each a separate process with its own connection, asking for the classical set of its own
+512x512 images (no two alike, result cache off) from a real `dinofeat serve` on loopback.
+
+Stream throughput with and without compression is bench_stream.py's figure.
+Usage: python bench/bench_lab_server.py [--size 512] [--requests 32] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from machine import save
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client_run(address: str, seeds: list[int], size: int, folder: str) -> list[float]:
+    """One client process: fetch the features of one image per seed, one after another; latencies in s."""
+    from dinofeat_client.client import FeatureClient
+
+    latencies = []
+    with FeatureClient(address) as client:
+        for seed in seeds:
+            image = (np.random.default_rng(seed).random((size, size)) * 255).astype(np.uint8)
+            started = time.perf_counter()
+            client.fetch_features(image, Path(folder) / f"{seed}.h5")
+            latencies.append(time.perf_counter() - started)
+            (Path(folder) / f"{seed}.h5").unlink()
+    return latencies
+
+
+def load(address: str, clients: int, requests: int, size: int, seed0: int) -> dict:
+    per_client = max(1, requests // clients)
+    seeds = [[seed0 + c * per_client + r for r in range(per_client)] for c in range(clients)]
+    with tempfile.TemporaryDirectory() as folder, multiprocessing.get_context("spawn").Pool(clients) as pool:
+        started = time.perf_counter()
+        latencies = np.concatenate(pool.starmap(client_run, [(address, s, size, folder) for s in seeds]))
+        seconds = time.perf_counter() - started
+    return {"clients": clients, "requests": int(latencies.size), "seconds": seconds, "requests_per_s": latencies.size / seconds,
+            "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--cache-gb", "0",
+                               "--workers", str(args.workers), "--max-streams-per-client", "64"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        load(address, 1, 2, 64, 10**6)  # wait for the server and warm it up
+        results = {"size": args.size, "workers": args.workers, "feature_set": "classical", "levels": []}
+        for clients in (1, 4, 16):
+            level = load(address, clients, args.requests, args.size, clients * 1000)
+            results["levels"].append(level)
+            print(f"{clients:>2} clients: {level['requests_per_s']:.2f} requests/s, p50 {level['p50_s']:.2f} s, "
+                  f"p95 {level['p95_s']:.2f} s ({level['requests']} requests of {args.size}x{args.size})")
+    finally:
+        server.terminate()
+        server.wait()
+    save("lab_server", results)
+
+
+if __name__ == "__main__":
+    main()
