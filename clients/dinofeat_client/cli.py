@@ -17,11 +17,13 @@ from .errors import DinofeatError
 import h5py
 import numpy as np
 
-from .images import check_image, check_labels, check_output_path, read_image, write_png, write_tiff
+from .imagej_tiff import write_imagej_hyperstack
+from .images import atomic_write, check_image, image_axes, check_labels, check_output_path, read_image, write_png, write_tiff
 from .metrics import class_dice, class_iou
 from .pictures import class_overlay, probability_pictures
 from .sample import three_phase_sample
 from .tokens import read_tokens
+from .weka_arff import write_arff
 from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
 
 
@@ -91,15 +93,104 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB)")
 
 
+def output_format(args: argparse.Namespace) -> str:
+    """--format, or what the output's suffix says (.tif/.tiff: an ImageJ hyperstack; anything else: HDF5)."""
+    return args.format or ("tiff" if Path(args.output).suffix.lower() in (".tif", ".tiff") else "h5")
+
+
+def hidden_features_path(output: str) -> Path:
+    """Where features go before they become another file (kept there if the stream breaks, for a resume)."""
+    output = Path(output)
+    return output.resolve().parent / f".{output.name}.features.h5"
+
+
 def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     check_output_path(args.output)
+    tiff = output_format(args) == "tiff"
     with connect(args) as client:
-        transfer = client.fetch_features(image, args.output, args.set, args.compression, args.level, progress=bars,
-                                         **deep_options(args))
+        transfer = client.fetch_features(image, hidden_features_path(args.output) if tiff else args.output, args.set,
+                                         args.compression, args.level, progress=bars, **deep_options(args))
     bars.close()
+    if tiff:
+        with h5py.File(transfer.path, "r") as f:
+            write_imagej_hyperstack(f["features"], args.output)
+        transfer.path.unlink()
     resumed = "" if transfer.chunks_received == transfer.chunk_count else f" (resumed: {transfer.chunks_received} of {transfer.chunk_count} chunks fetched now)"
-    print(f"wrote {transfer.path}{resumed}")
+    print(f"wrote {args.output if tiff else transfer.path}{resumed}")
+
+
+def fiji_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str) -> Path:
+    """Start Fiji (it must run before anything else starts a JVM), then fetch the image's features."""
+    from .fiji.jvm import start_fiji
+
+    fiji_dir = args.fiji or os.environ.get("FIJI_DIR")
+    if not fiji_dir:
+        raise DinofeatError("the Fiji bridge needs a local Fiji: pass --fiji /path/to/Fiji.app or set FIJI_DIR.")
+    start_fiji(fiji_dir)
+    with connect(args) as client:
+        transfer = client.fetch_features(image, hidden_features_path(output), args.set, progress=bars, **deep_options(args))
+    bars.close()
+    return transfer.path
+
+
+def greyscale(image: np.ndarray) -> np.ndarray:
+    """What TWS is shown of the image (our features carry the colour): the mean over RGB channels."""
+    return image.mean(axis=-1) if image_axes(image).endswith("c") else image
+
+
+def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
+    from .fiji import tws
+
+    image = check_image(read_image(args.image))
+    labels = check_labels(read_image(args.labels), image)
+    check_output_path(args.output)
+    features = fiji_features(args, image, bars, args.output)
+    try:
+        values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features, temporary))
+    finally:
+        features.unlink(missing_ok=True)
+    print(f"wrote {args.output} (Trainable Weka Segmentation classifier, classes {', '.join(map(str, values))}, "
+          f"{args.set} features)")
+
+
+def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
+    from .fiji import tws
+
+    image = check_image(read_image(args.image))
+    check_output_path(args.output)
+    if not Path(args.classifier).is_file():
+        raise DinofeatError(f"cannot read {args.classifier}: no such classifier file.")
+    features = fiji_features(args, image, bars, args.output)
+    try:
+        probabilities, values = tws.apply(args.classifier, greyscale(image), features)
+    finally:
+        features.unlink(missing_ok=True)
+    write_tiff(Path(args.output), tws.class_map(probabilities, values))
+    if args.probabilities:
+        write_tiff(Path(args.probabilities), probabilities.astype(np.float32))
+    print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
+
+
+def atomic_result(output: str, write):
+    """Run write(temporary path) and rename the file to `output` when it succeeded; returns write's result."""
+    result = []
+    atomic_write(Path(output), lambda temporary: result.append(write(temporary)))
+    return result[0]
+
+
+def command_arff(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """Features of the labelled pixels as a Weka ARFF file."""
+    image = check_image(read_image(args.image))
+    labels = check_labels(read_image(args.labels), image)
+    check_output_path(args.output)
+    with connect(args) as client:
+        transfer = client.fetch_features(image, hidden_features_path(args.output), args.set, progress=bars, **deep_options(args))
+    bars.close()
+    with h5py.File(transfer.path, "r") as f:
+        write_arff(f["features"], labels, args.output, relation=Path(args.image).stem)
+    transfer.path.unlink()
+    print(f"wrote {args.output} ({int((labels != 0).sum())} labelled pixels, {len(np.unique(labels[labels != 0]))} classes)")
 
 
 def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -348,10 +439,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("features", parents=[remote, deep], help="compute a feature stack and write it as HDF5")
     p.set_defaults(run=command_features)
     p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
-    p.add_argument("-o", "--output", required=True, help="the .h5 file to write")
+    p.add_argument("-o", "--output", required=True, help="the file to write: .h5, or .tif for an ImageJ hyperstack")
+    p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
+                   "default: from the output's suffix")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
     p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")
+
+    fiji = commands.add_parser("fiji", help="Trainable Weka Segmentation in a local Fiji on dinofeat features (pyimagej)")
+    fiji_commands = fiji.add_subparsers(dest="fiji_command", required=True, metavar="train|apply")
+    local_fiji = argparse.ArgumentParser(add_help=False)
+    local_fiji.add_argument("--fiji", help="the local Fiji.app folder (default: $FIJI_DIR)")
+    local_fiji.add_argument("--set", default="hybrid", help="feature set name (default hybrid)")
+    p = fiji_commands.add_parser("train", parents=[remote, deep, local_fiji], help="train a TWS classifier on labelled pixels")
+    p.set_defaults(run=command_fiji_train)
+    p.add_argument("image")
+    p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
+    p.add_argument("-o", "--output", required=True, help="the TWS classifier (.model) to write")
+    p = fiji_commands.add_parser("apply", parents=[remote, deep, local_fiji], help="apply a TWS classifier to an image")
+    p.set_defaults(run=command_fiji_apply)
+    p.add_argument("classifier", help="a .model file from `dinofeat fiji train` or TWS itself (trained on the same set)")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
+    p.add_argument("--probabilities", help="also write the per-class probabilities as a TIFF")
+
+    p = commands.add_parser("arff", parents=[remote, deep], help="features of labelled pixels as a Weka ARFF file")
+    p.set_defaults(run=command_arff)
+    p.add_argument("image")
+    p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
+    p.add_argument("-o", "--output", required=True, help="the .arff file to write")
+    p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
     classifier = argparse.ArgumentParser(add_help=False)
     classifier.add_argument("--classifier", choices=("random_forest", "logistic", "gradient_boosting"), default="random_forest",

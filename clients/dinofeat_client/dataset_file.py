@@ -27,12 +27,16 @@ def partial_path(path: Path) -> Path:
 
 
 def write_attributes(target: h5py.AttributeManager, attributes: dict) -> None:
-    """Store JSON-like attributes: lists of strings as HDF5 string arrays, dicts as JSON strings."""
+    """Store JSON-like attributes: lists of strings as HDF5 string arrays, dicts as JSON strings.
+
+    A list of strings is also stored as one JSON string under KEY_json: Fiji's HDF5 library (JHDF5
+    19.04) reads scalar strings but not variable-length string arrays."""
     for key, value in attributes.items():
         if isinstance(value, dict):
             target[key] = json.dumps(value)
         elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             target.create(key, np.array(value, dtype=object), dtype=h5py.string_dtype())
+            target[f"{key}_json"] = json.dumps(value)
         elif isinstance(value, list):
             target[key] = np.asarray(value)
         else:

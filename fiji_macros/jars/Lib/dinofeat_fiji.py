@@ -1,0 +1,165 @@
+# dinofeat for Fiji (Jython 2.7): feature stacks as labelled ImageJ stacks and Trainable Weka
+# Segmentation trained and applied on them through TWS's array-based API.
+#
+# Install: copy this file to Fiji.app/jars/Lib/ (Fiji's Jython finds modules there) and
+# scripts/Plugins/dinofeat/ to Fiji.app/scripts/Plugins/dinofeat/. See fiji_macros/README.md.
+# Everything but the TWS functions runs on plain ImageJ1 (+ JHDF5 for .h5 files), which is how it is tested.
+import json
+import os
+
+from java.lang import ProcessBuilder
+from java.io import BufferedReader, InputStreamReader
+from ij import IJ, ImagePlus, ImageStack
+from ij.process import FloatProcessor, ImageProcessor
+from ij.plugin.filter import ThresholdToSelection
+
+
+def read_h5_stack(path, z=None):
+    """A labelled ImageStack of a dinofeat feature file (.h5), read channel by channel with JHDF5.
+
+    z picks the slice of a (C, Z, Y, X) file. Channel names come from the channel_names_json attribute."""
+    from ch.systemsx.cisd.hdf5 import HDF5Factory
+    reader = HDF5Factory.openForReading(path)
+    try:
+        dims = list(reader.object().getDataSetInformation("features").getDimensions())
+        names = json.loads(reader.string().getAttr("features", "channel_names_json"))
+        height, width = int(dims[-2]), int(dims[-1])
+        stack = ImageStack(width, height)
+        for c in range(int(dims[0])):
+            if len(dims) == 4:
+                block, offset = [1, 1, height, width], [c, z or 0, 0, 0]
+            else:
+                block, offset = [1, height, width], [c, 0, 0]
+            plane = reader.float32().readMDArrayBlockWithOffset("features", block, offset)
+            stack.addSlice(names[c], FloatProcessor(width, height, plane.getAsFlatArray()))
+        return stack
+    finally:
+        reader.close()
+
+
+def open_tiff_stack(path):
+    """The labelled ImageStack of a feature hyperstack TIFF (`dinofeat features -o F.tif`)."""
+    image = IJ.openImage(path)
+    if image is None:
+        raise ValueError("ImageJ cannot open %s as an image" % path)
+    return image.getStack()
+
+
+def feature_stack(path, z=None):
+    """A labelled feature ImageStack from a .h5 or .tif feature file."""
+    if path.lower().endswith((".h5", ".hdf5")):
+        return read_h5_stack(path, z)
+    return open_tiff_stack(path)
+
+
+def fetch_features(dinofeat, server, image_path, output, feature_set="hybrid", options=()):
+    """Run the dinofeat command line to compute features of image_path on server into output (.tif or .h5).
+
+    Raises RuntimeError with dinofeat's own one-sentence message when it fails."""
+    command = [dinofeat, "features", image_path, "-o", output, "--set", feature_set, "--quiet"]
+    if server:
+        command += ["--server", server]
+    command += list(options)
+    builder = ProcessBuilder(command)
+    builder.redirectErrorStream(True)
+    process = builder.start()
+    reader = BufferedReader(InputStreamReader(process.getInputStream()))
+    lines = []
+    line = reader.readLine()
+    while line is not None:
+        lines.append(line)
+        line = reader.readLine()
+    if process.waitFor() != 0:
+        raise RuntimeError(lines[-1] if lines else "dinofeat failed without a message")
+    return output
+
+
+def value_roi(processor, value):
+    """A Roi covering the pixels of an integer label processor equal to value (thresholded, no pixel loops)."""
+    processor = processor.duplicate()
+    processor.setThreshold(value, value, ImageProcessor.NO_LUT_UPDATE)
+    return ThresholdToSelection.run(ImagePlus("labels", processor))
+
+
+def label_rois(labels):
+    """{class value: [(slice number, Roi), ...]} of a label ImagePlus (8- or 16-bit; 0 = unlabelled)."""
+    rois = {}
+    stack = labels.getStack()
+    for n in range(1, stack.getSize() + 1):
+        processor = stack.getProcessor(n)
+        if isinstance(processor, FloatProcessor):
+            processor = processor.convertToShortProcessor(False)
+        for value, count in enumerate(processor.getHistogram()):
+            if value and count:
+                rois.setdefault(value, []).append((n, value_roi(processor, value)))
+    return rois
+
+
+def manager_rois(manager):
+    """{class name: [(slice number, Roi), ...]} of the ROI Manager entries, each named by its class
+    (a name's text before the first "-" or " " is the class: "cells-1" and "cells 2" are both "cells")."""
+    rois = {}
+    for roi in manager.getRoisAsArray():
+        name = roi.getName() or "class"
+        for separator in ("-", " "):
+            name = name.split(separator)[0]
+        rois.setdefault(name, []).append((max(roi.getPosition(), 1), roi))
+    return rois
+
+
+def feature_stack_array(stacks, width, height):
+    """A TWS FeatureStackArray with one FeatureStack per labelled ImageStack (one per image slice)."""
+    from trainableSegmentation import FeatureStack, FeatureStackArray
+    array = FeatureStackArray(len(stacks))
+    for z, stack in enumerate(stacks):
+        features = FeatureStack(width, height, False)
+        features.setStack(stack)
+        array.set(features, z)
+    return array
+
+
+def train_tws(image, stacks, class_rois):
+    """A WekaSegmentation trained on the features in stacks, with examples {class name: [(slice, Roi)]}."""
+    from trainableSegmentation import WekaSegmentation
+    array = feature_stack_array(stacks, image.getWidth(), image.getHeight())
+    segmentation = WekaSegmentation(image)
+    segmentation.setFeatureStackArray(array)
+    names = sorted(class_rois, key=str)
+    while segmentation.getNumOfClasses() < len(names):
+        segmentation.addClass()
+    for index, name in enumerate(names):
+        segmentation.setClassLabel(index, str(name))
+        for n, roi in class_rois[name]:
+            segmentation.addExample(index, roi, n)
+    if not segmentation.trainClassifier():
+        raise RuntimeError("Trainable Weka Segmentation could not train; draw examples of at least two classes")
+    return segmentation
+
+
+def apply_tws(segmentation, image, stacks, probabilities=True):
+    """Probability maps (or a class map) of image from its feature stacks; only the array-based call keeps our features."""
+    array = feature_stack_array(stacks, image.getWidth(), image.getHeight())
+    segmentation.setFeatureStackArray(array)  # again: loading a classifier marks the features dirty
+    return segmentation.applyClassifier(image, array, 0, probabilities)
+
+
+def load_tws(image, classifier_path):
+    """A WekaSegmentation with a saved classifier, ready for apply_tws."""
+    from trainableSegmentation import WekaSegmentation
+    segmentation = WekaSegmentation(image)
+    if not segmentation.loadClassifier(classifier_path):
+        raise RuntimeError("%s is not a classifier Trainable Weka Segmentation can load" % classifier_path)
+    return segmentation
+
+
+def image_stacks(image, feature_path=None, dinofeat="dinofeat", server="", feature_set="hybrid", options=()):
+    """One labelled feature ImageStack per slice of image: read from feature_path, or computed by dinofeat."""
+    if not feature_path:
+        folder = IJ.getDirectory("temp")
+        source = os.path.join(folder, "dinofeat_input_%d.tif" % image.getID())
+        IJ.saveAsTiff(image.duplicate(), source)
+        feature_path = fetch_features(dinofeat, server, source, os.path.join(folder, "dinofeat_features_%d.h5" % image.getID()),
+                                      feature_set, options)
+    if image.getNSlices() > 1:
+        return [read_h5_stack(feature_path, z) for z in range(image.getNSlices())]
+    return [feature_stack(feature_path)]
