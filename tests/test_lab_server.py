@@ -240,3 +240,25 @@ def test_a_config_file_sets_the_limits_and_flags_override_it(tmp_path):
                 client.fetch_features(noise(12, 128), tmp_path / "f.h5")
     finally:
         server.stop()
+
+
+def test_sigterm_stops_the_server_within_its_grace_period_and_leaves_no_output(tmp_path):
+    write_tiff(tmp_path / "big.tif", noise(13, 4096))
+    server = ServerProcess()
+    client = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "features", "--server", server.address,
+                               str(tmp_path / "big.tif"), "-o", str(tmp_path / "big.h5"), "--quiet", "--retries", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with FeatureClient(server.address) as watcher:
+            wait_for(lambda: watcher.status().running == 1, what="the big request running")
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
+        stopped_after = time.monotonic() - stopping
+        _, err = client.communicate(timeout=60)
+    finally:
+        client.kill()
+        server.stop()
+    assert server.process.returncode == 0 and stopped_after < 10  # 5 s of grace for running streams, then abort
+    assert client.returncode == 1 and err.strip().startswith("dinofeat: error: ") and "Traceback" not in err
+    assert not (tmp_path / "big.h5").exists()
