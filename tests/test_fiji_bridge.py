@@ -122,6 +122,19 @@ def test_pushing_a_stack_into_java_keeps_every_value(jvm):
     np.testing.assert_array_equal(array_from_stack(stack), features)
 
 
+def test_class_examples_become_rois_covering_exactly_their_pixels(jvm):
+    from dinofeat_client.fiji.tws import class_roi, image_plus
+
+    mask = np.zeros((30, 40), bool)
+    mask[5:9, 10:20] = True
+    mask[20, 3] = True
+    covered = {(int(p.y), int(p.x)) for p in class_roi(mask).getContainedPoints()}
+    assert covered == {(int(y), int(x)) for y, x in np.argwhere(mask)}
+    volume = image_plus(np.arange(3 * 30 * 40, dtype=np.float32).reshape(3, 30, 40))
+    assert (volume.getNSlices(), volume.getWidth(), volume.getHeight()) == (3, 40, 30)
+    assert volume.getStack().getProcessor(3).getf(0) == 2 * 30 * 40
+
+
 @pytest.mark.skipif(not os.path.exists(JYTHON_JAR), reason=f"{JYTHON_JAR} missing: `./dev test` installs Debian's jython")
 @needs_imagej1
 def test_the_fiji_script_library_reads_features_labels_and_calls_dinofeat_in_jython(feature_files, server_address, tmp_path, image):

@@ -33,8 +33,10 @@ def class_roi(mask: np.ndarray):
     from ij.plugin.filter import ThresholdToSelection
     from ij.process import ByteProcessor, ImageProcessor
 
-    processor = ByteProcessor(mask.shape[1], mask.shape[0])
-    processor.setPixels(bytes((mask.astype(np.uint8) * 255).ravel()))
+    import jpype
+
+    pixels = jpype.JArray(jpype.JByte)((mask.astype(np.uint8) * 255).view(np.int8).ravel())
+    processor = ByteProcessor(mask.shape[1], mask.shape[0], pixels)
     processor.setThreshold(255, 255, ImageProcessor.NO_LUT_UPDATE)
     return ThresholdToSelection.run(ImagePlus("mask", processor))
 

@@ -168,7 +168,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             raise
         finally:
             self.finished += 1
-            REQUEST_LOG.info(json.dumps({"peer": peer, "client": client[:22], "method": getattr(work, "func", work).__name__,
+            REQUEST_LOG.info(json.dumps({"peer": peer, "client": client, "method": getattr(work, "func", work).__name__,
                                          "seconds": round(time.perf_counter() - started, 3), "bytes": sent, "outcome": outcome}))
 
     def _image(self, sha256: str, what: str = "image") -> np.ndarray:
