@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import __version__
-from .client import FeatureClient
+from .client import FeatureClient, Transfer
 from .errors import DinofeatError
 import h5py
 import numpy as np
@@ -104,34 +104,48 @@ def hidden_features_path(output: str) -> Path:
     return output.resolve().parent / f".{output.name}.features.h5"
 
 
+def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
+    """The features of `image` (--set and the deep options) from the server into `path`."""
+    with connect(args) as client:
+        transfer = client.fetch_features(image, path, args.set, progress=bars, **encoding, **deep_options(args))
+    bars.close()
+    return transfer
+
+
+@contextlib.contextmanager
+def hidden_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str,
+                    **encoding) -> Iterator[Transfer]:
+    """Features fetched into a hidden .h5 beside `output` for the caller to turn into another file; removed after."""
+    transfer = fetch(args, image, bars, hidden_features_path(output), **encoding)
+    try:
+        yield transfer
+    finally:
+        transfer.path.unlink(missing_ok=True)
+
+
 def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     check_output_path(args.output)
-    tiff = output_format(args) == "tiff"
-    with connect(args) as client:
-        transfer = client.fetch_features(image, hidden_features_path(args.output) if tiff else args.output, args.set,
-                                         args.compression, args.level, progress=bars, **deep_options(args))
-    bars.close()
-    if tiff:
-        with h5py.File(transfer.path, "r") as f:
-            write_imagej_hyperstack(f["features"], args.output)
-        transfer.path.unlink()
+    encoding = {"compression": args.compression, "level": args.level}
+    if output_format(args) == "tiff":
+        with hidden_features(args, image, bars, args.output, **encoding) as transfer, h5py.File(transfer.path, "r") as f:
+            written = write_imagej_hyperstack(f["features"], args.output)
+    else:
+        transfer = fetch(args, image, bars, args.output, **encoding)
+        written = transfer.path
     resumed = "" if transfer.chunks_received == transfer.chunk_count else f" (resumed: {transfer.chunks_received} of {transfer.chunk_count} chunks fetched now)"
-    print(f"wrote {args.output if tiff else transfer.path}{resumed}")
+    print(f"wrote {written}{resumed}")
 
 
-def fiji_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str) -> Path:
-    """Start Fiji (it must run before anything else starts a JVM), then fetch the image's features."""
+def fiji_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str):
+    """Start Fiji (it must run before anything else starts a JVM), then fetch the image's features (hidden_features)."""
     from .fiji.jvm import start_fiji
 
     fiji_dir = args.fiji or os.environ.get("FIJI_DIR")
     if not fiji_dir:
         raise DinofeatError("the Fiji bridge needs a local Fiji: pass --fiji /path/to/Fiji.app or set FIJI_DIR.")
     start_fiji(fiji_dir)
-    with connect(args) as client:
-        transfer = client.fetch_features(image, hidden_features_path(output), args.set, progress=bars, **deep_options(args))
-    bars.close()
-    return transfer.path
+    return hidden_features(args, image, bars, output)
 
 
 def greyscale(image: np.ndarray) -> np.ndarray:
@@ -145,11 +159,8 @@ def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     labels = check_labels(read_image(args.labels), image)
     check_output_path(args.output)
-    features = fiji_features(args, image, bars, args.output)
-    try:
-        values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features, temporary))
-    finally:
-        features.unlink(missing_ok=True)
+    with fiji_features(args, image, bars, args.output) as features:
+        values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features.path, temporary))
     print(f"wrote {args.output} (Trainable Weka Segmentation classifier, classes {', '.join(map(str, values))}, "
           f"{args.set} features)")
 
@@ -161,11 +172,8 @@ def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     check_output_path(args.output)
     if not Path(args.classifier).is_file():
         raise DinofeatError(f"cannot read {args.classifier}: no such classifier file.")
-    features = fiji_features(args, image, bars, args.output)
-    try:
-        probabilities, values = tws.apply(args.classifier, greyscale(image), features)
-    finally:
-        features.unlink(missing_ok=True)
+    with fiji_features(args, image, bars, args.output) as features:
+        probabilities, values = tws.apply(args.classifier, greyscale(image), features.path)
     write_tiff(Path(args.output), tws.class_map(probabilities, values))
     if args.probabilities:
         write_tiff(Path(args.probabilities), probabilities.astype(np.float32))
@@ -184,12 +192,8 @@ def command_arff(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     labels = check_labels(read_image(args.labels), image)
     check_output_path(args.output)
-    with connect(args) as client:
-        transfer = client.fetch_features(image, hidden_features_path(args.output), args.set, progress=bars, **deep_options(args))
-    bars.close()
-    with h5py.File(transfer.path, "r") as f:
+    with hidden_features(args, image, bars, args.output) as transfer, h5py.File(transfer.path, "r") as f:
         write_arff(f["features"], labels, args.output, relation=Path(args.image).stem)
-    transfer.path.unlink()
     print(f"wrote {args.output} ({int((labels != 0).sum())} labelled pixels, {len(np.unique(labels[labels != 0]))} classes)")
 
 

@@ -13,18 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DinofeatError
-from .imagestack import array_from_stack, float_processor, stack_from_h5
+from .imagestack import array_from_stack, labelled_stack, stack_from_h5
 
 
 def image_plus(image: np.ndarray, title: str = "image"):
     """An ImagePlus of a (Y, X) or (Z, Y, X) greyscale image (float)."""
-    from ij import ImagePlus, ImageStack
+    from ij import ImagePlus
 
     planes = image[None] if image.ndim == 2 else image
-    stack = ImageStack(planes.shape[2], planes.shape[1])
-    for plane in planes:
-        stack.addSlice("", float_processor(plane))
-    return ImagePlus(title, stack)
+    return ImagePlus(title, labelled_stack(planes, [""] * len(planes), planes.shape[2], planes.shape[1]))
 
 
 def class_roi(mask: np.ndarray):

@@ -63,8 +63,7 @@ class FairScheduler:
 
     async def _acquire(self, client: str) -> None:
         if self.running < self.workers and not self._waiting:
-            self.running += 1
-            self._served[client] = next(self._tickets)
+            self._grant(client)
             return
         turn = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(client, deque()).append(turn)
@@ -86,9 +85,13 @@ class FairScheduler:
             turn = turns.popleft()
             if not turns:
                 del self._waiting[client]
-            self.running += 1
-            self._served[client] = next(self._tickets)
+            self._grant(client)
             turn.set_result(None)
+
+    def _grant(self, client: str) -> None:
+        """Count a worker as taken by `client` and remember when it was served (for the turn order)."""
+        self.running += 1
+        self._served[client] = next(self._tickets)
 
     def _forget(self, client: str, turn: asyncio.Future) -> None:
         turns = self._waiting.get(client)

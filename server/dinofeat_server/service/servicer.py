@@ -180,6 +180,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def _feature_set(self, name: str) -> FeatureSet:
         return feature_set(name or "classical")
 
+    def _requested_features(self, request, images: list[np.ndarray]) -> tuple[FeatureSet, FeatureOptions]:
+        """The request's feature set and options, checked, within this server's channel limit for `images`."""
+        fset, options = self._feature_set(request.feature_set), checked_options(request.options)
+        check_channels(fset, options, images, self.limits.max_channels)
+        return fset, options
+
     async def Health(self, request, context):
         return pb.HealthReply(version=__version__, device=str(self.device), feature_sets=list(FEATURE_SETS))
 
@@ -238,10 +244,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     async def ComputeFeatures(self, request, context):
         try:
             image = self._image(request.image_sha256)
-            fset = self._feature_set(request.feature_set)
-            options = checked_options(request.options)
+            fset, options = self._requested_features(request, [image])
             encoding = checked_encoding(request.encoding)
-            check_channels(fset, options, [image], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
@@ -253,11 +257,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         try:
             image = self._image(request.image_sha256)
             labels = check_labels(self._image(request.labels_sha256, "label image"), image)
-            fset = self._feature_set(request.feature_set)
-            options = checked_options(request.options)
+            fset, options = self._requested_features(request, [image])
             encoding = checked_encoding(request.encoding)
             kind = checked_classifier(request.classifier, request.trees)
-            check_channels(fset, options, [image], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device)
@@ -270,10 +272,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 raise DinofeatError("give one label image per training image.")
             images = [self._image(sha) for sha in request.image_sha256]
             labels = [check_labels(self._image(sha, "label image"), image) for sha, image in zip(request.labels_sha256, images)]
-            fset = self._feature_set(request.feature_set)
-            options = checked_options(request.options)
+            fset, options = self._requested_features(request, images)
             kind = checked_classifier(request.classifier, request.trees)
-            check_channels(fset, options, images, self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device)
@@ -322,13 +322,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     async def Analyse(self, request, context):
         try:
             image = self._image(request.image_sha256)
-            fset = self._feature_set(request.feature_set)
-            options = checked_options(request.options)
+            fset, options = self._requested_features(request, [image])
             if request.analysis not in ANALYSES:
                 raise DinofeatError(f"unknown analysis {request.analysis!r}; choose one of {', '.join(ANALYSES)}.")
             if request.analysis == "kmeans" and not 2 <= request.clusters <= 256:
                 raise DinofeatError(f"k-means needs between 2 and 256 clusters, not {request.clusters}.")
-            check_channels(fset, options, [image], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(analyse_work, image, fset, options, self.models, request.analysis, request.clusters, request.seed, self.device)
@@ -342,12 +340,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             supports = [self._image(sha, "support image") for sha in request.support_sha256]
             masks = [check_mask(self._image(sha, "support mask"), image) for sha, image in zip(request.support_mask_sha256, supports)]
             query = self._image(request.query_sha256, "query image")
-            fset = self._feature_set(request.feature_set)
-            options = checked_options(request.options)
+            fset, options = self._requested_features(request, [*supports, query])
             window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
             if not (1 <= window <= 64 and 1 <= grid <= 64):
                 raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
-            check_channels(fset, options, [*supports, query], self.limits.max_channels)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(fewshot_work, supports, masks, query, fset, options, self.models, window, grid,
