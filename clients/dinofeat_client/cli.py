@@ -24,6 +24,7 @@ from .pictures import class_overlay, probability_pictures
 from .sample import three_phase_sample
 from .tokens import read_tokens
 from .weka_arff import write_arff
+from .spaces import read_space
 from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
 
 
@@ -106,8 +107,9 @@ def hidden_features_path(output: str) -> Path:
 
 def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
     """The features of `image` (--set and the deep options) from the server into `path`."""
+    like = read_space(args.like) if getattr(args, "like", None) else None
     with connect(args) as client:
-        transfer = client.fetch_features(image, path, args.set, progress=bars, **encoding, **deep_options(args))
+        transfer = client.fetch_features(image, path, args.set, progress=bars, **encoding, **deep_options(args), like=like)
     bars.close()
     return transfer
 
@@ -384,7 +386,9 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "max_streams_per_client": (int, "concurrent requests of one client"),
                "queue_length": (int, "requests waiting for a worker before new ones are refused"),
                "workers": (int, "requests computed at once"), "max_request_seconds": (float, "longest a request may run"),
-               "image_store_gb": (float, "memory for uploaded images")}
+               "image_store_gb": (float, "memory for uploaded images"),
+               "memory_gb": (float, "memory target: tiles of deep features are sized to fit it"),
+               "max_output_gb": (float, "size of one result, checked before any work")}
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -447,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
                    "default: from the output's suffix")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
+    p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5) "
+                   "or model (.dfm), so they compare with it (default: fit a space on this image)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
     p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")
 

@@ -30,7 +30,7 @@ from .errors import DinofeatError, ServerUnavailable
 from .images import atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
 from .tokens import read_credential
 from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
-                   features_result_key, options_key, result_key, segment_result_key)
+                   features_result_key, options_key, result_key, segment_result_key, space_key)
 
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0
@@ -180,20 +180,26 @@ class FeatureClient:
     def fetch_features(self, image: np.ndarray, output: str | Path, feature_set: str = "classical",
                        compression: str = "gzip", level: int = DEFAULT_LEVEL, progress: Progress | None = None,
                        backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0,
-                       normalise: str = "none") -> Transfer:
+                       normalise: str = "none", like: str | None = None,
+                       fit_images: list[np.ndarray] | None = None) -> Transfer:
         """Compute a feature stack on the server and write it to `output` (.h5), resuming a partial file.
 
-        `backbone`, `preset`, `pca` and `normalise` choose the deep sets' model, views, PCA size and scaling."""
+        `backbone`, `preset`, `pca` and `normalise` choose the deep sets' model, views, PCA size and scaling.
+        The features are expressed in the feature space `like` (JSON, see `spaces.read_space`) when given,
+        else in one fitted over `fit_images` (e.g. every image of a project) or over `image` alone."""
         image = check_image(image)
         output = check_output_path(output)
         sha = self.upload(image)
+        fit_shas = [self.upload(check_image(other)) for other in fit_images or []]
         options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise)
-        key = features_result_key(sha, feature_set, options_key(backbone, preset, pca, normalise), compression, level)
+        key = features_result_key(sha, feature_set, options_key(backbone, preset, pca, normalise), compression, level,
+                                  space_key(like or "", [] if like else fit_shas))
         target = DatasetFile(output, key)
         missing = target.resumable_indices()
         request = pb.ComputeFeaturesRequest(
             image_sha256=sha, feature_set=feature_set, encoding=pb.Encoding(compression=compression, level=level),
-            options=options, resume=missing is not None, chunk_indices=missing or [])
+            options=options, resume=missing is not None, chunk_indices=missing or [], feature_space_json=like or "",
+            fit_image_sha256=[] if like else fit_shas)
         return self.receive(self.stub.ComputeFeatures(request), target, missing is not None, progress)
 
     @retried

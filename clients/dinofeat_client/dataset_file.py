@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from .errors import DinofeatError
+from .spaces import SPACE_GROUP, write_space
 from .wire import DatasetLayout, stream_checksum
 
 RESULT_KEY_ATTRIBUTE = "dinofeat_result_key"
@@ -65,9 +66,10 @@ class DatasetFile:
             return None
         try:
             with h5py.File(self.partial, "r") as f:
-                if f.attrs.get(RESULT_KEY_ATTRIBUTE) != self.key or len(f.keys()) != 1:
+                names = [name for name in f.keys() if name != SPACE_GROUP]
+                if f.attrs.get(RESULT_KEY_ATTRIBUTE) != self.key or len(names) != 1:
                     return None
-                dataset = f[next(iter(f.keys()))]
+                dataset = f[names[0]]
                 layout = stored_layout(dataset)
                 present = {layout.chunk_index(dataset.id.get_chunk_info(i).chunk_offset) for i in range(dataset.id.get_num_chunks())}
                 return sorted(set(range(layout.chunk_count)) - present)
@@ -86,7 +88,11 @@ class DatasetFile:
         self.file = h5py.File(self.partial, "w")
         self.file.attrs[RESULT_KEY_ATTRIBUTE] = self.key
         self.dataset = self.file.create_dataset(layout.name, **layout.h5py_options())
+        attributes = dict(attributes)
+        space = attributes.pop(SPACE_GROUP, None)
         write_attributes(self.dataset.attrs, attributes)
+        if space:
+            write_space(self.file, space)
 
     def write_chunk(self, offset: tuple[int, ...], data: bytes, filter_mask: int) -> None:
         self.dataset.id.write_direct_chunk(offset, data, filter_mask)

@@ -131,11 +131,19 @@ def options_key(backbone: str, preset: str, pca: int, normalise: str) -> str:
     return f"{backbone or DEFAULT_BACKBONE}/{preset or DEFAULT_PRESET}/{pca}/{normalise or 'none'}"
 
 
-def features_result_key(image_sha: str, feature_set: str, options: str, compression: str, level: int) -> str:
+def space_key(feature_space_json: str = "", fit_image_sha256: list[str] | tuple[str, ...] = ()) -> str:
+    """How a feature request chose its space, as it enters the result key: "" for a space fitted on the
+    image itself, else a digest of the given space (--like) or of the images it is fitted over."""
+    if not feature_space_json and not fit_image_sha256:
+        return ""
+    return hashlib.sha256(json.dumps([feature_space_json, list(fit_image_sha256)]).encode()).hexdigest()[:16]
+
+
+def features_result_key(image_sha: str, feature_set: str, options: str, compression: str, level: int, space: str = "") -> str:
     """Result key of a feature request: the server stamps it, the client matches partial files by it.
 
-    `options` comes from `options_key`."""
-    return result_key("features", image_sha, feature_set, options, compression, level)
+    `options` comes from `options_key`, `space` from `space_key`."""
+    return result_key("features", image_sha, feature_set, options, compression, level, *([space] if space else []))
 
 
 def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, options: str, classifier: str, trees: int,

@@ -147,20 +147,24 @@ class FeatureOptions(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., preset: _Optional[str] = ..., pca: _Optional[int] = ..., normalise: _Optional[str] = ...) -> None: ...
 
 class ComputeFeaturesRequest(_message.Message):
-    __slots__ = ("image_sha256", "feature_set", "encoding", "options", "resume", "chunk_indices")
+    __slots__ = ("image_sha256", "feature_set", "encoding", "options", "resume", "chunk_indices", "feature_space_json", "fit_image_sha256")
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SET_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SPACE_JSON_FIELD_NUMBER: _ClassVar[int]
+    FIT_IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     image_sha256: str
     feature_set: str
     encoding: Encoding
     options: FeatureOptions
     resume: bool
     chunk_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., resume: _Optional[bool] = ..., chunk_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    feature_space_json: str
+    fit_image_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., resume: _Optional[bool] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., feature_space_json: _Optional[str] = ..., fit_image_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
     __slots__ = ("image_sha256", "labels_sha256", "feature_set", "classifier", "trees", "encoding", "seed", "options")

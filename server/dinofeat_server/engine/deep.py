@@ -5,15 +5,16 @@ Presets trade quality for time:
 - `default`: stride 7, 9 reflect-shifted views (3 px in 8 directions), aligned bilinear upsampling;
 - `paper`: stride 4, 17 views (1 and 2 px in 8 directions), the reference's exact algorithm;
 - `paper_flips`: the same with the reference's 4 flips (68 views).
-Images larger than the memory budget are cut into overlapping tiles whose results are blended with
-linear ramps, so memory stays bounded whatever the image size.
+Images larger than the memory budget are cut into overlapping tiles (see `tiles.py`); each tile's
+tokens are mapped into the dataset's feature space before upsampling, blended with linear ramps, and
+released in strips of rows as soon as they are final, so memory depends on the tile size and the
+number of output channels, not on the image size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,8 @@ import torch
 from dinofeat_client.errors import DinofeatError
 
 from .backbone import DinoVisionTransformer, imagenet_normalised, token_grid
-from .views import TileOrigin, ViewSpec, view_ensemble
+from .tiles import TILE_OVERLAP, Tile, TileBlender, tile_plan, tile_rows
+from .views import Affine, TileOrigin, ViewSpec, view_ensemble
 
 PRESETS: dict[str, ViewSpec] = {
     "fast": ViewSpec(stride=14, upsampler="joint_bilateral"),
@@ -29,9 +31,10 @@ PRESETS: dict[str, ViewSpec] = {
     "paper": ViewSpec(stride=4, distances=(1, 2), directions=8, mode="paper"),
     "paper_flips": ViewSpec(stride=4, distances=(1, 2), directions=8, flips=True, mode="paper"),
 }
-DEFAULT_BUDGET_BYTES = 4 << 30
-TILE_OVERLAP = 56
-"""Pixels shared by neighbouring tiles (4 patches), blended with linear ramps."""
+DEFAULT_BUDGET_BYTES = 1 << 30
+"""Memory the tiles of one request may use unless the server derives it from its memory target."""
+STRIP_ROWS = 256
+"""Rows per released strip: one row of (1, 256, 256) HDF5 chunks."""
 
 
 def preset(name: str) -> ViewSpec:
@@ -52,49 +55,24 @@ def model_input(image: np.ndarray, device: torch.device) -> tuple[torch.Tensor, 
 
 def estimated_bytes(height: int, width: int, channels: int, model: DinoVisionTransformer, spec: ViewSpec, batch: int) -> int:
     """A generous estimate of the memory one tile needs: ViT activations of a batch of views plus
-    the full-resolution view, accumulator and upsampling temporaries."""
+    the full-resolution view, accumulator and upsampling temporaries of `channels` output channels."""
     tokens = token_grid(height, model.config.patch, spec.stride) * token_grid(width, model.config.patch, spec.stride)
     activations = batch * (tokens + 5) * model.config.dim * 4 * 12
     full_resolution = channels * height * width * 4 * (4 if spec.upsampler == "joint_bilateral" else 3)
-    return activations + full_resolution
+    return activations + full_resolution + 16 * height * width * 4  # input, guide and upsampling weights
 
 
 @dataclass(frozen=True)
-class Tile:
-    y0: int
-    x0: int
-    height: int
-    width: int
+class Advance:
+    """Work done so far, for progress: `done` of `total` units of `stage` (tiles, crops)."""
 
-
-def tile_plan(height: int, width: int, edge: int, overlap: int = TILE_OVERLAP, align: int = 1) -> list[Tile]:
-    """Overlapping tiles of at most edge x edge pixels covering the image, neighbours sharing at least
-    `overlap` pixels. Tiles start on multiples of `align` (the stride, so a tile's tokens fall on the
-    whole image's token grid)."""
-    def spans(size: int) -> list[tuple[int, int]]:
-        if size <= edge:
-            return [(0, size)]
-        count = math.ceil((size - edge) / (edge - overlap - align)) + 1
-        step = (size - edge) / (count - 1)
-        starts = sorted({int(i * step) // align * align for i in range(count - 1)} | {math.ceil((size - edge) / align) * align})
-        return [(s, min(s + edge, size)) for s in starts]
-
-    return [Tile(y0, x0, y1 - y0, x1 - x0) for y0, y1 in spans(height) for x0, x1 in spans(width)]
-
-
-def blend_ramp(length: int, start: int, total: int, overlap: int) -> torch.Tensor:
-    """1-D weights of a tile: rising over `overlap` pixels where it has a neighbour before, falling after."""
-    ramp = torch.ones(length)
-    edge = torch.linspace(0, 1, overlap + 2)[1:-1]
-    if start > 0:
-        ramp[:overlap] = torch.minimum(ramp[:overlap], edge)
-    if start + length < total:
-        ramp[-overlap:] = torch.minimum(ramp[-overlap:], edge.flip(0))
-    return ramp
+    stage: str
+    done: int
+    total: int
 
 
 class DeepExtractor:
-    """A loaded DINOv2 model on one device, computing full-resolution features within a memory budget."""
+    """A loaded DINOv2 model on one device, computing full-resolution features tile by tile within a memory budget."""
 
     def __init__(self, model: DinoVisionTransformer, device: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
         self.model = model.to(device).eval()
@@ -104,18 +82,23 @@ class DeepExtractor:
     def channels(self, what: str) -> int:
         return self.model.config.heads if what == "attention" else self.model.config.dim
 
-    def plan(self, height: int, width: int, spec: ViewSpec, what: str) -> tuple[int, int]:
-        """(tile edge, views per batch) fitting the budget: whole image if it fits, else the largest tile.
+    def plan(self, height: int, width: int, spec: ViewSpec, channels: int) -> tuple[int, int]:
+        """(tile edge, views per batch) such that one tile and the band of blended rows fit the budget:
+        the whole image if it fits, else the largest tile that does.
 
         Tiles are never smaller than four overlaps plus a stride; a budget below what such a tile
         needs is exceeded rather than refused."""
-        channels = self.channels(what)
+        def needed(edge: int, batch: int) -> int:
+            tile = estimated_bytes(min(edge, height), min(edge, width), channels, self.model, spec, batch)
+            band = 0 if edge >= max(height, width) else TileBlender.band_bytes(channels, edge, width, STRIP_ROWS)
+            return tile + band
+
         batch = min(spec.view_count(), 8)
-        while batch > 1 and estimated_bytes(height, width, channels, self.model, spec, batch) > self.budget_bytes:
+        while batch > 1 and needed(max(height, width), batch) > self.budget_bytes:
             batch //= 2
         edge = max(height, width)
-        while edge > 4 * TILE_OVERLAP + spec.stride and estimated_bytes(min(edge, height), min(edge, width), channels, self.model, spec, batch) > self.budget_bytes:
-            edge = int(edge * 0.8)
+        while edge > 4 * TILE_OVERLAP + spec.stride and needed(edge, batch) > self.budget_bytes:
+            edge = max(int(edge * 0.8), 4 * TILE_OVERLAP + spec.stride)
         return edge, batch
 
     def autocast(self):
@@ -123,27 +106,46 @@ class DeepExtractor:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def features(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens",
-                 check: Callable[[], None] = lambda: None) -> torch.Tensor:
-        """(C, Y, X) float32 on the CPU: patch-token features (what="tokens") or CLS attention per head."""
-        height, width = image.shape[:2]
+    def check_size(self, height: int, width: int) -> None:
         patch = self.model.config.patch
         if min(height, width) < patch:
             raise DinofeatError(f"the image is {height}x{width} pixels; DINOv2 features need at least {patch}x{patch}.")
-        edge, batch = self.plan(height, width, spec, what)
-        normalised, guide = model_input(image, self.device)
-        tiles = tile_plan(height, width, edge, align=spec.stride)
+
+    def tile_features(self, image: np.ndarray, tile: Tile, spec: ViewSpec, what: str, batch: int, affine: Affine = None,
+                      check: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """(k, h, w) float32 features of one tile of `image` (intensities about [0, 1]), on the CPU, computed
+        with the whole image's token grid and mapped by `affine` (k = C without it)."""
+        height, width = image.shape[:2]
+        normalised, guide = model_input(image[tile.window], self.device)
+        whole = tile.height == height and tile.width == width
+        origin = None if whole else TileOrigin(height, width, tile.y0, tile.x0)
         with torch.inference_mode(), self.autocast():
-            if len(tiles) == 1:
-                return view_ensemble(self.model, normalised, guide, spec, what, batch, check)[0].float().cpu()
-            total = torch.zeros(self.channels(what), height, width)
-            weight = torch.zeros(1, height, width)
-            for tile in tiles:
-                window = (..., slice(tile.y0, tile.y0 + tile.height), slice(tile.x0, tile.x0 + tile.width))
-                origin = TileOrigin(height, width, tile.y0, tile.x0)
-                out = view_ensemble(self.model, normalised[window], guide[window], spec, what, batch, check, origin)[0].float().cpu()
-                ramp = (blend_ramp(tile.height, tile.y0, height, TILE_OVERLAP)[:, None]
-                        * blend_ramp(tile.width, tile.x0, width, TILE_OVERLAP)[None, :])
-                total[window] += out * ramp
-                weight[window] += ramp
-            return total / weight
+            out = view_ensemble(self.model, normalised, guide, spec, what, batch, check, origin, affine)
+        return out[0].float().cpu()
+
+    def strips(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens", affine: Affine = None,
+               check: Callable[[], None] = lambda: None) -> Iterator[tuple[int, torch.Tensor] | Advance]:
+        """(first_row, (k, rows, X)) strips of STRIP_ROWS rows covering `image`, each as soon as every tile
+        touching it is blended, with an `Advance` after every tile."""
+        height, width = image.shape[:2]
+        self.check_size(height, width)
+        channels = self.channels(what) if affine is None else affine[0].shape[0]
+        edge, batch = self.plan(height, width, spec, channels)
+        plan = tile_rows(tile_plan(height, width, edge, align=spec.stride))
+        blender = TileBlender(channels, height, width, STRIP_ROWS)
+        done, total = 0, sum(len(row) for row in plan)
+        yield Advance("tiles", 0, total)
+        for number, row in enumerate(plan):
+            for tile in row:
+                check()
+                blender.add(tile, self.tile_features(image, tile, spec, what, batch, affine, check))
+                done += 1
+                yield Advance("tiles", done, total)
+            yield from blender.finished(plan[number + 1][0].y0 if number + 1 < len(plan) else height)
+
+    def features(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens",
+                 check: Callable[[], None] = lambda: None, affine: Affine = None) -> torch.Tensor:
+        """The whole (C, Y, X) float32 stack on the CPU: patch-token features (what="tokens") or CLS
+        attention per head. For tests and small images; servers stream `strips`."""
+        strips = [item[1] for item in self.strips(image, spec, what, affine, check) if not isinstance(item, Advance)]
+        return torch.cat(strips, dim=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PCA_SAMPLE_PIXELS = 200_000
@@ -28,21 +29,32 @@ class PcaBasis:
 
 
 def fit_pca(features: torch.Tensor, components: int) -> PcaBasis:
-    """Principal components of the pixels' feature vectors; the sign makes each component's largest
-    loading positive, so the same image always gives the same picture."""
+    """Principal components of the pixels' feature vectors (C, H, W), from at most PCA_SAMPLE_PIXELS
+    evenly spaced pixels; see `principal_axes`."""
     c = features.shape[0]
-    flat = features.reshape(c, -1).double()
+    flat = features.reshape(c, -1)
     step = max(1, flat.shape[1] // PCA_SAMPLE_PIXELS)
-    sample = flat[:, ::step]
-    mean = sample.mean(dim=1)
-    centred = sample - mean[:, None]
-    covariance = centred @ centred.T / max(centred.shape[1] - 1, 1)
+    return principal_axes_of(flat[:, ::step].T.double(), components)
+
+
+def principal_axes_of(samples: torch.Tensor, components: int) -> PcaBasis:
+    """PCA of (N, C) samples: the sign makes each component's largest loading positive, so the same
+    data always gives the same basis and picture."""
+    mean = samples.mean(dim=0)
+    centred = samples - mean
+    covariance = centred.T @ centred / max(centred.shape[0] - 1, 1)
     variance, vectors = torch.linalg.eigh(covariance)
     order = torch.argsort(variance, descending=True)[:components]
     vectors = vectors[:, order].T
     signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
     vectors = vectors * signs
     return PcaBasis(mean.float(), vectors.float(), variance[order].float())
+
+
+def principal_axes(samples: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (C,), components (k, C)) float32 of (N, C) samples, as `principal_axes_of`."""
+    basis = principal_axes_of(torch.from_numpy(samples).double(), components)
+    return basis.mean.numpy(), basis.components.numpy()
 
 
 def min_max(features: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,23 @@
 """Named feature sets: what a client asks for by name, with stable channel names and a JSON spec.
 
-A feature set turns one 2-D image (greyscale or RGB) into a (C, Y, X) float32 stack, in strips of
-rows so that large images stream without being held whole; stacks (Z, Y, X) go slice by slice.
+A feature set turns one 2-D plane (greyscale or RGB) into a (C, Y, X) float32 stack, in strips of
+rows so that large images stream without being held whole; stacks (Z, Y, X) go slice by slice. Every
+set first fits a `FeatureSpace` over the whole dataset (`fit_space`) and then expresses each plane in
+it (`strips`), so all tiles, slices and later images share one basis.
+
+The contract of a set, as each subclass fills it in:
+
+    channel_names(image_channels, options, models) -> list[str]      stable, human-readable
+    spec(options) -> dict                                             what the numbers are (JSON)
+    fit_space(planes, device, options, models, check)                 yields Advance, returns FeatureSpace
+    strips(plane, device, options, models, check, space)              yields Advance and (first_row, (C, rows, X))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -22,9 +31,12 @@ from .classical import (
     weka_features,
     weka_halo,
 )
-from .deep import DeepExtractor, preset
-from .postprocess import NORMALISATIONS, fit_pca, min_max
+from .deep import Advance, DeepExtractor, preset
+from .postprocess import l2_per_pixel, principal_axes
+from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
+from .space import FeatureSpace, dtype_range, input_range, robust_range, standard_range
 from .strips import STRIP_ROWS, feature_strips
+from .tiles import Tile
 from .weights import official_config
 
 RGB_CHANNEL_NAMES = ("red", "green", "blue")
@@ -56,14 +68,20 @@ class Models(Protocol):
 
 
 Check = Callable[[], None]
+Strip = tuple[int, np.ndarray]
+Fit = Generator[Advance, None, FeatureSpace]
 
 
 def no_check() -> None:
     return None
 
 
+def image_channels(plane: np.ndarray) -> int:
+    return 3 if plane.ndim == 3 else 1
+
+
 class FeatureSet:
-    """A named way of turning one 2-D image (Y, X) or (Y, X, 3) in [0, 1] into a (C, Y, X) float32 stack."""
+    """A named way of turning one 2-D plane (Y, X) or (Y, X, 3) into a (C, Y, X) float32 stack."""
 
     name: str
     description: str
@@ -75,19 +93,54 @@ class FeatureSet:
     def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
         raise NotImplementedError
 
-    def strips(self, image: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
-               models: Models | None = None, check: Check = no_check) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first_row, features (C, rows, X)) covering the image."""
+    def identity(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> dict:
+        """What a feature space of this set belongs to: the full spec, the weights and the image channels."""
+        weights = models.weights_sha256(options.backbone) if self.deep and models is not None else ""
+        return {"feature_set": self.spec(options), "weights_sha256": weights, "image_channels": image_channels}
+
+    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
+                  models: Models | None = None, check: Check = no_check) -> Fit:
+        """Fit the space of a dataset given as its raw 2-D planes; yields progress, returns the space."""
         raise NotImplementedError
 
+    def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
+               space: FeatureSpace) -> Iterator[Strip | Advance]:
+        """Yield (first_row, features (C, rows, X)) covering the raw plane, expressed in `space`, and progress."""
+        raise NotImplementedError
+
+    def fitted_space(self, planes: list[np.ndarray], device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
+                     models: Models | None = None) -> FeatureSpace:
+        """`fit_space` without the progress."""
+        fit = self.fit_space(planes, torch.device(device), options, models)
+        while True:
+            try:
+                next(fit)
+            except StopIteration as done:
+                return done.value
+
     def compute(self, image: np.ndarray, device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
-                models: Models | None = None) -> np.ndarray:
-        """The whole (C, Y, X) stack of one 2-D image."""
-        return np.concatenate([b for _, b in self.strips(image, torch.device(device), options, models)], axis=1)
+                models: Models | None = None, space: FeatureSpace | None = None) -> np.ndarray:
+        """The whole (C, Y, X) stack of one 2-D plane, in `space` (by default fitted on the plane itself)."""
+        device = torch.device(device)
+        space = space or self.fitted_space([image], device, options, models)
+        blocks = [item[1] for item in self.strips(image, device, options, models, no_check, space) if not isinstance(item, Advance)]
+        return np.concatenate(blocks, axis=1)
+
+
+class NormalisedPlane:
+    """A raw plane seen through a space's input range, normalised one window at a time (no whole copy)."""
+
+    def __init__(self, plane: np.ndarray, space: FeatureSpace):
+        self.plane, self.space, self.shape, self.ndim = plane, space, plane.shape, plane.ndim
+
+    def __getitem__(self, window) -> np.ndarray:
+        return self.space.normalised_input(self.plane[window])
 
 
 class ClassicalSet(FeatureSet):
-    """A bank of local filters, computed exactly in strips of rows: K channels per image channel."""
+    """A bank of local filters, computed exactly in strips of rows: K channels per image channel.
+
+    Its space is fixed, not fitted: integer images are divided by their type's maximum, floats kept."""
 
     def __init__(self, name: str, description: str, names_per_channel: tuple[str, ...], halo: int,
                  bank: Callable[[torch.Tensor], torch.Tensor], parameters: dict):
@@ -102,14 +155,38 @@ class ClassicalSet(FeatureSet):
     def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
         return {"name": self.name, **self.parameters}
 
-    def strips(self, image: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
-               models: Models | None = None, check: Check = no_check, rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
+                  models: Models | None = None, check: Check = no_check) -> Fit:
+        return FeatureSpace(self.identity(image_channels(planes[0]), options, models), dtype_range(planes[0].dtype))
+        yield  # a generator like every set's fit
+
+    def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
+               models: Models | None = None, check: Check = no_check, space: FeatureSpace | None = None,
+               rows: int = STRIP_ROWS) -> Iterator[Strip]:
+        image = space.normalised_input(plane) if space else plane.astype(np.float32)
+        yield from self.bank_strips(image, device, check, rows)
+
+    def bank_strips(self, image: np.ndarray, device: torch.device, check: Check = no_check, rows: int = STRIP_ROWS) -> Iterator[Strip]:
+        """The bank of a plane already in [0, 1], in strips of `rows` rows."""
         planes = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
         tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
         with torch.inference_mode():
             for y0, block in feature_strips(self.bank, tensor, self.halo, rows):
                 check()
                 yield y0, block.reshape(-1, *block.shape[-2:]).cpu().numpy()
+
+    def crop(self, image: np.ndarray | NormalisedPlane, crop: Tile, device: torch.device) -> np.ndarray:
+        """The bank's (C, h, w) output on one crop of a plane in [0, 1], equal to the whole plane's there."""
+        y0, x0 = max(crop.y0 - self.halo, 0), max(crop.x0 - self.halo, 0)
+        y1 = min(crop.y0 + crop.height + self.halo, image.shape[0])
+        x1 = min(crop.x0 + crop.width + self.halo, image.shape[1])
+        region = image[y0:y1, x0:x1]
+        planes = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
+        tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
+        with torch.inference_mode():
+            out = self.bank(tensor)
+        out = out.reshape(-1, *out.shape[-2:]).cpu().numpy()
+        return out[:, crop.y0 - y0 : crop.y0 - y0 + crop.height, crop.x0 - x0 : crop.x0 - x0 + crop.width]
 
 
 CLASSICAL = ClassicalSet(
@@ -124,73 +201,149 @@ CLASSICAL = ClassicalSet(
 
 
 class DeepSet(FeatureSet):
-    """DINOv2 features ("dinov2"), CLS attention per head ("attention"), or deep PCA + classical ("hybrid")."""
+    """DINOv2 tokens or attention, tiled, mapped into the dataset's space before upsampling (see the subclasses)."""
 
     deep = True
+    what: Literal["tokens", "attention"] = "tokens"
 
-    def __init__(self, kind: str, description: str):
-        self.name = self.kind = kind
-        self.description = description
+    def __init__(self, name: str, description: str):
+        self.name, self.description = name, description
 
     def components(self, options: FeatureOptions) -> int:
         """PCA components of the deep part (0: all channels)."""
-        if self.kind == "hybrid":
-            return options.pca or HYBRID_PCA
         return options.pca
 
-    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+    def normalisation(self, options: FeatureOptions) -> str:
+        return options.normalise
+
+    def deep_names(self, models: Models | None, options: FeatureOptions) -> list[str]:
         config = models.extractor(options.backbone).model.config if models else official_config(options.backbone)
-        if self.kind == "attention":
-            return [f"attn_h{h}" for h in range(config.heads)]
-        k = self.components(options)
-        deep = [f"dino_pca_{i:02d}" for i in range(k)] if k else [f"dino_{i:03d}" for i in range(config.dim)]
-        if self.kind == "hybrid":
-            return deep + CLASSICAL.channel_names(image_channels)
-        return deep
+        k = min(self.components(options), config.dim)
+        return [f"dino_pca_{i:02d}" for i in range(k)] if k else [f"dino_{i:03d}" for i in range(config.dim)]
+
+    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+        return self.deep_names(models, options)
 
     def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
         view = preset(options.preset)
-        spec = {"name": self.name, "backbone": options.backbone, "preset": options.preset, "stride": view.stride,
-                "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler, "pca": self.components(options),
-                "normalisation": "minmax" if self.kind == "hybrid" else options.normalise}
-        if self.kind == "hybrid":
-            spec.update(classical=CLASSICAL.spec())
-        return spec
+        return {"name": self.name, "backbone": options.backbone, "preset": options.preset, "stride": view.stride,
+                "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler,
+                "pca": self.components(options), "normalisation": self.normalisation(options)}
 
-    def features(self, image: np.ndarray, device: torch.device, options: FeatureOptions, models: Models, check: Check) -> torch.Tensor:
-        """The whole (C, Y, X) stack: deep features are not local, so no exact strips."""
+    def needs_sample(self, options: FeatureOptions) -> bool:
+        return bool(self.components(options)) or self.normalisation(options) in ("minmax", "zscore")
+
+    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
+                  models: Models | None = None, check: Check = no_check) -> Fit:
+        """Input range from all planes; PCA and channel scaling from the deep features of sample crops."""
+        identity = self.identity(image_channels(planes[0]), options, models)
+        space = FeatureSpace(identity, input_range(planes))
+        if not self.needs_sample(options):
+            return space
+        extractor = models.extractor(options.backbone)
+        deep, classical = yield from self.sample(planes, space, extractor, device, options, check)
+        mean = components = shift = scale = None
+        k = self.components(options)
+        if k:
+            mean, components = principal_axes(deep, k)
+            deep = (deep - mean) @ components.T
+        scaled = np.concatenate([deep, classical], axis=1) if classical is not None else deep
+        if self.normalisation(options) == "minmax":
+            shift, scale = robust_range(scaled)
+        elif self.normalisation(options) == "zscore":
+            shift, scale = standard_range(scaled)
+        return FeatureSpace(identity, space.input_range, mean, components, shift, scale)
+
+    def sample(self, planes: list[np.ndarray], space: FeatureSpace, extractor: DeepExtractor, device: torch.device,
+               options: FeatureOptions, check: Check) -> Generator[Advance, None, tuple[np.ndarray, np.ndarray | None]]:
+        """(N, C) raw deep feature vectors (and (N, K) classical ones for hybrid) at the sample's pixels."""
+        spec, channels = preset(options.preset), extractor.channels(self.what)
+        edge, batch = extractor.plan(SAMPLE_EDGE, SAMPLE_EDGE, spec, channels)
+        crops = sample_crops([p.shape[:2] for p in planes], min(edge, SAMPLE_EDGE))
+        per_crop = max(1, SAMPLE_BYTES // (4 * channels) // len(crops))
+        deep, classical = [], []
+        yield Advance("fitting the feature space", 0, len(crops))
+        for number, (z, crop) in enumerate(crops):
+            check()
+            plane = NormalisedPlane(planes[z], space)
+            extractor.check_size(*plane.shape[:2])
+            features = extractor.tile_features(plane, crop, spec, self.what, batch, None, check).numpy()
+            stride = pixel_stride(crop, per_crop)
+            deep.append(sample_pixels(features, stride))
+            if self.with_classical:
+                classical.append(sample_pixels(CLASSICAL.crop(plane, crop, device), stride))
+            yield Advance("fitting the feature space", number + 1, len(crops))
+        return np.concatenate(deep), (np.concatenate(classical) if classical else None)
+
+    with_classical = False
+
+    def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
+               space: FeatureSpace) -> Iterator[Strip | Advance]:
         if models is None:
             raise ValueError("deep feature sets need loaded models")
         extractor = models.extractor(options.backbone)
-        what = "attention" if self.kind == "attention" else "tokens"
-        deep = extractor.features(image, preset(options.preset), what, check)
-        k = self.components(options)
-        if k:
-            deep = fit_pca(deep, k).apply(deep)
-        if self.kind != "hybrid":
-            return NORMALISATIONS[options.normalise](deep)
-        classical = torch.from_numpy(CLASSICAL.compute(image, device))
-        return torch.cat([min_max(deep), min_max(classical)])
+        affine = space.deep_affine()
+        classical = (CLASSICAL.bank_strips(space.normalised_input(plane), device, check) if self.with_classical else None)
+        k = len(self.deep_names(models, options))
+        for item in extractor.strips(NormalisedPlane(plane, space), preset(options.preset), self.what, affine, check):
+            if isinstance(item, Advance):
+                yield item
+                continue
+            y0, block = item
+            if self.normalisation(options) == "l2":
+                block = l2_per_pixel(block)
+            block = block.numpy()
+            if classical is not None:
+                _, bank = next(classical)
+                block = np.concatenate([block, space.scaled(bank, k)])
+            yield y0, block
 
-    def strips(self, image: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
-               models: Models | None = None, check: Check = no_check, rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        stack = self.features(image, device, options, models, check).numpy()
-        for y0 in range(0, stack.shape[1], rows):
-            yield y0, stack[:, y0 : y0 + rows]
+
+class DinoSet(DeepSet):
+    """DINOv2 patch features at full resolution, optionally PCA-reduced and normalised."""
+
+
+class AttentionSet(DeepSet):
+    """Last-block CLS attention of DINOv2, one channel per head."""
+
+    what = "attention"
+
+    def deep_names(self, models: Models | None, options: FeatureOptions) -> list[str]:
+        config = models.extractor(options.backbone).model.config if models else official_config(options.backbone)
+        k = min(self.components(options), config.heads)
+        return [f"attn_pca_{i:02d}" for i in range(k)] if k else [f"attn_h{h}" for h in range(config.heads)]
+
+
+class HybridSet(DeepSet):
+    """DINOv2 PCA (32 components by default) beside the classical bank, every channel in the dataset's robust range."""
+
+    with_classical = True
+
+    def components(self, options: FeatureOptions) -> int:
+        return options.pca or HYBRID_PCA
+
+    def normalisation(self, options: FeatureOptions) -> str:
+        return "minmax"
+
+    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+        return self.deep_names(models, options) + CLASSICAL.channel_names(image_channels)
+
+    def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
+        return {**super().spec(options), "classical": CLASSICAL.spec()}
 
 
 def intensity_scaled(image: np.ndarray) -> np.ndarray:
-    """float32 intensities: integer images divided by their type's maximum (8-bit -> [0, 1]), floats unchanged."""
-    if image.dtype.kind in "ui":
-        return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
-    return image.astype(np.float32)
+    """float32 intensities: integer images divided by their type's maximum (8-bit -> [0, 1]), floats unchanged
+    (the classical set's fixed input range)."""
+    low, high = dtype_range(image.dtype)
+    return ((image.astype(np.float32) - np.float32(low)) / np.float32(high - low)).astype(np.float32)
 
 
 FEATURE_SETS: dict[str, FeatureSet] = {
     "classical": CLASSICAL,
-    "dinov2": DeepSet("dinov2", "DINOv2 patch features at full resolution (optionally PCA-reduced)"),
-    "attention": DeepSet("attention", "DINOv2 last-block CLS attention, one channel per head"),
-    "hybrid": DeepSet("hybrid", f"DINOv2 PCA-{HYBRID_PCA} + classical bank, each channel min-max scaled"),
+    "dinov2": DinoSet("dinov2", "DINOv2 patch features at full resolution (optionally PCA-reduced)"),
+    "attention": AttentionSet("attention", "DINOv2 last-block CLS attention, one channel per head"),
+    "hybrid": HybridSet("hybrid", f"DINOv2 PCA-{HYBRID_PCA} + classical bank, each channel in the dataset's robust range"),
 }
 
 

@@ -59,8 +59,9 @@ def joint_bilateral(tokens: torch.Tensor, placement: TokenPlacement, size: tuple
 
     Each pixel averages the (2 radius + 1)^2 tokens around its nearest token, weighted by a spatial
     Gaussian over token-grid distance (`sigma_spatial`, in tokens) times a range Gaussian over the
-    guide's difference between the pixel and the token's centre pixel (`sigma_range`, guide scaled
-    to [0, 1]). Tokens across an edge of the guide get little weight, so edges stay sharp.
+    guide's difference between the pixel and the token's centre pixel (`sigma_range`, in guide units:
+    the guide is the image in its feature space's input range, about [0, 1], the same for every tile).
+    Tokens across an edge of the guide get little weight, so edges stay sharp.
 
     Pixels sharing a nearest token share its neighbourhood, so the work is one small matrix product
     per token row: (C x K) neighbourhood features times (K x pixels) weights.
@@ -70,8 +71,7 @@ def joint_bilateral(tokens: torch.Tensor, placement: TokenPlacement, size: tuple
     b, c, h, w = tokens.shape
     height, width = size
     device = tokens.device
-    low, high = guide.amin(dim=(-2, -1), keepdim=True), guide.amax(dim=(-2, -1), keepdim=True)
-    guide = ((guide - low) / (high - low).clamp_min(1e-12)).float()
+    guide = guide.float()
     ty = placement.token_coordinates(height, "y", device)
     tx = placement.token_coordinates(width, "x", device)
     ny, nx = ty.round().clamp(0, h - 1).long(), tx.round().clamp(0, w - 1).long()

@@ -82,11 +82,20 @@ def tile_pos_window(origin: TileOrigin | None, size: tuple[int, int], flip: tupl
     return PosWindow(rows, cols, row0, col0, origin.full_height == origin.full_width)
 
 
+Affine = tuple[torch.Tensor, torch.Tensor] | None
+"""(weight (k, C), bias (k,)) applied to every token before upsampling (a feature space), or None."""
+
+
 def view_tokens(model: DinoVisionTransformer, images: torch.Tensor, stride: int, what: str,
-                pos_window: PosWindow | None = None) -> torch.Tensor:
-    """Patch tokens (what="tokens") or last-block CLS attention per head ("attention"), float32."""
+                pos_window: PosWindow | None = None, affine: Affine = None) -> torch.Tensor:
+    """Patch tokens (what="tokens") or last-block CLS attention per head ("attention"), float32,
+    mapped by `affine` when given (upsampling and averaging are linear, so this equals mapping later)."""
     out = model(images, stride=stride, cls_attention=what == "attention", pos_window=pos_window)
-    return (out.cls_attention if what == "attention" else out.patch_tokens).float()
+    tokens = (out.cls_attention if what == "attention" else out.patch_tokens).float()
+    if affine is None:
+        return tokens
+    weight, bias = (t.to(tokens.device) for t in affine)
+    return torch.einsum("kc,bchw->bkhw", weight, tokens) + bias[None, :, None, None]
 
 
 def view_batches(views: list[torch.Tensor], flips: list[tuple[bool, bool]], batch: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -101,7 +110,8 @@ def view_batches(views: list[torch.Tensor], flips: list[tuple[bool, bool]], batc
 
 
 def paper_ensemble(model: DinoVisionTransformer, image: torch.Tensor, spec: ViewSpec, what: str,
-                   batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None) -> torch.Tensor:
+                   batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
+                   affine: Affine = None) -> torch.Tensor:
     """The reference algorithm: roll, ViT, nearest-exact resize, roll back, unflip, running mean."""
     height, width = image.shape[-2:]
     views, undo = [], []
@@ -113,7 +123,7 @@ def paper_ensemble(model: DinoVisionTransformer, image: torch.Tensor, spec: View
     for start, images in view_batches(views, [u[0] for u in undo], batch):
         check()
         window = tile_pos_window(origin, (height, width), undo[start][0], spec.stride, model.config.patch)
-        tokens = view_tokens(model, images, spec.stride, what, window)
+        tokens = view_tokens(model, images, spec.stride, what, window, affine)
         for k in range(tokens.shape[0]):
             flip, dy, dx = undo[start + k]
             full = F.interpolate(tokens[k : k + 1], size=(height, width), mode="nearest-exact")
@@ -152,7 +162,8 @@ def aligned_views(image: torch.Tensor, spec: ViewSpec) -> list[tuple[torch.Tenso
 
 
 def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
-                     batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None) -> torch.Tensor:
+                     batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
+                     affine: Affine = None) -> torch.Tensor:
     """Reflect-padded shifts and flips, each view's tokens placed at their true pixel centres."""
     size = image.shape[-2:]
     upsample = UPSAMPLERS[spec.upsampler]
@@ -161,7 +172,7 @@ def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: t
     for start, images in view_batches([v[0] for v in views], [v[1] for v in views], batch):
         check()
         window = tile_pos_window(origin, tuple(size), views[start][1], spec.stride, model.config.patch)
-        tokens = view_tokens(model, images, spec.stride, what, window)
+        tokens = view_tokens(model, images, spec.stride, what, window, affine)
         for k in range(tokens.shape[0]):
             _, flip, dy, dx = views[start + k]
             placement = view_placement(flip, dy, dx, tokens.shape[-2:], size, spec.stride, model.config.patch)
@@ -171,10 +182,12 @@ def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: t
 
 
 def view_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
-                  batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None) -> torch.Tensor:
+                  batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
+                  affine: Affine = None) -> torch.Tensor:
     """Features (1, C, H, W) of one ImageNet-normalised image (1, 3, H, W) averaged over the views of `spec`.
 
-    `origin` marks the image as a tile of a larger one (position embeddings of the whole image)."""
+    `origin` marks the image as a tile of a larger one (position embeddings of the whole image);
+    `affine` maps each view's tokens into a feature space (C becomes its k channels)."""
     if spec.mode == "paper":
-        return paper_ensemble(model, image, spec, what, batch, check, origin)
-    return aligned_ensemble(model, image, guide, spec, what, batch, check, origin)
+        return paper_ensemble(model, image, spec, what, batch, check, origin, affine)
+    return aligned_ensemble(model, image, guide, spec, what, batch, check, origin, affine)

@@ -2,7 +2,12 @@
 in skops format, loaded with an explicit list of trusted types (no pickle, no code from the file).
 
 The metadata stores what the classifier was trained on (feature set, options, spec, channel count,
-class values), so applying it to features of another kind fails with a clear sentence.
+class values) and the feature space fitted over its training images, so a new image is expressed in
+the same basis and features of another kind fail with a clear sentence.
+
+Format /2 added the feature space. /1 files of the classical set still load (its space is fixed, not
+fitted); /1 files of deep sets are refused with a sentence that says to retrain, since the basis
+their classifier learnt in was never stored.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import skops.io as sio
 from dinofeat_client.errors import DinofeatError
 from sklearn.base import ClassifierMixin
 
-FORMAT = "dinofeat-model/1"
+from ..engine.space import FeatureSpace
+
+FORMAT = "dinofeat-model/2"
+OLD_FORMAT = "dinofeat-model/1"
 TRUSTED_TYPES = {
     "sklearn.tree._tree.Tree",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
@@ -28,6 +36,11 @@ TRUSTED_TYPES = {
 class TrainedModel:
     classifier: ClassifierMixin
     metadata: dict
+
+    def space(self) -> FeatureSpace | None:
+        """The feature space of the training images (None for /1 classical models: fixed, not fitted)."""
+        stored = self.metadata.get("feature_space")
+        return FeatureSpace.from_dict(stored) if stored else None
 
     def check_features(self, feature_set: str, channels: int) -> None:
         """Refuse features of another set or channel count than the classifier was trained on."""
@@ -57,8 +70,12 @@ def model_from_bytes(data: bytes) -> TrainedModel:
             classifier_data = archive.read("classifier.skops")
     except (zipfile.BadZipFile, KeyError, ValueError):
         raise DinofeatError("this is not a dinofeat model file (train one with `dinofeat train`).") from None
-    if metadata.get("format") != FORMAT:
-        raise DinofeatError(f"the model file has format {metadata.get('format')!r}; this dinofeat reads {FORMAT}.")
+    if metadata.get("format") == OLD_FORMAT and metadata.get("feature_set") != "classical":
+        raise DinofeatError(f"the model file ({OLD_FORMAT}) was trained on {metadata.get('feature_set')!r} features without "
+                            "storing their feature space; train it again with this dinofeat.")
+    if metadata.get("format") not in (FORMAT, OLD_FORMAT):
+        raise DinofeatError(f"the model file has format {metadata.get('format')!r}; this dinofeat reads {FORMAT} (and {OLD_FORMAT} "
+                            "classical models).")
     try:
         untrusted = set(sio.get_untrusted_types(data=classifier_data))
     except Exception:

@@ -9,6 +9,8 @@
     tls_key = "server.key"        workers = 2                 # requests computed at once
     cache_dir = "/scratch/cache"  max_request_seconds = 3600  # longest a request may run
     cache_gb = 50                 image_store_gb = 8          # uploaded images held in memory
+                                  memory_gb = 3               # the server's memory target (tiles fit it)
+                                  max_output_gb = 256         # bytes of one result (checked before work)
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dinofeat_client.errors import DinofeatError
+
+
+BASE_BYTES = 1 << 30
+"""Resident memory of a server before any tile: Python, torch, gRPC, a loaded ViT-S/B, images and strips."""
+MIN_TILE_BUDGET = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class ServerLimits:
     workers: int = 2
     max_request_seconds: float = 6 * 3600
     image_store_gb: float = 4
+    memory_gb: float = 3
+    max_output_gb: float = 256
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -42,6 +51,12 @@ class ServerLimits:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * (1 << 20))
+
+    @property
+    def tile_budget_bytes(self) -> int:
+        """Memory the tiles of one request may use: the memory target less the process's base, shared
+        by the workers (each computes one request at a time)."""
+        return max(int((self.memory_gb * (1 << 30) - BASE_BYTES) / self.workers), MIN_TILE_BUDGET)
 
 
 SERVER_KEYS = {"host": str, "port": int, "device": str, "insecure": bool, "token_file": str, "tls_cert": str,

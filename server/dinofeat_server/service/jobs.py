@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -26,12 +26,13 @@ from dinofeat_client.wire import (
     segment_result_key,
 )
 
+from ..engine.deep import Advance
+from ..engine.space import FeatureSpace
 from ..engine.stacks import (
     FeatureOptions,
     FeatureSet,
     Models,
     feature_set,
-    intensity_scaled,
 )
 from ..segment.classifiers import (
     DEFAULT_TREES,
@@ -48,7 +49,7 @@ from ..segment.fewshot import (
     volume_support_slices,
 )
 from ..segment.model_file import TrainedModel, model_bytes
-from ..segment.unsupervised import attention_foreground, kmeans_labels, pca_picture
+from ..segment.unsupervised import analysis_labeller
 from .result_cache import ResultCache
 from .streaming import Cancelled, dataset_messages, only_chunks, progress_message
 
@@ -82,8 +83,63 @@ def block_origin(volume: bool, z: int, y0: int) -> tuple[int, ...]:
     return (0, z, y0, 0) if volume else (0, y0, 0)
 
 
+KEEP_BYTES = 512 << 20
+"""Features of a dataset are kept between two passes (train then predict, sample then label) when they
+fit this; larger datasets are computed again, tile by tile, rather than held whole."""
+
+
+def dataset_planes(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Every 2-D slice of every image, in order: what one feature space is fitted over."""
+    return [plane for image in images for plane in slices_of(image)]
+
+
+def progress_of(advance: Advance, prefix: str = "") -> pb.Progress:
+    return pb.Progress(stage=f"{prefix}{advance.stage}", done=advance.done, total=advance.total)
+
+
+def fitted_space(images: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+                 check, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, FeatureSpace]:
+    """The dataset's feature space: `like` (checked against these features) or fitted over all `images`."""
+    identity = fset.identity(image_channels(images[0]), options, models)  # loads the model of a deep set
+    if like is not None:
+        like.check_identity(identity)
+        return like
+    fit = fset.fit_space(dataset_planes(images), device, options, models, check)
+    while True:
+        try:
+            advance = next(fit)
+        except StopIteration as done:
+            return done.value
+        yield progress_of(advance)
+
+
+def image_channels(image: np.ndarray) -> int:
+    return 3 if image_axes(image).endswith("c") else 1
+
+
+Strip = tuple[int, int, np.ndarray]
+"""(slice, first row, features (C, rows, X)) of one image."""
+
+
+def image_strips(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+                 check, space: FeatureSpace, prefix: str = "") -> Iterator[pb.Progress | Strip]:
+    """Every strip of every slice of `image` in `space`, with progress (tiles for deep sets, strips otherwise)."""
+    slices = slices_of(image)
+    for z, plane in enumerate(slices):
+        label = f"{prefix}slice {z + 1}/{len(slices)}: " if len(slices) > 1 else prefix
+        rows = plane.shape[0]
+        for item in fset.strips(plane, device, options, models, check, space):
+            if isinstance(item, Advance):
+                yield progress_of(item, label)
+            else:
+                y0, block = item
+                if not fset.deep:
+                    yield pb.Progress(stage=f"{label}rows", done=y0 + block.shape[1], total=rows)
+                yield z, y0, block
+
+
 def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, options: FeatureOptions,
-                       models: Models, names: list[str]) -> dict:
+                       models: Models, names: list[str], space: FeatureSpace) -> dict:
     volume = image_axes(image).startswith("z")
     return {
         "axistags": axistags("czyx" if volume else "cyx"),
@@ -95,56 +151,67 @@ def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, opti
         "source_sha256": image_sha,
         "source_shape": list(image.shape),
         "source_dtype": image.dtype.name,
+        "feature_space": space.to_dict(),
     }
 
 
 def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, encoding: pb.Encoding,
-                 device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Compute `fset` over every slice and stream it as the dataset "features"."""
+                 device: torch.device, cancelled: threading.Event, like: FeatureSpace | None = None,
+                 fit_images: list[np.ndarray] | None = None, space_key: str = "") -> Iterator[pb.DatasetStream]:
+    """Fit (or take) the dataset's space, then compute `fset` tile by tile and stream it as the dataset "features"."""
     image_sha = image_sha256(image)
-    slices = slices_of(image)
-    channels = 3 if image_axes(image).endswith("c") else 1
-    yield progress_message("loading", 0, 1)
-    names = fset.channel_names(channels, options, models)  # loads the model of a deep set
-    yield progress_message("loading", 1, 1)
-    layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
-    key = features_result_key(image_sha, fset.name, options.key(), layout.compression, layout.level)
-    volume = len(layout.shape) == 4
     check = cancel_check(cancelled)
+    yield progress_message("loading", 0, 1)
+    names = fset.channel_names(image_channels(image), options, models)  # loads the model of a deep set
+    yield progress_message("loading", 1, 1)
+    space = yield from as_stream(fitted_space(fit_images or [image], fset, options, models, device, check, like))
+    layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
+    key = features_result_key(image_sha, fset.name, options.key(), layout.compression, layout.level, space_key)
+    volume = len(layout.shape) == 4
 
     def blocks():
-        for z, plane in enumerate(slices):
-            for y0, block in fset.strips(intensity_scaled(plane), device, options, models, check):
+        for item in image_strips(image, fset, options, models, device, check, space):
+            if isinstance(item, pb.Progress):
+                yield item
+            else:
+                z, y0, block = item
                 yield block_origin(volume, z, y0), block[:, None] if volume else block
 
-    attributes = feature_attributes(image, image_sha, fset, options, models, names)
+    attributes = feature_attributes(image, image_sha, fset, options, models, names, space)
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "features")
 
 
 def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
                    encoding: pb.Encoding, wanted: set[int] | None, device: torch.device,
-                   cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """feature_work through the result cache (keyed by image, set, options, encoding and the weights'
+                   cancelled: threading.Event, like: FeatureSpace | None = None, fit_images: list[np.ndarray] | None = None,
+                   space_key: str = "") -> Iterator[pb.DatasetStream]:
+    """feature_work through the result cache (keyed by image, set, options, space, encoding and the weights'
     checksum), keeping only the chunks a resuming client asked for."""
     def compute() -> Iterator[pb.DatasetStream]:
-        return feature_work(image, fset, options, models, encoding, device, cancelled)
+        return feature_work(image, fset, options, models, encoding, device, cancelled, like, fit_images, space_key)
 
     if cache is None:
         yield from only_chunks(compute(), wanted)
         return
     weights = models.weights_sha256(options.backbone) if fset.deep else ""
-    key = result_key(features_result_key(image_sha256(image), fset.name, options.key(), encoding.compression, encoding.level), weights)
+    key = result_key(features_result_key(image_sha256(image), fset.name, options.key(), encoding.compression, encoding.level,
+                                         space_key), weights)
     yield from only_chunks(cache.stream(key, compute), wanted)
 
 
-def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
-                   device: torch.device, check, stage: str = "features") -> Iterator[pb.Progress | np.ndarray]:
-    """Progress messages, then the (C, Y, X) feature stack of each slice of `image`, in order."""
-    slices = slices_of(image)
-    for z, plane in enumerate(slices):
-        check()
-        yield np.concatenate([b for _, b in fset.strips(intensity_scaled(plane), device, options, models, check)], axis=1)
-        yield pb.Progress(stage=stage, done=z + 1, total=len(slices))
+def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+                   check, space: FeatureSpace, stage: str = "") -> Iterator[pb.Progress | np.ndarray]:
+    """Progress messages, then the whole (C, Y, X) feature stack of each slice of `image` (for few-shot)."""
+    parts: list[np.ndarray] = []
+    for item in image_strips(image, fset, options, models, device, check, space, stage):
+        if isinstance(item, pb.Progress):
+            yield item
+            continue
+        z, y0, block = item
+        parts.append(block)
+        if y0 + block.shape[1] == spatial_shape(image)[-2]:
+            yield np.concatenate(parts, axis=1)
+            parts = []
 
 
 def split_progress(items: Iterator[pb.Progress | np.ndarray], results: list) -> Iterator[pb.Progress]:
@@ -156,49 +223,80 @@ def split_progress(items: Iterator[pb.Progress | np.ndarray], results: list) -> 
             results.append(item)
 
 
-def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
-                kind: str, trees: int, seed: int, device: torch.device, check, trained: list,
-                stacks: list | None = None) -> Iterator[pb.Progress]:
-    """Compute features, train a classifier on the labelled pixels; append the TrainedModel to `trained`.
+def stack_bytes(images: list[np.ndarray], channels: int) -> int:
+    return sum(channels * int(np.prod(spatial_shape(image))) * 4 for image in images)
 
-    The feature stacks of every slice are appended to `stacks` when given (to predict without recomputing)."""
-    samples, classes, channels = [], [], 0
+
+class StripPasses:
+    """The strips of one image in one space for several passes: kept after the first pass when they fit
+    KEEP_BYTES, else computed again tile by tile."""
+
+    def __init__(self, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+                 check, space: FeatureSpace, channels: int, prefix: str = ""):
+        self.arguments = (image, fset, options, models, device, check, space, prefix)
+        self.kept: list[Strip] | None = [] if stack_bytes([image], channels) <= KEEP_BYTES else None
+        self.passes = 0
+
+    def __call__(self) -> Iterator[pb.Progress | Strip]:
+        if self.passes and self.kept is not None:
+            yield from self.kept
+            return
+        self.passes += 1
+        for item in image_strips(*self.arguments):
+            if self.kept is not None and not isinstance(item, pb.Progress) and self.passes == 1:
+                self.kept.append(item)
+            yield item
+
+
+def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
+                kind: str, trees: int, seed: int, device: torch.device, check,
+                passes: list[StripPasses] | None = None, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, TrainedModel]:
+    """Fit one space over all images, compute their features strip by strip, train a classifier on the
+    labelled pixels. With `passes` given, the images' strips go through them (to predict afterwards)."""
+    space = yield from fitted_space(images, fset, options, models, device, check, like)
+    channels = len(fset.channel_names(image_channels(images[0]), options, models))
+    samples, classes = [], []
     for number, (image, label) in enumerate(zip(images, labels)):
-        slices: list[np.ndarray] = []
-        yield from split_progress(slice_features(image, fset, options, models, device, check, f"features {number + 1}/{len(images)}"), slices)
-        for features, label_slice in zip(slices, list(label) if label.ndim == 3 else [label]):
-            s, c = labelled_pixels(features, label_slice)
+        prefix = f"image {number + 1}/{len(images)}: " if len(images) > 1 else ""
+        source = passes[number] if passes else StripPasses(image, fset, options, models, device, check, space, channels, prefix)
+        label_slices = list(label) if label.ndim == 3 else [label]
+        for item in source():
+            if isinstance(item, pb.Progress):
+                yield item
+                continue
+            z, y0, block = item
+            s, c = labelled_pixels(block, label_slices[z][y0 : y0 + block.shape[1]])
             samples.append(s)
             classes.append(c)
-            channels = features.shape[0]
-        if stacks is not None:
-            stacks.extend(slices)
     yield pb.Progress(stage="training", done=0, total=1)
     samples, classes = np.concatenate(samples), np.concatenate(classes)
     classifier = train_classifier(samples, classes, kind, trees, seed)
     yield pb.Progress(stage="training", done=1, total=1)
-    trained.append(TrainedModel(classifier, {
+    return TrainedModel(classifier, {
         "feature_set": fset.name, "options": asdict(options), "feature_spec": fset.spec(options), "channels": channels,
+        "feature_space": space.to_dict(),
         "class_values": class_values(classifier), "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed,
                                                                   "class_weight": "balanced"},
         "labelled_pixels": int(len(classes)), "training_images": [image_sha256(i) for i in images],
         "dinofeat_version": __version__,
-    }))
+    })
 
 
-def probability_messages(model: TrainedModel, image: np.ndarray, stacks: list[np.ndarray], encoding: pb.Encoding,
+def probability_messages(model: TrainedModel, image: np.ndarray, strips: Iterator[pb.Progress | Strip], encoding: pb.Encoding,
                          key: str, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Stream the per-class probabilities of every slice as the dataset "probabilities"."""
+    """Stream the per-class probabilities of every strip as the dataset "probabilities"."""
     values = model.metadata["class_values"]
     layout = feature_layout("probabilities", stack_shape(len(values), image), encoding.compression, encoding.level)
     volume = len(layout.shape) == 4
-    rows = layout.chunk_shape[-2]
 
     def blocks():
-        for z, stack in enumerate(stacks):
-            for y0 in range(0, stack.shape[1], rows):
-                block = class_probabilities(model.classifier, stack[:, y0 : y0 + rows])
-                yield block_origin(volume, z, y0), block[:, None] if volume else block
+        for item in strips:
+            if isinstance(item, pb.Progress):
+                yield item
+                continue
+            z, y0, features = item
+            block = class_probabilities(model.classifier, features)
+            yield block_origin(volume, z, y0), block[:, None] if volume else block
 
     attributes = {
         "axistags": axistags("czyx" if volume else "cyx"),
@@ -213,69 +311,111 @@ def probability_messages(model: TrainedModel, image: np.ndarray, stacks: list[np
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "probabilities")
 
 
-def as_stream(progress: Iterator[pb.Progress]) -> Iterator[pb.DatasetStream]:
-    for message in progress:
+def as_stream(progress: Generator[pb.Progress, None, object]) -> Generator[pb.DatasetStream, None, object]:
+    """Progress as DatasetStream messages; returns what the wrapped generator returns."""
+    while True:
+        try:
+            message = next(progress)
+        except StopIteration as done:
+            return done.value
         yield pb.DatasetStream(progress=message)
 
 
 def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
                  kind: str, trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
                  cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Train on the image's own labels and stream its class probabilities (features computed once)."""
-    trained, stacks = [], []
-    yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device,
-                                     cancel_check(cancelled), trained, stacks))
+    """Train on the image's own labels and stream its class probabilities (features kept between the
+    two passes when small, else computed again tile by tile)."""
+    check = cancel_check(cancelled)
+    space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
+    channels = len(fset.channel_names(image_channels(image), options, models))
+    passes = StripPasses(image, fset, options, models, device, check, space, channels)
+    model = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
+                                             [passes], like=space))
     key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
-    yield from probability_messages(trained[0], image, stacks, encoding, key, cancelled)
+    yield from probability_messages(model, image, passes(), encoding, key, cancelled)
 
 
 def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
                kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.TrainReply]:
-    """Train on several images and stream the model file back in pieces, then its summary."""
-    trained: list[TrainedModel] = []
-    for message in train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled), trained):
-        yield pb.TrainReply(progress=message)
-    data = model_bytes(trained[0])
+    """Train on several images in one space and stream the model file back in pieces, then its summary."""
+    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled))
+    while True:
+        try:
+            yield pb.TrainReply(progress=next(training))
+        except StopIteration as done:
+            model = done.value
+            break
+    data = model_bytes(model)
     for start in range(0, len(data), MAX_MESSAGE_BYTES):
         yield pb.TrainReply(model_piece=data[start : start + MAX_MESSAGE_BYTES])
-    meta = trained[0].metadata
+    meta = model.metadata
     yield pb.TrainReply(summary=pb.ModelSummary(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), class_values=meta["class_values"],
                                                 labelled_pixels=meta["labelled_pixels"], classifier=meta["classifier"]["kind"]))
 
 
 def apply_work(model: TrainedModel, model_sha: str, image: np.ndarray, fset: FeatureSet, models: Models, encoding: pb.Encoding,
                device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Compute the model's feature set on a new image and stream its class probabilities."""
+    """Compute the model's feature set on a new image in the model's own space and stream the class
+    probabilities strip by strip."""
     options = FeatureOptions(**model.metadata["options"])
-    channels = 3 if image_axes(image).endswith("c") else 1
-    model.check_features(fset.name, len(fset.channel_names(channels, options, models)))
-    stacks: list[np.ndarray] = []
-    yield from as_stream(split_progress(slice_features(image, fset, options, models, device, cancel_check(cancelled)), stacks))
+    check = cancel_check(cancelled)
+    model.check_features(fset.name, len(fset.channel_names(image_channels(image), options, models)))
+    space = yield from as_stream(fitted_space([image], fset, options, models, device, check, model.space()))
     key = apply_result_key(model_sha, image_sha256(image))
-    yield from probability_messages(model, image, stacks, encoding, key, cancelled)
+    yield from probability_messages(model, image, image_strips(image, fset, options, models, device, check, space),
+                                    encoding, key, cancelled)
+
+
+ANALYSIS_SAMPLE_PIXELS = 100_000
+"""Pixels (evenly strided over all strips) that k-means, the PCA picture and the foreground threshold are fitted on."""
+
+
+def strided_sample(block: np.ndarray, step: int) -> np.ndarray:
+    """(N, C) feature vectors of every `step`-th pixel of a (C, rows, X) block, in row-major order."""
+    flat = block.reshape(block.shape[0], -1)
+    return flat[:, ::step].T
 
 
 def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, analysis: str, clusters: int,
                  seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """k-means labels, a PCA picture or an attention foreground mask of every slice, as one dataset."""
+    """k-means labels, a PCA picture or an attention foreground mask, fitted on a sample of every slice's
+    features in one space, then computed strip by strip as one dataset."""
     if analysis == "foreground":
         fset = attention_set()
-    stacks: list[np.ndarray] = []
-    yield from as_stream(split_progress(slice_features(image, fset, options, models, device, cancel_check(cancelled)), stacks))
-    results = []
-    for stack in stacks:
-        features = torch.from_numpy(stack)
-        if analysis == "kmeans":
-            results.append(kmeans_labels(features, clusters, seed)[None])
-        elif analysis == "pca":
-            results.append(np.moveaxis(pca_picture(features), -1, 0))
+    check = cancel_check(cancelled)
+    space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
+    channels = len(fset.channel_names(image_channels(image), options, models))
+    passes = StripPasses(image, fset, options, models, device, check, space, channels)
+    step = max(1, int(np.prod(spatial_shape(image))) // ANALYSIS_SAMPLE_PIXELS)
+    sample = []
+    for item in passes():
+        if isinstance(item, pb.Progress):
+            yield pb.DatasetStream(progress=item)
         else:
-            results.append(attention_foreground(features)[None].astype(np.uint8))
-    name, dtype, channels = {"kmeans": ("labels", "uint16", ["cluster"]), "pca": ("picture", "uint8", ["pc1", "pc2", "pc3"]),
-                             "foreground": ("mask", "uint8", ["foreground"])}[analysis]
-    yield from whole_dataset(name, dtype, channels, results, image, cancelled,
-                             {"analysis": analysis, "clusters": clusters, "seed": seed, "feature_set": fset.spec(options)},
-                             result_key(analysis, image_sha256(image), fset.name, options.key(), clusters, seed))
+            sample.append(strided_sample(item[2], step))
+    yield progress_message("fitting", 0, 1)
+    label = analysis_labeller(analysis, np.concatenate(sample), clusters, seed)
+    yield progress_message("fitting", 1, 1)
+    name, dtype, names = {"kmeans": ("labels", "uint16", ["cluster"]), "pca": ("picture", "uint8", ["pc1", "pc2", "pc3"]),
+                          "foreground": ("mask", "uint8", ["foreground"])}[analysis]
+    layout = feature_layout(name, stack_shape(len(names), image), dtype=dtype)
+    volume = len(layout.shape) == 4
+
+    def blocks():
+        for item in passes():
+            if isinstance(item, pb.Progress):
+                yield item
+                continue
+            z, y0, block = item
+            out = label(block)
+            yield block_origin(volume, z, y0), out[:, None] if volume else out
+
+    attributes = {"axistags": axistags("czyx" if volume else "cyx"), "channel_names": names, "dinofeat_version": __version__,
+                  "source_sha256": image_sha256(image), "analysis": analysis, "clusters": clusters, "seed": seed,
+                  "feature_set": fset.spec(options)}
+    key = result_key(analysis, image_sha256(image), fset.name, options.key(), clusters, seed)
+    yield from dataset_messages(layout, attributes, key, blocks(), cancelled, name)
 
 
 def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, fset: FeatureSet, options: FeatureOptions,
@@ -285,12 +425,14 @@ def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.
 
     A stack as the single support follows the volume protocol (three sections, middle slices)."""
     check = cancel_check(cancelled)
+    space = yield from as_stream(fitted_space([*supports, query], fset, options, models, device, check))
     support_stacks: list[np.ndarray] = []
     for image in supports:
-        yield from as_stream(split_progress(slice_features(image, fset, options, models, device, check, "support features"), support_stacks))
+        yield from as_stream(split_progress(slice_features(image, fset, options, models, device, check, space, "support: "),
+                                            support_stacks))
     support_masks = [m for mask in masks for m in (list(mask) if mask.ndim == 3 else [mask])]
     query_stacks: list[np.ndarray] = []
-    yield from as_stream(split_progress(slice_features(query, fset, options, models, device, check, "query features"), query_stacks))
+    yield from as_stream(split_progress(slice_features(query, fset, options, models, device, check, space, "query: "), query_stacks))
     support_tensors, query_tensors = standardise_by_support([torch.from_numpy(f) for f in support_stacks],
                                                             [torch.from_numpy(f) for f in query_stacks])
     shots = []

@@ -80,7 +80,7 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     check_bindable(host, port)
     chosen = pick_device(device)
     cache = ResultCache(cache_dir or cache_root() / "results", int(cache_gb * 1e9)) if cache_gb > 0 else None
-    servicer = FeatureServicer(chosen, limits, models=ModelRegistry(chosen, weights), cache=cache)
+    servicer = FeatureServicer(chosen, limits, models=ModelRegistry(chosen, weights, limits.tile_budget_bytes), cache=cache)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(await serving_health(), server)

@@ -19,10 +19,11 @@ from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels, image_axes, spatial_shape
-from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL
+from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL, space_key
 
 from ..engine.deep import preset
 from ..engine.postprocess import NORMALISATIONS
+from ..engine.space import FeatureSpace
 from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
@@ -63,6 +64,28 @@ def check_channels(fset: FeatureSet, options: FeatureOptions, images: list[np.nd
         if channels > limit:
             raise DinofeatError(f"the {fset.name} set gives {channels} channels here, more than this server's limit of {limit}; "
                                 "ask for fewer with --pca.")
+
+
+def check_output_size(fset: FeatureSet, options: FeatureOptions, image: np.ndarray, limit_gb: float) -> None:
+    """Refuse a feature result larger than the server allows (float32 samples), before any work."""
+    channels = len(fset.channel_names(3 if image_axes(image).endswith("c") else 1, options))
+    size = channels * int(np.prod(spatial_shape(image))) * 4
+    if size > limit_gb * (1 << 30):
+        raise DinofeatError(f"the {fset.name} features of this image would take {size / (1 << 30):.1f} GiB, more than this "
+                            f"server's limit of {limit_gb:g} GiB (max_output_gb); ask for fewer channels (--pca) or a smaller image.")
+
+
+def requested_space(text: str) -> FeatureSpace | None:
+    """The feature space a request names (--like), or None to fit one."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise DinofeatError("the requested feature space is not valid JSON; pass --like a feature file or model from this dinofeat.") from None
+    if not isinstance(value, dict):
+        raise DinofeatError("the requested feature space is not a JSON object; pass --like a feature file or model from this dinofeat.")
+    return FeatureSpace.from_dict(value)
 
 
 def client_of(context: grpc.aio.ServicerContext) -> str:
@@ -245,11 +268,18 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         try:
             image = self._image(request.image_sha256)
             fset, options = self._requested_features(request, [image])
+            check_output_size(fset, options, image, self.limits.max_output_gb)
             encoding = checked_encoding(request.encoding)
+            like = requested_space(request.feature_space_json)
+            fit_images = None if like else [self._image(sha, "image to fit the space on") for sha in request.fit_image_sha256]
+            if fit_images and request.image_sha256 not in request.fit_image_sha256:
+                fit_images.append(image)
         except DinofeatError as error:
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
-        work = partial(feature_stream, self.cache, image, fset, options, self.models, encoding, wanted, self.device)
+        key = space_key(request.feature_space_json, list(request.fit_image_sha256))
+        work = partial(feature_stream, self.cache, image, fset, options, self.models, encoding, wanted, self.device,
+                       like=like, fit_images=fit_images or None, space_key=key)
         async for message in self._stream(work, context):
             yield message
 

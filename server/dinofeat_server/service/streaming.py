@@ -52,16 +52,21 @@ def dataset_messages(
     layout: DatasetLayout,
     attributes: dict,
     key: str,
-    blocks: Iterable[tuple[tuple[int, ...], np.ndarray]],
+    blocks: Iterable[tuple[tuple[int, ...], np.ndarray] | pb.Progress],
     cancelled: threading.Event,
     stage: str,
 ) -> Iterator[pb.DatasetStream]:
-    """Header, every chunk of `blocks` ((origin, samples) on chunk boundaries), trailer."""
+    """Header, every chunk of `blocks` ((origin, samples) on chunk boundaries), trailer; Progress items
+    among the blocks (work done between chunks: tiles, strips) are passed on as they come."""
     yield header_message(layout, attributes, key)
     digests: dict[int, bytes] = {}
-    for origin, block in blocks:
+    for item in blocks:
         if cancelled.is_set():
             raise Cancelled()
+        if isinstance(item, pb.Progress):
+            yield pb.DatasetStream(progress=item)
+            continue
+        origin, block = item
         chunks = list(iter_chunks(block, origin, layout))
         encoded = CHUNK_ENCODERS.map(lambda chunk: encode_chunk(chunk[2], layout), chunks)
         for (index, offset, _), data in zip(chunks, encoded):

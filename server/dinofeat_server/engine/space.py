@@ -1,0 +1,167 @@
+"""Feature spaces: one fitted basis per dataset, applied to every tile, slice and later image.
+
+A `FeatureSpace` holds everything that turns raw intensities and raw network features into the
+numbers a classifier sees, fitted once per dataset (an image, a volume, or all training images):
+
+- `input_range` (low, high): intensities mapped affinely so that low -> 0 and high -> 1, from robust
+  percentiles of the data (a 12-bit camera in uint16 and float data use the full range);
+- `mean` (C,) and `components` (k, C): PCA of the deep features, by decreasing variance;
+- `shift` and `scale` (channels,): each output channel becomes (x - shift) / scale (a robust range for
+  "minmax" and the hybrid set, mean and standard deviation for "zscore").
+
+All of it is affine, so it is applied to the tokens of each view before upsampling and blending
+(upsampling, view averaging and tile blending are weighted means whose weights sum to one). Its
+`identity` (feature-set spec, weights checksum, image channels) says which features it belongs to;
+applying a space to other features is refused with a sentence naming the difference.
+
+On disk and on the wire the space is a JSON object (`to_dict`); arrays are float32 in base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from dinofeat_client.errors import DinofeatError
+
+SPACE_FORMAT = "dinofeat-space/1"
+INPUT_PERCENTILES = (0.1, 99.9)
+"""Percentiles of the dataset's intensities that become 0 and 1."""
+RANGE_PERCENTILES = (0.1, 99.9)
+"""Percentiles of each channel that become 0 and 1 in a robust range ("minmax", hybrid)."""
+
+
+def encoded_array(array: np.ndarray | None) -> dict | None:
+    if array is None:
+        return None
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return {"shape": list(array.shape), "float32_base64": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def decoded_array(value: dict | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    return np.frombuffer(base64.b64decode(value["float32_base64"]), dtype="<f4").reshape(value["shape"]).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureSpace:
+    """The fitted input range, PCA and per-channel scaling of one dataset's features (see module docstring)."""
+
+    identity: dict
+    input_range: tuple[float, float]
+    mean: np.ndarray | None = None
+    components: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def normalised_input(self, plane: np.ndarray) -> np.ndarray:
+        """float32 intensities with the dataset's input range mapped to [0, 1] (values beyond it kept)."""
+        low, high = self.input_range
+        return ((plane.astype(np.float32) - np.float32(low)) / np.float32(max(high - low, 1e-12))).astype(np.float32)
+
+    def deep_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight (k, C), bias (k,)) taking raw deep features to the first k output channels, or None
+        when the space leaves them unchanged."""
+        if self.components is None and self.shift is None:
+            return None
+        if self.components is not None:
+            weight = torch.from_numpy(self.components).double()
+            bias = -(weight @ torch.from_numpy(self.mean).double())
+        else:
+            weight, bias = None, torch.zeros(len(self.scale), dtype=torch.float64)
+        if self.shift is not None:
+            k = len(bias)
+            scale = torch.from_numpy(self.scale[:k]).double()
+            bias = (bias - torch.from_numpy(self.shift[:k]).double()) / scale
+            weight = torch.diag(1 / scale) if weight is None else weight / scale[:, None]
+        return weight.float(), bias.float()
+
+    def scaled(self, block: np.ndarray, first_channel: int) -> np.ndarray:
+        """(c, ...) channels first_channel .. first_channel + c of the output, scaled (classical part of hybrid)."""
+        if self.shift is None:
+            return block
+        rows = slice(first_channel, first_channel + block.shape[0])
+        shape = (-1,) + (1,) * (block.ndim - 1)
+        return ((block - self.shift[rows].reshape(shape)) / self.scale[rows].reshape(shape)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"format": SPACE_FORMAT, "identity": self.identity, "input_range": [float(v) for v in self.input_range],
+                "mean": encoded_array(self.mean), "components": encoded_array(self.components),
+                "shift": encoded_array(self.shift), "scale": encoded_array(self.scale)}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> FeatureSpace:
+        """The space a `to_dict` made; anything else is refused in one sentence."""
+        try:
+            if value.get("format") != SPACE_FORMAT:
+                raise ValueError(value.get("format"))
+            low, high = value["input_range"]
+            return cls(dict(value["identity"]), (float(low), float(high)), decoded_array(value["mean"]),
+                       decoded_array(value["components"]), decoded_array(value["shift"]), decoded_array(value["scale"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise DinofeatError(f"this is not a dinofeat feature space ({SPACE_FORMAT}); compute the features again "
+                                "with this dinofeat to get one.") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        """sha256 of the space's canonical JSON: enters result keys of requests made in a given space."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse to express features of `identity` in this space, naming the first difference."""
+        difference = identity_difference(self.identity, identity)
+        if difference:
+            raise DinofeatError(f"the feature space was fitted for {difference}; compute the features with the same "
+                                "settings and weights, or fit a new space (leave out --like).")
+
+
+def identity_difference(fitted: dict, wanted: dict) -> str | None:
+    """'X, not Y' for the first item that differs between two identities, or None when they agree."""
+    spec_a, spec_b = fitted.get("feature_set", {}), wanted.get("feature_set", {})
+    for key in sorted(set(spec_a) | set(spec_b)):
+        if spec_a.get(key) != spec_b.get(key):
+            return f"{key} {spec_a.get(key)!r}, not {spec_b.get(key)!r}"
+    if fitted.get("weights_sha256") != wanted.get("weights_sha256"):
+        return (f"weights with sha256 {str(fitted.get('weights_sha256'))[:12]}..., not "
+                f"{str(wanted.get('weights_sha256'))[:12]}... (other weights)")
+    if fitted.get("image_channels") != wanted.get("image_channels"):
+        return f"images with {fitted.get('image_channels')} channel(s), not {wanted.get('image_channels')}"
+    return None
+
+
+def robust_range(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) per column of (N, C) samples: the robust low and high percentiles become 0 and 1."""
+    low, high = np.percentile(samples, RANGE_PERCENTILES, axis=0)
+    return low.astype(np.float32), np.maximum(high - low, 1e-6).astype(np.float32)
+
+
+def standard_range(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) per column: mean and standard deviation."""
+    return samples.mean(axis=0).astype(np.float32), np.maximum(samples.std(axis=0), 1e-6).astype(np.float32)
+
+
+def input_range(planes: list[np.ndarray], max_samples: int = 1 << 20) -> tuple[float, float]:
+    """Robust intensity range of a dataset's planes from an evenly strided sample (deterministic)."""
+    per_plane = max(1, max_samples // max(len(planes), 1))
+    values = []
+    for plane in planes:
+        flat = plane.reshape(-1)
+        values.append(flat[:: max(1, flat.size // per_plane)].astype(np.float64))
+    low, high = np.percentile(np.concatenate(values), INPUT_PERCENTILES)
+    if high <= low:  # a constant image: keep it at its own value
+        low, high = float(low) - 0.5, float(low) + 0.5
+    return float(low), float(high)
+
+
+def dtype_range(dtype: np.dtype) -> tuple[float, float]:
+    """The fixed input range of the classical set: 0 to the integer type's maximum, or [0, 1] for floats."""
+    if dtype.kind in "ui":
+        return 0.0, float(np.iinfo(dtype).max)
+    return 0.0, 1.0
