@@ -57,7 +57,6 @@ def test_hybrid_set_is_deep_pca_then_classical_each_in_the_datasets_robust_range
         assert len(names) == 8 + 58 and names[0] == "dino_pca_00" and names[8] == "raw"
         data = ds[()]
         # the sample of a small image is the whole image: its 0.1 and 99.9 percentiles become 0 and 1
-        # (channels whose range is below float32 resolution keep a scale of 1e-6)
         np.testing.assert_allclose(np.percentile(data, 0.1, axis=(1, 2)), 0, atol=1e-3)
         varying = np.ptp(data, axis=(1, 2)) > 0.01
         assert varying.sum() >= 60

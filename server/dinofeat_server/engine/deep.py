@@ -132,7 +132,7 @@ class DeepExtractor:
         channels = self.channels(what) if affine is None else affine[0].shape[0]
         edge, batch = self.plan(height, width, spec, channels)
         plan = tile_rows(tile_plan(height, width, edge, align=spec.stride))
-        blender = TileBlender(channels, height, width, STRIP_ROWS)
+        blender = TileBlender(channels, height, width, STRIP_ROWS, edge)
         done, total = 0, sum(len(row) for row in plan)
         yield Advance("tiles", 0, total)
         for number, row in enumerate(plan):

@@ -34,15 +34,19 @@ def fit_pca(features: torch.Tensor, components: int) -> PcaBasis:
     c = features.shape[0]
     flat = features.reshape(c, -1)
     step = max(1, flat.shape[1] // PCA_SAMPLE_PIXELS)
-    return principal_axes_of(flat[:, ::step].T.double(), components)
+    return principal_axes_of(flat[:, ::step].T, components)
 
 
 def principal_axes_of(samples: torch.Tensor, components: int) -> PcaBasis:
     """PCA of (N, C) samples: the sign makes each component's largest loading positive, so the same
-    data always gives the same basis and picture."""
-    mean = samples.mean(dim=0)
-    centred = samples - mean
-    covariance = centred.T @ centred / max(centred.shape[0] - 1, 1)
+    data always gives the same basis and picture. The covariance is accumulated in float64 over
+    blocks of rows, so no float64 copy of the samples is made."""
+    mean = samples.sum(dim=0, dtype=torch.float64) / max(len(samples), 1)
+    covariance = torch.zeros(samples.shape[1], samples.shape[1], dtype=torch.float64)
+    for start in range(0, len(samples), PCA_BLOCK_ROWS):
+        centred = samples[start : start + PCA_BLOCK_ROWS].double() - mean
+        covariance += centred.T @ centred
+    covariance /= max(len(samples) - 1, 1)
     variance, vectors = torch.linalg.eigh(covariance)
     order = torch.argsort(variance, descending=True)[:components]
     vectors = vectors[:, order].T
@@ -51,9 +55,12 @@ def principal_axes_of(samples: torch.Tensor, components: int) -> PcaBasis:
     return PcaBasis(mean.float(), vectors.float(), variance[order].float())
 
 
+PCA_BLOCK_ROWS = 8192
+
+
 def principal_axes(samples: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean (C,), components (k, C)) float32 of (N, C) samples, as `principal_axes_of`."""
-    basis = principal_axes_of(torch.from_numpy(samples).double(), components)
+    basis = principal_axes_of(torch.from_numpy(np.ascontiguousarray(samples)), components)
     return basis.mean.numpy(), basis.components.numpy()
 
 

@@ -19,7 +19,7 @@ SAMPLE_EDGE = 448
 SAMPLE_FRACTION = 1 / 8
 """Share of a large dataset's pixels the sample crops cover."""
 MAX_CROPS = 16
-SAMPLE_BYTES = 64 << 20
+SAMPLE_BYTES = 48 << 20
 """Memory of the sampled feature vectors (pixels x channels x 4 bytes)."""
 
 
@@ -45,7 +45,7 @@ def sample_crops(shapes: list[tuple[int, int]], edge: int = SAMPLE_EDGE) -> list
 
 def pixel_stride(crop: Tile, pixels: int) -> int:
     """Stride of an evenly spaced grid giving about `pixels` pixels of the crop."""
-    return max(1, math.floor(math.sqrt(crop.height * crop.width / max(pixels, 1))))
+    return max(1, math.ceil(math.sqrt(crop.height * crop.width / max(pixels, 1))))
 
 
 def sample_pixels(features: np.ndarray, stride: int) -> np.ndarray:

@@ -137,14 +137,16 @@ def identity_difference(fitted: dict, wanted: dict) -> str | None:
 
 
 def robust_range(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(shift, scale) per column of (N, C) samples: the robust low and high percentiles become 0 and 1."""
+    """(shift, scale) per column of (N, C) samples: the robust low and high percentiles become 0 and 1
+    (a column constant in the sample keeps a scale of 1)."""
     low, high = np.percentile(samples, RANGE_PERCENTILES, axis=0)
-    return low.astype(np.float32), np.maximum(high - low, 1e-6).astype(np.float32)
+    return low.astype(np.float32), np.where(high > low, high - low, 1.0).astype(np.float32)
 
 
 def standard_range(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(shift, scale) per column: mean and standard deviation."""
-    return samples.mean(axis=0).astype(np.float32), np.maximum(samples.std(axis=0), 1e-6).astype(np.float32)
+    std = samples.std(axis=0, dtype=np.float64)
+    return samples.mean(axis=0, dtype=np.float64).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def input_range(planes: list[np.ndarray], max_samples: int = 1 << 20) -> tuple[float, float]:

@@ -246,7 +246,7 @@ class DeepSet(FeatureSet):
         k = self.components(options)
         if k:
             mean, components = principal_axes(deep, k)
-            deep = (deep - mean) @ components.T
+            deep = np.concatenate([(part - mean) @ components.T for part in np.array_split(deep, max(1, len(deep) // 8192))])
         scaled = np.concatenate([deep, classical], axis=1) if classical is not None else deep
         if self.normalisation(options) == "minmax":
             shift, scale = robust_range(scaled)

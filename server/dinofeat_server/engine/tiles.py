@@ -70,42 +70,46 @@ def blend_ramp(length: int, start: int, total: int, overlap: int = TILE_OVERLAP)
 class TileBlender:
     """Ramp-weighted sum of tile features over a band of rows, released in finished strips.
 
-    Tiles must come row of tiles by row of tiles (as `tile_plan` orders them). `add` takes one tile's
-    (C, h, w) features; `finished(until)` yields (first_row, (C, rows, X)) strips of `strip_rows` rows
-    (the last one shorter) that end at or before `until`, the first row a later tile may still touch.
+    Tiles must come row of tiles by row of tiles (as `tile_plan` orders them), none taller than
+    `edge`. `add` takes one tile's (C, h, w) features; `finished(until)` yields (first_row,
+    (C, rows, X)) strips of `strip_rows` rows (the last one shorter) that end at or before `until`, the
+    first row a later tile may still touch. The band is allocated once, edge + strip_rows rows high.
     """
 
-    def __init__(self, channels: int, height: int, width: int, strip_rows: int):
-        self.channels, self.height, self.width, self.strip_rows = channels, height, width, strip_rows
-        self.start = 0  # first row not yet released
-        self.total = torch.zeros(channels, 0, width)
-        self.weight = torch.zeros(1, 0, width)
+    def __init__(self, channels: int, height: int, width: int, strip_rows: int, edge: int):
+        self.height, self.width, self.strip_rows = height, width, strip_rows
+        rows = min(edge + strip_rows, height)
+        self.start = 0  # image row of the band's first row: the first row not yet released
+        self.total = torch.zeros(channels, rows, width)
+        self.weight = torch.zeros(1, rows, width)
 
     def add(self, tile: Tile, features: torch.Tensor) -> None:
-        end = tile.y0 + tile.height
-        grow = end - self.start - self.total.shape[1]
-        if grow > 0:
-            self.total = torch.cat([self.total, torch.zeros(self.channels, grow, self.width)], dim=1)
-            self.weight = torch.cat([self.weight, torch.zeros(1, grow, self.width)], dim=1)
         ramp = blend_ramp(tile.height, tile.y0, self.height)[:, None] * blend_ramp(tile.width, tile.x0, self.width)[None, :]
-        rows = slice(tile.y0 - self.start, end - self.start)
+        rows = slice(tile.y0 - self.start, tile.y0 + tile.height - self.start)
         columns = slice(tile.x0, tile.x0 + tile.width)
-        self.total[:, rows, columns] += features * ramp
-        self.weight[:, rows, columns] += ramp
+        self.total[:, rows, columns].add_(features * ramp)
+        self.weight[:, rows, columns].add_(ramp)
 
     def finished(self, until: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Release every whole strip that ends at or before `until` (all remaining rows when `until` is the height)."""
-        while self.start < self.height:
-            end = min(self.start + self.strip_rows, self.height)
+        released = 0
+        while self.start + released < self.height:
+            first = self.start + released
+            end = min(first + self.strip_rows, self.height)
             if end > until:
-                return
-            rows = end - self.start
-            strip = self.total[:, :rows] / self.weight[:, :rows].clamp_min(1e-12)
-            self.total, self.weight = self.total[:, rows:].clone(), self.weight[:, rows:].clone()
-            first, self.start = self.start, end
-            yield first, strip
+                break
+            band = slice(released, end - self.start)
+            yield first, self.total[:, band] / self.weight[:, band].clamp_min(1e-12)
+            released = end - self.start
+        if released:  # move the rows still being blended to the front of the band
+            kept = self.total.shape[1] - released
+            self.total[:, :kept] = self.total[:, released:].clone()
+            self.weight[:, :kept] = self.weight[:, released:].clone()
+            self.total[:, kept:] = 0
+            self.weight[:, kept:] = 0
+            self.start += released
 
     @staticmethod
     def band_bytes(channels: int, edge: int, width: int, strip_rows: int) -> int:
-        """Largest memory of the band (sum, weight and one released strip) for tiles of `edge` pixels."""
-        return (channels + 1) * (edge + strip_rows) * width * 4 + channels * strip_rows * width * 4
+        """Largest memory of the band (sum, weight, the copy made when it moves, one released strip)."""
+        return (channels + 1) * (2 * edge + strip_rows) * width * 4 + channels * strip_rows * width * 4

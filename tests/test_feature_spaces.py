@@ -1,0 +1,214 @@
+"""Deep features at any size in one feature space per dataset: tiles, the fitted space, --like, models."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+from conftest import ServerProcess, dinofeat
+from dinofeat_client.client import FeatureClient
+from dinofeat_client.errors import DinofeatError
+from dinofeat_client.spaces import read_space
+from dinofeat_server.engine.deep import PRESETS, DeepExtractor
+from dinofeat_server.engine.space import FeatureSpace
+from dinofeat_server.engine.stacks import FEATURE_SETS, FeatureOptions
+from dinofeat_server.engine.tiles import TILE_OVERLAP, tile_plan
+from dinofeat_server.engine.weights import file_sha256, load_backbone
+from dinofeat_server.segment.classifiers import class_probabilities
+from dinofeat_server.segment.model_file import model_from_bytes
+
+
+def micrograph(seed: int, shape: tuple[int, int] = (200, 230)) -> np.ndarray:
+    """Smooth blobs plus noise, uint8: structure the features can see, different for every seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.zeros(shape)
+    for _ in range(12):
+        cy, cx, r = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(8, 30)
+        image += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    image = image / image.max() * 200 + rng.normal(0, 12, shape) + 20
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+class TinyModels:
+    """The tiny ViT as a server's model registry would hold it, with a chosen tile budget."""
+
+    def __init__(self, weights, budget_bytes: int):
+        self.path = weights
+        self.deep = DeepExtractor(load_backbone(weights), torch.device("cpu"), budget_bytes)
+
+    def extractor(self, backbone: str) -> DeepExtractor:
+        return self.deep
+
+    def weights_sha256(self, backbone: str) -> str:
+        return file_sha256(self.path)
+
+
+@pytest.mark.parametrize("name", ["dinov2", "hybrid"])
+def test_a_deep_set_forced_into_many_tiles_matches_the_untiled_result(tiny_weights, name):
+    image = micrograph(1, (300, 330))
+    options = FeatureOptions(preset="default")
+    whole_models, tiled_models = TinyModels(tiny_weights, 4 << 30), TinyModels(tiny_weights, 40 << 20)
+    fset = FEATURE_SETS[name]
+    space = fset.fitted_space([image], "cpu", options, whole_models)
+    edge, _ = tiled_models.deep.plan(300, 330, PRESETS["default"], len(fset.deep_names(tiled_models, options)))
+    tiles = tile_plan(300, 330, edge, align=7)
+    assert len(tiles) >= 4
+    whole = torch.from_numpy(fset.compute(image, "cpu", options, whole_models, space))
+    tiled = torch.from_numpy(fset.compute(image, "cpu", options, tiled_models, space))
+    assert whole.shape == tiled.shape
+    assert fset.channel_names(1, options, whole_models) == fset.channel_names(1, options, tiled_models)
+    cosine = F.cosine_similarity(whole, tiled, dim=0)
+    seams = torch.zeros(300, 330, dtype=torch.bool)
+    for tile in tiles:
+        if tile.y0:
+            seams[tile.y0 : tile.y0 + TILE_OVERLAP] = True
+        if tile.x0:
+            seams[:, tile.x0 : tile.x0 + TILE_OVERLAP] = True
+    assert cosine.mean() >= 0.99
+    assert cosine[seams].mean() >= 0.98
+
+
+def test_the_fitted_space_leaves_the_tiles_in_k_channels_before_blending(tiny_weights):
+    """PCA and scaling are affine: mapping each view's tokens equals mapping the finished raw features."""
+    image = micrograph(2, (120, 150)).astype(np.float32) / 255
+    models = TinyModels(tiny_weights, 4 << 30)
+    options = FeatureOptions(preset="default", pca=6, normalise="minmax")
+    space = FEATURE_SETS["dinov2"].fitted_space([image], "cpu", options, models)
+    weight, bias = space.deep_affine()
+    assert weight.shape == (6, 128)
+    raw = models.deep.features(space.normalised_input(image), PRESETS["default"])
+    mapped = torch.einsum("kc,chw->khw", weight, raw) + bias[:, None, None]
+    torch.testing.assert_close(torch.from_numpy(FEATURE_SETS["dinov2"].compute(image, "cpu", options, models, space)),
+                               mapped, rtol=1e-4, atol=1e-4)
+
+
+def peak_rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def test_peak_memory_depends_on_the_output_channels_not_on_the_whole_deep_stack(tiny_weights, tmp_path):
+    """A 2048x2048 image's raw tiny-ViT stack (128 channels) is 2.1 GB, which the engine once held before
+    PCA; now each view's tokens go to 16 channels and the server holds tiles and one band of rows."""
+    server = ServerProcess("--weights", f"dinov2_vits14={tiny_weights}", "--memory-gb", "1.2", "--workers", "1")
+    try:
+        with FeatureClient(server.address) as client:
+            client.fetch_features(micrograph(3, (64, 64)), tmp_path / "warm.h5", "dinov2", preset="fast", pca=16)
+            base = peak_rss(server.process.pid)
+            image = np.tile(micrograph(4, (256, 256)), (8, 8))
+            client.fetch_features(image, tmp_path / "large.h5", "dinov2", preset="fast", pca=16)
+            peak = peak_rss(server.process.pid)
+    finally:
+        server.stop()
+    raw_stack, output = 128 * 2048 * 2048 * 4, 16 * 2048 * 2048 * 4
+    with h5py.File(tmp_path / "large.h5", "r") as f:
+        assert f["features"].shape == (16, 2048, 2048)
+    assert peak - base < 0.25 * raw_stack, f"the server grew by {(peak - base) / 1e9:.2f} GB"
+    assert peak - base < 1.5 * output
+
+
+@pytest.fixture(scope="module")
+def two_images() -> tuple[np.ndarray, np.ndarray]:
+    return micrograph(5), micrograph(6)
+
+
+def test_train_on_one_image_and_apply_to_another_in_the_training_images_space(deep_server_address, two_images, tmp_path):
+    a, b = two_images
+    labels = np.zeros(a.shape, np.uint8)
+    labels[a > 150], labels[a < 60] = 2, 1
+    labels[1::3] = 0
+    options = {"preset": "fast", "pca": 8}
+    with FeatureClient(deep_server_address) as client:
+        client.train([a], [labels], tmp_path / "m.dfm", "hybrid", trees=10, **options)
+        client.fetch_features(a, tmp_path / "a.h5", "hybrid", **options)
+        client.fetch_features(b, tmp_path / "b_like_model.h5", "hybrid", like=read_space(tmp_path / "m.dfm"), **options)
+        client.fetch_features(b, tmp_path / "b_own.h5", "hybrid", **options)
+        client.apply(tmp_path / "m.dfm", b, tmp_path / "b.tif", probabilities=tmp_path / "b_prob.h5")
+    assert json.loads(read_space(tmp_path / "m.dfm")) == json.loads(read_space(tmp_path / "a.h5"))
+    model = model_from_bytes((tmp_path / "m.dfm").read_bytes())
+    with h5py.File(tmp_path / "b_like_model.h5", "r") as f, h5py.File(tmp_path / "b_prob.h5", "r") as p:
+        np.testing.assert_allclose(p["probabilities"][()], class_probabilities(model.classifier, f["features"][()]), atol=1e-6)
+    with h5py.File(tmp_path / "b_like_model.h5", "r") as like, h5py.File(tmp_path / "b_own.h5", "r") as own:
+        assert not np.allclose(like["features"][:8], own["features"][:8], atol=1e-3)  # B's own space is another basis
+
+
+def test_the_slices_of_a_volume_share_one_space(deep_server_address, two_images, tmp_path):
+    a = two_images[0].astype(np.float32)
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(np.stack([a, a / 2]), tmp_path / "v.h5", "hybrid", preset="fast", pca=4)
+    with h5py.File(tmp_path / "v.h5", "r") as f:
+        raw = f["features"][list(f["features"].attrs["channel_names"]).index("raw")]
+        space = json.loads(f["feature_space"]["json"][()])
+    assert raw[1].max() == pytest.approx(raw[0].max() / 2, rel=0.05)
+    assert space["identity"]["image_channels"] == 1 and space["identity"]["feature_set"]["preset"] == "fast"
+
+
+def test_a_space_of_other_features_is_refused_in_one_sentence(deep_server_address, two_images, tmp_path):
+    a, b = two_images
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    tifffile.imwrite(tmp_path / "b.tif", b)
+    common = ["--set", "dinov2", "--pca", "4", "--server", deep_server_address]
+    assert dinofeat("features", str(tmp_path / "a.tif"), "-o", str(tmp_path / "a.h5"), "--preset", "fast", *common).returncode == 0
+    result = dinofeat("features", str(tmp_path / "b.tif"), "-o", str(tmp_path / "b.h5"), "--like", str(tmp_path / "a.h5"),
+                      "--preset", "default", *common)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("dinofeat: error: the feature space was fitted for preset 'fast', not 'default'; compute the "
+                                     "features with the same settings and weights, or fit a new space (leave out --like).")
+    assert not (tmp_path / "b.h5").exists()
+    again = dinofeat("features", str(tmp_path / "b.tif"), "-o", str(tmp_path / "b.h5"), "--like", str(tmp_path / "a.h5"),
+                     "--preset", "fast", *common)
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_feature_file_without_a_space_still_reads_and_cannot_be_a_like(deep_server_address, two_images, tmp_path):
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(two_images[0], tmp_path / "old.h5", "classical")
+    with h5py.File(tmp_path / "old.h5", "r+") as f:
+        del f["feature_space"]  # as files of earlier versions were
+    with h5py.File(tmp_path / "old.h5", "r") as f:
+        assert f["features"].shape == (58, 200, 230)
+    with pytest.raises(DinofeatError, match=r"old.h5 holds no feature space \(written by an older dinofeat"):
+        read_space(tmp_path / "old.h5")
+
+
+def test_a_12_bit_image_in_uint16_gives_the_same_deep_features_as_the_same_image_at_16_bits(deep_server_address, tmp_path):
+    twelve = (micrograph(7).astype(np.uint16) * 16).clip(0, 4095)
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(twelve, tmp_path / "12.h5", "dinov2", preset="fast", pca=8)
+        client.fetch_features(twelve * 16, tmp_path / "16.h5", "dinov2", preset="fast", pca=8)
+    with h5py.File(tmp_path / "12.h5", "r") as f12, h5py.File(tmp_path / "16.h5", "r") as f16:
+        np.testing.assert_allclose(f12["features"][()], f16["features"][()], atol=1e-3)
+        assert f12["feature_space"].attrs["input_range"][1] > 3000
+
+
+def test_a_result_beyond_the_servers_output_limit_is_refused_before_any_work(tiny_weights, tmp_path):
+    server = ServerProcess("--weights", f"dinov2_vits14={tiny_weights}", "--max-output-gb", "0.01")
+    try:
+        started = time.monotonic()
+        with FeatureClient(server.address) as client:
+            with pytest.raises(DinofeatError, match=r"the dinov2 features of this image would take 0.1 GiB, more than this "
+                                                    r"server's limit of 0.01 GiB \(max_output_gb\)"):
+                client.fetch_features(micrograph(8, (256, 256)), tmp_path / "big.h5", "dinov2", preset="paper")
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
+    assert not (tmp_path / "big.h5").exists()
+
+
+def test_spaces_round_trip_through_json_exactly(tiny_weights):
+    models = TinyModels(tiny_weights, 4 << 30)
+    options = FeatureOptions(preset="fast", pca=5)
+    space = FEATURE_SETS["hybrid"].fitted_space([micrograph(9)], "cpu", options, models)
+    again = FeatureSpace.from_dict(json.loads(space.to_json()))
+    assert again.to_json() == space.to_json()
+    np.testing.assert_array_equal(again.components, space.components)
+    assert again.components.shape == (5, 128) and again.shift.shape == (5 + 58,)
