@@ -107,11 +107,14 @@ def test_scribbles_become_label_blocks_with_values_1_to_n(crops, deep_server_add
             assert not expected[:y0].any() and not expected[y1:].any()
 
 
-def test_batch_reuses_the_stored_pca_basis(crops, deep_server_address, tmp_path):
+def test_batch_reuses_the_projects_feature_space(crops, deep_server_address, tmp_path):
     folder = tmp_path / "proj"
     assert make_project(crops, folder, deep_server_address, 2, True).returncode == 0
-    with h5py.File(folder / "img0_features.h5", "r") as f:
+    space = json.loads((folder / "dinofeat_space.json").read_text())
+    assert space["identity"]["feature_set"]["pca"] == 8 and space["components"]["shape"][0] == 8
+    with h5py.File(folder / "img0_features.h5", "r") as f, h5py.File(folder / "img1_features.h5", "r") as g:
         original = f["features"][()]
+        assert json.loads(f["feature_space"]["json"][()]) == space == json.loads(g["feature_space"]["json"][()])
     tifffile.imwrite(tmp_path / "again.tif", tifffile.imread(crops[0][0]))
     first = dinofeat("ilastik", "--batch", str(tmp_path / "again.tif"), "-o", str(folder), "--server", deep_server_address)
     assert first.returncode == 0, first.stderr

@@ -149,6 +149,16 @@ def standard_range(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return samples.mean(axis=0, dtype=np.float64).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
+def channel_scaling(normalisation: str, samples: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(shift, scale) of a per-channel normalisation ("minmax": robust range, "zscore") from (N, C)
+    samples; (None, None) for "none" and the per-pixel "l2"."""
+    if normalisation == "minmax":
+        return robust_range(samples)
+    if normalisation == "zscore":
+        return standard_range(samples)
+    return None, None
+
+
 def input_range(planes: list[np.ndarray], max_samples: int = 1 << 20) -> tuple[float, float]:
     """Robust intensity range of a dataset's planes from an evenly strided sample (deterministic)."""
     per_plane = max(1, max_samples // max(len(planes), 1))

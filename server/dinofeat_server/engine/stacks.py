@@ -34,7 +34,7 @@ from .classical import (
 from .deep import Advance, DeepExtractor, preset
 from .postprocess import l2_per_pixel, principal_axes
 from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
-from .space import FeatureSpace, dtype_range, input_range, robust_range, standard_range
+from .space import FeatureSpace, channel_scaling, dtype_range, input_range
 from .strips import STRIP_ROWS, feature_strips
 from .tiles import Tile
 from .weights import official_config
@@ -153,18 +153,32 @@ class ClassicalSet(FeatureSet):
         return [f"{RGB_CHANNEL_NAMES[c]}_{n}" for c in range(image_channels) for n in self.names_per_channel]
 
     def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
-        return {"name": self.name, **self.parameters}
+        normalisation = {"normalisation": options.normalise} if options.normalise != "none" else {}
+        return {"name": self.name, **self.parameters, **normalisation}
 
     def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
-        return FeatureSpace(self.identity(image_channels(planes[0]), options, models), dtype_range(planes[0].dtype))
-        yield  # a generator like every set's fit
+        """The fixed input range of the planes' type; per-channel scaling ("minmax", "zscore") fitted on sample crops."""
+        space = FeatureSpace(self.identity(image_channels(planes[0]), options, models), dtype_range(planes[0].dtype))
+        if options.normalise not in ("minmax", "zscore"):
+            return space
+        crops = sample_crops([p.shape[:2] for p in planes])
+        per_crop = max(1, SAMPLE_BYTES // (4 * len(self.channel_names(image_channels(planes[0])))) // len(crops))
+        samples = []
+        for number, (z, crop) in enumerate(crops):
+            check()
+            samples.append(sample_pixels(self.crop(NormalisedPlane(planes[z], space), crop, device), pixel_stride(crop, per_crop)))
+            yield Advance("fitting the feature space", number + 1, len(crops))
+        shift, scale = channel_scaling(options.normalise, np.concatenate(samples))
+        return FeatureSpace(space.identity, space.input_range, shift=shift, scale=scale)
 
     def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
                models: Models | None = None, check: Check = no_check, space: FeatureSpace | None = None,
                rows: int = STRIP_ROWS) -> Iterator[Strip]:
         image = space.normalised_input(plane) if space else plane.astype(np.float32)
-        yield from self.bank_strips(image, device, check, rows)
+        for y0, block in self.bank_strips(image, device, check, rows):
+            block = space.scaled(block, 0) if space else block
+            yield y0, (l2_per_pixel(torch.from_numpy(block)).numpy() if options.normalise == "l2" else block)
 
     def bank_strips(self, image: np.ndarray, device: torch.device, check: Check = no_check, rows: int = STRIP_ROWS) -> Iterator[Strip]:
         """The bank of a plane already in [0, 1], in strips of `rows` rows."""
@@ -242,16 +256,13 @@ class DeepSet(FeatureSet):
             return space
         extractor = models.extractor(options.backbone)
         deep, classical = yield from self.sample(planes, space, extractor, device, options, check)
-        mean = components = shift = scale = None
+        mean = components = None
         k = self.components(options)
         if k:
             mean, components = principal_axes(deep, k)
             deep = np.concatenate([(part - mean) @ components.T for part in np.array_split(deep, max(1, len(deep) // 8192))])
         scaled = np.concatenate([deep, classical], axis=1) if classical is not None else deep
-        if self.normalisation(options) == "minmax":
-            shift, scale = robust_range(scaled)
-        elif self.normalisation(options) == "zscore":
-            shift, scale = standard_range(scaled)
+        shift, scale = channel_scaling(self.normalisation(options), scaled)
         return FeatureSpace(identity, space.input_range, mean, components, shift, scale)
 
     def sample(self, planes: list[np.ndarray], space: FeatureSpace, extractor: DeepExtractor, device: torch.device,
