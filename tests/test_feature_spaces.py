@@ -212,3 +212,32 @@ def test_spaces_round_trip_through_json_exactly(tiny_weights):
     assert again.to_json() == space.to_json()
     np.testing.assert_array_equal(again.components, space.components)
     assert again.components.shape == (5, 128) and again.shift.shape == (5 + 58,)
+
+
+def test_a_client_that_goes_away_mid_image_stops_the_tile_loop(tiny_weights, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    server = ServerProcess("--weights", f"dinov2_vits14={tiny_weights}", "--memory-gb", "1.05", "--workers", "1")
+    tifffile.imwrite(tmp_path / "big.tif", np.tile(micrograph(10, (256, 256)), (12, 12)))  # 3072^2: hundreds of tiles
+    try:
+        client = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "features", "--server", server.address,
+                                   str(tmp_path / "big.tif"), "-o", str(tmp_path / "big.h5"), "--set", "dinov2",
+                                   "--preset", "default", "--quiet"])
+        with FeatureClient(server.address) as other:
+            deadline = time.monotonic() + 60
+            while other.status().running != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(3)  # into the tiles
+            client.send_signal(signal.SIGKILL)
+            client.wait()
+            killed = time.monotonic()
+            while (other.status().running, other.status().cancelled) != (0, 1) and time.monotonic() < killed + 30:
+                time.sleep(0.1)
+            stopped_after = time.monotonic() - killed
+            assert other.status().cancelled == 1
+    finally:
+        server.stop()
+    assert stopped_after < 5, f"the tile loop went on for {stopped_after:.1f} s"  # one tile takes well under a second
+    assert not (tmp_path / "big.h5").exists()

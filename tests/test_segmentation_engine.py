@@ -135,6 +135,44 @@ def test_model_files_round_trip_to_identical_probabilities_and_refuse_other_feat
         again.check_features("classical", 15)
 
 
+def old_model_file(feature_set: str) -> bytes:
+    """A dinofeat-model/1 file as written before feature spaces existed."""
+    import io
+    import json
+    import zipfile
+
+    classifier = train_classifier(np.random.default_rng(2).normal(size=(50, 4)), np.arange(50) % 2 + 1, trees=3)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("metadata.json", json.dumps({"format": "dinofeat-model/1", "feature_set": feature_set, "channels": 4}))
+        archive.writestr("classifier.skops", sio.dumps(classifier))
+    return buffer.getvalue()
+
+
+def test_old_classical_model_files_still_load_with_the_fixed_classical_space():
+    model = model_from_bytes(old_model_file("classical"))
+    assert model.space() is None and model.metadata["channels"] == 4
+
+
+def test_old_deep_model_files_are_refused_with_a_sentence_to_retrain():
+    with pytest.raises(DinofeatError, match=r"^the model file \(dinofeat-model/1\) was trained on 'hybrid' features without "
+                                            r"storing their feature space; train it again with this dinofeat\.$"):
+        model_from_bytes(old_model_file("hybrid"))
+
+
+def test_model_files_are_written_in_format_2_with_their_feature_space():
+    import io
+    import json
+    import zipfile
+
+    space = CLASSICAL.fitted_space([np.zeros((20, 20), np.uint16)])
+    classifier = train_classifier(np.random.default_rng(3).normal(size=(40, 58)), np.arange(40) % 2 + 1, trees=3)
+    data = model_bytes(TrainedModel(classifier, {"feature_set": "classical", "channels": 58, "feature_space": space.to_dict()}))
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert json.loads(archive.read("metadata.json"))["format"] == "dinofeat-model/2"
+    assert model_from_bytes(data).space().input_range == (0.0, 65535.0)
+
+
 def test_model_files_with_untrusted_types_or_junk_are_refused():
     import fractions
     import io

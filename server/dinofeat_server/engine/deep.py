@@ -33,8 +33,10 @@ PRESETS: dict[str, ViewSpec] = {
 }
 DEFAULT_BUDGET_BYTES = 1 << 30
 """Memory the tiles of one request may use unless the server derives it from its memory target."""
-STRIP_ROWS = 256
-"""Rows per released strip: one row of (1, 256, 256) HDF5 chunks."""
+CELL = 256
+"""Blocks are released in whole 256 x 256 cells: the (1, 256, 256) chunks of the HDF5 file."""
+Block = tuple[int, int, torch.Tensor]
+"""(first row, first column, features (C, rows, columns))."""
 
 
 def preset(name: str) -> ViewSpec:
@@ -83,22 +85,23 @@ class DeepExtractor:
         return self.model.config.heads if what == "attention" else self.model.config.dim
 
     def plan(self, height: int, width: int, spec: ViewSpec, channels: int) -> tuple[int, int]:
-        """(tile edge, views per batch) such that one tile and the band of blended rows fit the budget:
-        the whole image if it fits, else the largest tile that does.
+        """(tile edge, views per batch) such that one tile and the blender's accumulators fit the
+        budget: the whole image if it fits, else the largest tile that does.
 
         Tiles are never smaller than four overlaps plus a stride; a budget below what such a tile
         needs is exceeded rather than refused."""
         def needed(edge: int, batch: int) -> int:
             tile = estimated_bytes(min(edge, height), min(edge, width), channels, self.model, spec, batch)
-            band = 0 if edge >= max(height, width) else TileBlender.band_bytes(channels, edge, width, STRIP_ROWS)
-            return tile + band
+            if edge >= max(height, width):
+                return tile
+            return tile + TileBlender.most_bytes(channels, tile_plan(height, width, edge, align=spec.stride), width, CELL)
 
         batch = min(spec.view_count(), 8)
         while batch > 1 and needed(max(height, width), batch) > self.budget_bytes:
             batch //= 2
         edge = max(height, width)
         while edge > 4 * TILE_OVERLAP + spec.stride and needed(edge, batch) > self.budget_bytes:
-            edge = max(int(edge * 0.8), 4 * TILE_OVERLAP + spec.stride)
+            edge = max(int(edge * 0.9), 4 * TILE_OVERLAP + spec.stride)
         return edge, batch
 
     def autocast(self):
@@ -123,29 +126,36 @@ class DeepExtractor:
             out = view_ensemble(self.model, normalised, guide, spec, what, batch, check, origin, affine)
         return out[0].float().cpu()
 
-    def strips(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens", affine: Affine = None,
-               check: Callable[[], None] = lambda: None) -> Iterator[tuple[int, torch.Tensor] | Advance]:
-        """(first_row, (k, rows, X)) strips of STRIP_ROWS rows covering `image`, each as soon as every tile
-        touching it is blended, with an `Advance` after every tile."""
+    def blocks(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens", affine: Affine = None,
+               check: Callable[[], None] = lambda: None) -> Iterator[Block | Advance]:
+        """(first_row, first_column, (k, rows, columns)) blocks of whole 256 x 256 chunks covering `image`,
+        each as soon as every tile touching it is blended, with an `Advance` after every tile."""
         height, width = image.shape[:2]
         self.check_size(height, width)
         channels = self.channels(what) if affine is None else affine[0].shape[0]
         edge, batch = self.plan(height, width, spec, channels)
         plan = tile_rows(tile_plan(height, width, edge, align=spec.stride))
-        blender = TileBlender(channels, height, width, STRIP_ROWS, edge)
+        blender = TileBlender(channels, height, width, CELL)
         done, total = 0, sum(len(row) for row in plan)
         yield Advance("tiles", 0, total)
         for number, row in enumerate(plan):
-            for tile in row:
+            until_row = plan[number + 1][0].y0 if number + 1 < len(plan) else height
+            for place, tile in enumerate(row):
                 check()
                 blender.add(tile, self.tile_features(image, tile, spec, what, batch, affine, check))
                 done += 1
                 yield Advance("tiles", done, total)
-            yield from blender.finished(plan[number + 1][0].y0 if number + 1 < len(plan) else height)
+                yield from blender.finished(until_row, row[place + 1].x0 if place + 1 < len(row) else width)
 
     def features(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens",
                  check: Callable[[], None] = lambda: None, affine: Affine = None) -> torch.Tensor:
         """The whole (C, Y, X) float32 stack on the CPU: patch-token features (what="tokens") or CLS
-        attention per head. For tests and small images; servers stream `strips`."""
-        strips = [item[1] for item in self.strips(image, spec, what, affine, check) if not isinstance(item, Advance)]
-        return torch.cat(strips, dim=1)
+        attention per head. For tests and small images; servers stream `blocks`."""
+        height, width = image.shape[:2]
+        out = None
+        for item in self.blocks(image, spec, what, affine, check):
+            if not isinstance(item, Advance):
+                y0, x0, block = item
+                out = torch.empty(block.shape[0], height, width) if out is None else out
+                out[:, y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]] = block
+        return out

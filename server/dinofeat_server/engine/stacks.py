@@ -10,7 +10,8 @@ The contract of a set, as each subclass fills it in:
     channel_names(image_channels, options, models) -> list[str]      stable, human-readable
     spec(options) -> dict                                             what the numbers are (JSON)
     fit_space(planes, device, options, models, check)                 yields Advance, returns FeatureSpace
-    strips(plane, device, options, models, check, space)              yields Advance and (first_row, (C, rows, X))
+    blocks(plane, device, options, models, check, space)              yields Advance and (first_row, first_column,
+                                                                      (C, rows, columns)) on 256 x 256 chunk bounds
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class Models(Protocol):
 
 
 Check = Callable[[], None]
-Strip = tuple[int, np.ndarray]
+Block = tuple[int, int, np.ndarray]
+"""(first row, first column, features (C, rows, columns)), on whole 256 x 256 chunks."""
 Fit = Generator[Advance, None, FeatureSpace]
 
 
@@ -103,9 +105,9 @@ class FeatureSet:
         """Fit the space of a dataset given as its raw 2-D planes; yields progress, returns the space."""
         raise NotImplementedError
 
-    def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
-               space: FeatureSpace) -> Iterator[Strip | Advance]:
-        """Yield (first_row, features (C, rows, X)) covering the raw plane, expressed in `space`, and progress."""
+    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
+               space: FeatureSpace) -> Iterator[Block | Advance]:
+        """Yield blocks covering the raw plane, expressed in `space`, and progress."""
         raise NotImplementedError
 
     def fitted_space(self, planes: list[np.ndarray], device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
@@ -123,8 +125,13 @@ class FeatureSet:
         """The whole (C, Y, X) stack of one 2-D plane, in `space` (by default fitted on the plane itself)."""
         device = torch.device(device)
         space = space or self.fitted_space([image], device, options, models)
-        blocks = [item[1] for item in self.strips(image, device, options, models, no_check, space) if not isinstance(item, Advance)]
-        return np.concatenate(blocks, axis=1)
+        out = None
+        for item in self.blocks(image, device, options, models, no_check, space):
+            if not isinstance(item, Advance):
+                y0, x0, block = item
+                out = np.empty((block.shape[0], *image.shape[:2]), np.float32) if out is None else out
+                out[:, y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]] = block
+        return out
 
 
 class NormalisedPlane:
@@ -172,15 +179,17 @@ class ClassicalSet(FeatureSet):
         shift, scale = channel_scaling(options.normalise, np.concatenate(samples))
         return FeatureSpace(space.identity, space.input_range, shift=shift, scale=scale)
 
-    def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
+    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
                models: Models | None = None, check: Check = no_check, space: FeatureSpace | None = None,
-               rows: int = STRIP_ROWS) -> Iterator[Strip]:
+               rows: int = STRIP_ROWS) -> Iterator[Block]:
+        """Strips of `rows` rows across the whole width (the bank is exact in strips)."""
         image = space.normalised_input(plane) if space else plane.astype(np.float32)
         for y0, block in self.bank_strips(image, device, check, rows):
             block = space.scaled(block, 0) if space else block
-            yield y0, (l2_per_pixel(torch.from_numpy(block)).numpy() if options.normalise == "l2" else block)
+            yield y0, 0, (l2_per_pixel(torch.from_numpy(block)).numpy() if options.normalise == "l2" else block)
 
-    def bank_strips(self, image: np.ndarray, device: torch.device, check: Check = no_check, rows: int = STRIP_ROWS) -> Iterator[Strip]:
+    def bank_strips(self, image: np.ndarray, device: torch.device, check: Check = no_check,
+                    rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """The bank of a plane already in [0, 1], in strips of `rows` rows."""
         planes = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
         tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
@@ -288,26 +297,26 @@ class DeepSet(FeatureSet):
 
     with_classical = False
 
-    def strips(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
-               space: FeatureSpace) -> Iterator[Strip | Advance]:
+    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
+               space: FeatureSpace) -> Iterator[Block | Advance]:
+        """The extractor's blended blocks in the space (hybrid: beside the classical bank of the same pixels)."""
         if models is None:
             raise ValueError("deep feature sets need loaded models")
         extractor = models.extractor(options.backbone)
-        affine = space.deep_affine()
-        classical = (CLASSICAL.bank_strips(space.normalised_input(plane), device, check) if self.with_classical else None)
+        normalised = NormalisedPlane(plane, space)
         k = len(self.deep_names(models, options))
-        for item in extractor.strips(NormalisedPlane(plane, space), preset(options.preset), self.what, affine, check):
+        for item in extractor.blocks(normalised, preset(options.preset), self.what, space.deep_affine(), check):
             if isinstance(item, Advance):
                 yield item
                 continue
-            y0, block = item
+            y0, x0, block = item
             if self.normalisation(options) == "l2":
                 block = l2_per_pixel(block)
             block = block.numpy()
-            if classical is not None:
-                _, bank = next(classical)
+            if self.with_classical:
+                bank = CLASSICAL.crop(normalised, Tile(y0, x0, block.shape[1], block.shape[2]), device)
                 block = np.concatenate([block, space.scaled(bank, k)])
-            yield y0, block
+            yield y0, x0, block
 
 
 class DinoSet(DeepSet):

@@ -1,10 +1,11 @@
 """Tiles: the unit of work, streaming and memory of the deep feature sets.
 
 An image too large for one pass is cut into overlapping tiles (`tile_plan`), each tile's features
-are weighted by linear ramps over the overlap (`blend_ramp`), and `TileBlender` adds them into a band
-of rows that is handed on, in strips of whole chunk rows, as soon as no later tile touches them. The
-band holds at most one row of tiles plus one strip, so memory depends on the tile size, the image
-width and the channel count, never on the image height.
+are weighted by linear ramps over the overlap (`blend_ramp`), and `TileBlender` adds them into
+chunk-sized accumulators that are handed on as soon as no later tile touches them. Tiles go row by
+row, left to right, so what is held is the current tile's chunks plus the chunk rows that the next
+row of tiles will still overlap: memory depends on the tile size, the channel count and (through
+that overlap) the image width, never on the image height.
 """
 
 from __future__ import annotations
@@ -68,48 +69,63 @@ def blend_ramp(length: int, start: int, total: int, overlap: int = TILE_OVERLAP)
 
 
 class TileBlender:
-    """Ramp-weighted sum of tile features over a band of rows, released in finished strips.
+    """Ramp-weighted sum of tile features in `cell` x `cell` accumulators, released when final.
 
-    Tiles must come row of tiles by row of tiles (as `tile_plan` orders them), none taller than
-    `edge`. `add` takes one tile's (C, h, w) features; `finished(until)` yields (first_row,
-    (C, rows, X)) strips of `strip_rows` rows (the last one shorter) that end at or before `until`, the
-    first row a later tile may still touch. The band is allocated once, edge + strip_rows rows high.
+    Tiles must come row of tiles by row of tiles, left to right in each (as `tile_plan` orders them).
+    `add` takes one tile's (C, h, w) features; `finished(until_row, until_column)` yields
+    (first_row, first_column, (C, rows, columns)) blocks of accumulators that no later tile touches:
+    those ending at or before `until_row` (where the next row of tiles starts) and `until_column`
+    (where the next tile of this row starts). Released accumulators of one cell row that lie side by
+    side leave as one block.
     """
 
-    def __init__(self, channels: int, height: int, width: int, strip_rows: int, edge: int):
-        self.height, self.width, self.strip_rows = height, width, strip_rows
-        rows = min(edge + strip_rows, height)
-        self.start = 0  # image row of the band's first row: the first row not yet released
-        self.total = torch.zeros(channels, rows, width)
-        self.weight = torch.zeros(1, rows, width)
+    def __init__(self, channels: int, height: int, width: int, cell: int):
+        self.channels, self.height, self.width, self.cell = channels, height, width, cell
+        self.cells: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, tile: Tile, features: torch.Tensor) -> None:
         ramp = blend_ramp(tile.height, tile.y0, self.height)[:, None] * blend_ramp(tile.width, tile.x0, self.width)[None, :]
-        rows = slice(tile.y0 - self.start, tile.y0 + tile.height - self.start)
-        columns = slice(tile.x0, tile.x0 + tile.width)
-        self.total[:, rows, columns].add_(features * ramp)
-        self.weight[:, rows, columns].add_(ramp)
+        weighted = features * ramp
+        cell = self.cell
+        for row in range(tile.y0 // cell * cell, tile.y0 + tile.height, cell):
+            for column in range(tile.x0 // cell * cell, tile.x0 + tile.width, cell):
+                total, weight = self.cells.get((row, column)) or self._new_cell(row, column)
+                y0, y1 = max(row, tile.y0), min(row + cell, tile.y0 + tile.height)
+                x0, x1 = max(column, tile.x0), min(column + cell, tile.x0 + tile.width)
+                total[:, y0 - row : y1 - row, x0 - column : x1 - column] += weighted[:, y0 - tile.y0 : y1 - tile.y0, x0 - tile.x0 : x1 - tile.x0]
+                weight[y0 - row : y1 - row, x0 - column : x1 - column] += ramp[y0 - tile.y0 : y1 - tile.y0, x0 - tile.x0 : x1 - tile.x0]
 
-    def finished(self, until: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Release every whole strip that ends at or before `until` (all remaining rows when `until` is the height)."""
-        released = 0
-        while self.start + released < self.height:
-            first = self.start + released
-            end = min(first + self.strip_rows, self.height)
-            if end > until:
-                break
-            band = slice(released, end - self.start)
-            yield first, self.total[:, band] / self.weight[:, band].clamp_min(1e-12)
-            released = end - self.start
-        if released:  # move the rows still being blended to the front of the band
-            kept = self.total.shape[1] - released
-            self.total[:, :kept] = self.total[:, released:].clone()
-            self.weight[:, :kept] = self.weight[:, released:].clone()
-            self.total[:, kept:] = 0
-            self.weight[:, kept:] = 0
-            self.start += released
+    def _new_cell(self, row: int, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, columns = min(self.cell, self.height - row), min(self.cell, self.width - column)
+        pair = torch.zeros(self.channels, rows, columns), torch.zeros(rows, columns)
+        self.cells[row, column] = pair
+        return pair
+
+    def finished(self, until_row: int, until_column: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Release every accumulator that ends at or before both limits, in runs along each cell row."""
+        done = sorted(key for key in self.cells
+                      if min(key[0] + self.cell, self.height) <= until_row and min(key[1] + self.cell, self.width) <= until_column)
+        runs: list[list[tuple[int, int]]] = []
+        for key in done:
+            if runs and runs[-1][-1][0] == key[0] and runs[-1][-1][1] + self.cell == key[1]:
+                runs[-1].append(key)
+            else:
+                runs.append([key])
+        for run in runs:
+            pairs = [self.cells.pop(key) for key in run]
+            total = torch.cat([p[0] for p in pairs], dim=2)
+            weight = torch.cat([p[1] for p in pairs], dim=1)
+            yield run[0][0], run[0][1], total / weight.clamp_min(1e-12)
+
+    def held_bytes(self) -> int:
+        return sum(total.numel() * 4 + weight.numel() * 4 for total, weight in self.cells.values())
 
     @staticmethod
-    def band_bytes(channels: int, edge: int, width: int, strip_rows: int) -> int:
-        """Largest memory of the band (sum, weight, the copy made when it moves, one released strip)."""
-        return (channels + 1) * (2 * edge + strip_rows) * width * 4 + channels * strip_rows * width * 4
+    def most_bytes(channels: int, tiles: list[Tile], width: int, cell: int) -> int:
+        """A bound on what the accumulators hold for a plan: the cell rows that the next row of tiles
+        overlaps, across the width, plus one tile's cells and one released run."""
+        rows = tile_rows(tiles)
+        overlap = max([a[0].y0 + a[0].height - b[0].y0 for a, b in zip(rows, rows[1:])], default=0)
+        waiting = (math.ceil(overlap / cell) + 1) * cell * (width + cell) if overlap else 0
+        edge = max(t.height for t in tiles)
+        return (channels + 1) * 4 * (waiting + (edge + 2 * cell) ** 2) + channels * 4 * cell * width

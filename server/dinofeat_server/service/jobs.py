@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -79,10 +80,11 @@ def attention_set() -> FeatureSet:
     return feature_set("attention")
 
 
-def block_origin(volume: bool, z: int, y0: int) -> tuple[int, ...]:
-    return (0, z, y0, 0) if volume else (0, y0, 0)
+def block_origin(volume: bool, z: int, y0: int, x0: int = 0) -> tuple[int, ...]:
+    return (0, z, y0, x0) if volume else (0, y0, x0)
 
 
+Result = TypeVar("Result")
 KEEP_BYTES = 512 << 20
 """Features of a dataset are kept between two passes (train then predict, sample then label) when they
 fit this; larger datasets are computed again, tile by tile, rather than held whole."""
@@ -104,38 +106,32 @@ def fitted_space(images: list[np.ndarray], fset: FeatureSet, options: FeatureOpt
     if like is not None:
         like.check_identity(identity)
         return like
-    fit = fset.fit_space(dataset_planes(images), device, options, models, check)
-    while True:
-        try:
-            advance = next(fit)
-        except StopIteration as done:
-            return done.value
-        yield progress_of(advance)
+    return (yield from relayed(fset.fit_space(dataset_planes(images), device, options, models, check), progress_of))
 
 
 def image_channels(image: np.ndarray) -> int:
     return 3 if image_axes(image).endswith("c") else 1
 
 
-Strip = tuple[int, int, np.ndarray]
-"""(slice, first row, features (C, rows, X)) of one image."""
+Block = tuple[int, int, int, np.ndarray]
+"""(slice, first row, first column, features (C, rows, columns)) of one image, on whole chunks."""
 
 
-def image_strips(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
-                 check, space: FeatureSpace, prefix: str = "") -> Iterator[pb.Progress | Strip]:
-    """Every strip of every slice of `image` in `space`, with progress (tiles for deep sets, strips otherwise)."""
+def image_blocks(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+                 check, space: FeatureSpace, prefix: str = "") -> Iterator[pb.Progress | Block]:
+    """Every block of every slice of `image` in `space`, with progress (tiles for deep sets, rows otherwise)."""
     slices = slices_of(image)
     for z, plane in enumerate(slices):
         label = f"{prefix}slice {z + 1}/{len(slices)}: " if len(slices) > 1 else prefix
         rows = plane.shape[0]
-        for item in fset.strips(plane, device, options, models, check, space):
+        for item in fset.blocks(plane, device, options, models, check, space):
             if isinstance(item, Advance):
                 yield progress_of(item, label)
             else:
-                y0, block = item
+                y0, x0, block = item
                 if not fset.deep:
                     yield pb.Progress(stage=f"{label}rows", done=y0 + block.shape[1], total=rows)
-                yield z, y0, block
+                yield z, y0, x0, block
 
 
 def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, options: FeatureOptions,
@@ -170,12 +166,12 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     volume = len(layout.shape) == 4
 
     def blocks():
-        for item in image_strips(image, fset, options, models, device, check, space):
+        for item in image_blocks(image, fset, options, models, device, check, space):
             if isinstance(item, pb.Progress):
                 yield item
             else:
-                z, y0, block = item
-                yield block_origin(volume, z, y0), block[:, None] if volume else block
+                z, y0, x0, block = item
+                yield block_origin(volume, z, y0, x0), block[:, None] if volume else block
 
     attributes = feature_attributes(image, image_sha, fset, options, models, names, space)
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "features")
@@ -202,16 +198,19 @@ def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSe
 def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
                    check, space: FeatureSpace, stage: str = "") -> Iterator[pb.Progress | np.ndarray]:
     """Progress messages, then the whole (C, Y, X) feature stack of each slice of `image` (for few-shot)."""
-    parts: list[np.ndarray] = []
-    for item in image_strips(image, fset, options, models, device, check, space, stage):
+    height, width = spatial_shape(image)[-2:]
+    stack, filled, current = None, 0, 0
+    for item in image_blocks(image, fset, options, models, device, check, space, stage):
         if isinstance(item, pb.Progress):
             yield item
             continue
-        z, y0, block = item
-        parts.append(block)
-        if y0 + block.shape[1] == spatial_shape(image)[-2]:
-            yield np.concatenate(parts, axis=1)
-            parts = []
+        z, y0, x0, block = item
+        stack = np.empty((block.shape[0], height, width), np.float32) if stack is None else stack
+        stack[:, y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]] = block
+        filled += block.shape[1] * block.shape[2]
+        if filled == height * width:
+            yield stack
+            stack, filled = None, 0
 
 
 def split_progress(items: Iterator[pb.Progress | np.ndarray], results: list) -> Iterator[pb.Progress]:
@@ -227,22 +226,22 @@ def stack_bytes(images: list[np.ndarray], channels: int) -> int:
     return sum(channels * int(np.prod(spatial_shape(image))) * 4 for image in images)
 
 
-class StripPasses:
-    """The strips of one image in one space for several passes: kept after the first pass when they fit
+class BlockPasses:
+    """The blocks of one image in one space for several passes: kept after the first pass when they fit
     KEEP_BYTES, else computed again tile by tile."""
 
     def __init__(self, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
                  check, space: FeatureSpace, channels: int, prefix: str = ""):
         self.arguments = (image, fset, options, models, device, check, space, prefix)
-        self.kept: list[Strip] | None = [] if stack_bytes([image], channels) <= KEEP_BYTES else None
+        self.kept: list[Block] | None = [] if stack_bytes([image], channels) <= KEEP_BYTES else None
         self.passes = 0
 
-    def __call__(self) -> Iterator[pb.Progress | Strip]:
+    def __call__(self) -> Iterator[pb.Progress | Block]:
         if self.passes and self.kept is not None:
             yield from self.kept
             return
         self.passes += 1
-        for item in image_strips(*self.arguments):
+        for item in image_blocks(*self.arguments):
             if self.kept is not None and not isinstance(item, pb.Progress) and self.passes == 1:
                 self.kept.append(item)
             yield item
@@ -250,22 +249,22 @@ class StripPasses:
 
 def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
                 kind: str, trees: int, seed: int, device: torch.device, check,
-                passes: list[StripPasses] | None = None, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, TrainedModel]:
-    """Fit one space over all images, compute their features strip by strip, train a classifier on the
-    labelled pixels. With `passes` given, the images' strips go through them (to predict afterwards)."""
+                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, TrainedModel]:
+    """Fit one space over all images, compute their features block by block, train a classifier on the
+    labelled pixels. With `passes` given, the images. blocks go through them (to predict afterwards)."""
     space = yield from fitted_space(images, fset, options, models, device, check, like)
     channels = len(fset.channel_names(image_channels(images[0]), options, models))
     samples, classes = [], []
     for number, (image, label) in enumerate(zip(images, labels)):
         prefix = f"image {number + 1}/{len(images)}: " if len(images) > 1 else ""
-        source = passes[number] if passes else StripPasses(image, fset, options, models, device, check, space, channels, prefix)
+        source = passes[number] if passes else BlockPasses(image, fset, options, models, device, check, space, channels, prefix)
         label_slices = list(label) if label.ndim == 3 else [label]
         for item in source():
             if isinstance(item, pb.Progress):
                 yield item
                 continue
-            z, y0, block = item
-            s, c = labelled_pixels(block, label_slices[z][y0 : y0 + block.shape[1]])
+            z, y0, x0, block = item
+            s, c = labelled_pixels(block, label_slices[z][y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]])
             samples.append(s)
             classes.append(c)
     yield pb.Progress(stage="training", done=0, total=1)
@@ -282,21 +281,21 @@ def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: Featur
     })
 
 
-def probability_messages(model: TrainedModel, image: np.ndarray, strips: Iterator[pb.Progress | Strip], encoding: pb.Encoding,
+def probability_messages(model: TrainedModel, image: np.ndarray, blocks_in: Iterator[pb.Progress | Block], encoding: pb.Encoding,
                          key: str, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Stream the per-class probabilities of every strip as the dataset "probabilities"."""
+    """Stream the per-class probabilities of every block as the dataset "probabilities"."""
     values = model.metadata["class_values"]
     layout = feature_layout("probabilities", stack_shape(len(values), image), encoding.compression, encoding.level)
     volume = len(layout.shape) == 4
 
     def blocks():
-        for item in strips:
+        for item in blocks_in:
             if isinstance(item, pb.Progress):
                 yield item
                 continue
-            z, y0, features = item
+            z, y0, x0, features = item
             block = class_probabilities(model.classifier, features)
-            yield block_origin(volume, z, y0), block[:, None] if volume else block
+            yield block_origin(volume, z, y0, x0), block[:, None] if volume else block
 
     attributes = {
         "axistags": axistags("czyx" if volume else "cyx"),
@@ -311,14 +310,19 @@ def probability_messages(model: TrainedModel, image: np.ndarray, strips: Iterato
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "probabilities")
 
 
-def as_stream(progress: Generator[pb.Progress, None, object]) -> Generator[pb.DatasetStream, None, object]:
-    """Progress as DatasetStream messages; returns what the wrapped generator returns."""
+def relayed(messages: Generator[Any, None, Result], wrap: Callable[[Any], Any]) -> Generator[Any, None, Result]:
+    """Every message of `messages` wrapped by `wrap`; returns what `messages` returns."""
     while True:
         try:
-            message = next(progress)
+            message = next(messages)
         except StopIteration as done:
             return done.value
-        yield pb.DatasetStream(progress=message)
+        yield wrap(message)
+
+
+def as_stream(progress: Generator[pb.Progress, None, Result]) -> Generator[pb.DatasetStream, None, Result]:
+    """Progress as DatasetStream messages; returns what the wrapped generator returns."""
+    return (yield from relayed(progress, lambda message: pb.DatasetStream(progress=message)))
 
 
 def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
@@ -329,7 +333,7 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
     check = cancel_check(cancelled)
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
     channels = len(fset.channel_names(image_channels(image), options, models))
-    passes = StripPasses(image, fset, options, models, device, check, space, channels)
+    passes = BlockPasses(image, fset, options, models, device, check, space, channels)
     model = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
                                              [passes], like=space))
     key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
@@ -340,12 +344,7 @@ def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: Feature
                kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.TrainReply]:
     """Train on several images in one space and stream the model file back in pieces, then its summary."""
     training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled))
-    while True:
-        try:
-            yield pb.TrainReply(progress=next(training))
-        except StopIteration as done:
-            model = done.value
-            break
+    model = yield from relayed(training, lambda message: pb.TrainReply(progress=message))
     data = model_bytes(model)
     for start in range(0, len(data), MAX_MESSAGE_BYTES):
         yield pb.TrainReply(model_piece=data[start : start + MAX_MESSAGE_BYTES])
@@ -357,18 +356,18 @@ def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: Feature
 def apply_work(model: TrainedModel, model_sha: str, image: np.ndarray, fset: FeatureSet, models: Models, encoding: pb.Encoding,
                device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Compute the model's feature set on a new image in the model's own space and stream the class
-    probabilities strip by strip."""
+    probabilities block by block."""
     options = FeatureOptions(**model.metadata["options"])
     check = cancel_check(cancelled)
     model.check_features(fset.name, len(fset.channel_names(image_channels(image), options, models)))
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check, model.space()))
     key = apply_result_key(model_sha, image_sha256(image))
-    yield from probability_messages(model, image, image_strips(image, fset, options, models, device, check, space),
+    yield from probability_messages(model, image, image_blocks(image, fset, options, models, device, check, space),
                                     encoding, key, cancelled)
 
 
 ANALYSIS_SAMPLE_PIXELS = 100_000
-"""Pixels (evenly strided over all strips) that k-means, the PCA picture and the foreground threshold are fitted on."""
+"""Pixels (evenly strided over all blocks) that k-means, the PCA picture and the foreground threshold are fitted on."""
 
 
 def strided_sample(block: np.ndarray, step: int) -> np.ndarray:
@@ -380,20 +379,20 @@ def strided_sample(block: np.ndarray, step: int) -> np.ndarray:
 def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, analysis: str, clusters: int,
                  seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """k-means labels, a PCA picture or an attention foreground mask, fitted on a sample of every slice's
-    features in one space, then computed strip by strip as one dataset."""
+    features in one space, then computed block by block as one dataset."""
     if analysis == "foreground":
         fset = attention_set()
     check = cancel_check(cancelled)
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
     channels = len(fset.channel_names(image_channels(image), options, models))
-    passes = StripPasses(image, fset, options, models, device, check, space, channels)
+    passes = BlockPasses(image, fset, options, models, device, check, space, channels)
     step = max(1, int(np.prod(spatial_shape(image))) // ANALYSIS_SAMPLE_PIXELS)
     sample = []
     for item in passes():
         if isinstance(item, pb.Progress):
             yield pb.DatasetStream(progress=item)
         else:
-            sample.append(strided_sample(item[2], step))
+            sample.append(strided_sample(item[3], step))
     yield progress_message("fitting", 0, 1)
     label = analysis_labeller(analysis, np.concatenate(sample), clusters, seed)
     yield progress_message("fitting", 1, 1)
@@ -407,9 +406,9 @@ def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
             if isinstance(item, pb.Progress):
                 yield item
                 continue
-            z, y0, block = item
+            z, y0, x0, block = item
             out = label(block)
-            yield block_origin(volume, z, y0), out[:, None] if volume else out
+            yield block_origin(volume, z, y0, x0), out[:, None] if volume else out
 
     attributes = {"axistags": axistags("czyx" if volume else "cyx"), "channel_names": names, "dinofeat_version": __version__,
                   "source_sha256": image_sha256(image), "analysis": analysis, "clusters": clusters, "seed": seed,
