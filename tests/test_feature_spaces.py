@@ -241,3 +241,26 @@ def test_a_client_that_goes_away_mid_image_stops_the_tile_loop(tiny_weights, tmp
         server.stop()
     assert stopped_after < 5, f"the tile loop went on for {stopped_after:.1f} s"  # one tile takes well under a second
     assert not (tmp_path / "big.h5").exists()
+
+
+def test_apply_takes_weights_and_refuses_a_model_trained_with_other_weights(tiny_weights, two_images, tmp_path):
+    from tiny_vit import save_official, tiny_model
+
+    other = save_official(tiny_model(seed=1), tmp_path / "other.pth")
+    a, b = two_images
+    labels = np.zeros(a.shape, np.uint8)
+    labels[a > 150], labels[a < 60] = 2, 1
+    for name, array in (("a", a), ("b", b), ("labels", labels)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", array)
+    trained = dinofeat("train", str(tmp_path / "a.tif"), "--labels", str(tmp_path / "labels.tif"), "-o", str(tmp_path / "m.dfm"),
+                       "--set", "hybrid", "--preset", "fast", "--pca", "4", "--trees", "5", "--weights", str(tiny_weights),
+                       "--device", "cpu", "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    applied = dinofeat("apply", str(tmp_path / "m.dfm"), str(tmp_path / "b.tif"), "-o", str(tmp_path / "b_seg.tif"),
+                       "--weights", str(tiny_weights), "--device", "cpu", "--quiet")
+    assert applied.returncode == 0, applied.stderr
+    refused = dinofeat("apply", str(tmp_path / "m.dfm"), str(tmp_path / "b.tif"), "-o", str(tmp_path / "b_other.tif"),
+                       "--weights", str(other), "--device", "cpu", "--quiet")
+    assert refused.returncode == 1
+    assert "the feature space was fitted for weights with sha256 " in refused.stderr and "(other weights)" in refused.stderr
+    assert not (tmp_path / "b_other.tif").exists()

@@ -510,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write")
     p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
     p.add_argument("--set", help="check that the model uses this feature set")
-    p.set_defaults(device="auto", backbone=DEFAULT_BACKBONE, weights=None)
+    p.add_argument("--weights", help="weights file of a deep model's backbone (embedded server only; its sha256 must be the "
+                   "one the model was trained with)")
+    p.set_defaults(device="auto", backbone="*")  # --weights serves whichever backbone the model names
 
     p = commands.add_parser("cluster", parents=[remote, deep, pictures], help="k-means clusters of the features")
     p.set_defaults(run=command_cluster)

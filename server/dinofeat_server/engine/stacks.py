@@ -228,6 +228,8 @@ class DeepSet(FeatureSet):
 
     deep = True
     what: Literal["tokens", "attention"] = "tokens"
+    with_classical = False
+    """Whether the classical bank of the same pixels follows the deep channels (hybrid)."""
 
     def __init__(self, name: str, description: str):
         self.name, self.description = name, description
@@ -294,8 +296,6 @@ class DeepSet(FeatureSet):
                 classical.append(sample_pixels(CLASSICAL.crop(plane, crop, device), stride))
             yield Advance("fitting the feature space", number + 1, len(crops))
         return np.concatenate(deep), (np.concatenate(classical) if classical else None)
-
-    with_classical = False
 
     def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
                space: FeatureSpace) -> Iterator[Block | Advance]:
