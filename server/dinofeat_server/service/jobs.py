@@ -85,7 +85,7 @@ def block_origin(volume: bool, z: int, y0: int, x0: int = 0) -> tuple[int, ...]:
 
 
 Result = TypeVar("Result")
-KEEP_BYTES = 512 << 20
+KEEP_BYTES = 256 << 20
 """Features of a dataset are kept between two passes (train then predict, sample then label) when they
 fit this; larger datasets are computed again, tile by tile, rather than held whole."""
 
