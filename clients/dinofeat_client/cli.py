@@ -19,7 +19,7 @@ import numpy as np
 
 from .imagej_tiff import write_imagej_hyperstack
 from .images import atomic_write, check_image, image_axes, check_labels, check_output_path, read_image, write_png, write_tiff
-from .metrics import class_dice, class_iou
+from .metrics import class_dice, class_iou, matched_to_truth
 from .pictures import class_overlay, probability_pictures
 from .sample import three_phase_sample
 from .tokens import read_tokens
@@ -80,6 +80,8 @@ def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if not args.server:
+        raise DinofeatError("dinofeat status reports on a running server; pass --server HOST:PORT.")
     with connect(args) as client:
         status = client.status()
     memory = (f"{status.device_memory_allocated_bytes / 1e9:.2f} of {status.device_memory_total_bytes / 1e9:.1f} GB"
@@ -94,9 +96,29 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB)")
 
 
+SUFFIXES = {"h5": (".h5", ".hdf5", ".hdf"), "tiff": (".tif", ".tiff"), "png": (".png",)}
+"""What each output format's files are called; an output named otherwise is refused, never mislabelled."""
+
+
+def checked_suffix(output: str, formats: tuple[str, ...], command: str) -> str:
+    """The format an output's suffix names, among `formats`; anything else gets one sentence."""
+    suffix = Path(output).suffix.lower()
+    for name in formats:
+        if suffix in SUFFIXES[name]:
+            return name
+    names = " or ".join(SUFFIXES[name][0] for name in formats)
+    raise DinofeatError(f"dinofeat {command} writes {names} files, not {suffix or 'files without a suffix'!r}; "
+                        f"name the output {Path(output).stem}{SUFFIXES[formats[0]][0]}.")
+
+
 def output_format(args: argparse.Namespace) -> str:
-    """--format, or what the output's suffix says (.tif/.tiff: an ImageJ hyperstack; anything else: HDF5)."""
-    return args.format or ("tiff" if Path(args.output).suffix.lower() in (".tif", ".tiff") else "h5")
+    """--format when it agrees with the output's suffix, else what the suffix says (.h5: HDF5, .tif: an
+    ImageJ hyperstack)."""
+    named = checked_suffix(args.output, ("h5", "tiff"), "features")
+    if args.format and args.format != named:
+        raise DinofeatError(f"--format {args.format} does not match the output name {args.output}; "
+                            f"name it {Path(args.output).stem}{SUFFIXES[args.format][0]}.")
+    return named
 
 
 def hidden_features_path(output: str) -> Path:
@@ -262,6 +284,7 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
 
 
 def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
+    checked_suffix(args.output, ("tiff",), "cluster")
     image = check_image(read_image(args.image))
     check_output_path(args.output)
     folder = Path(args.output).resolve().parent
@@ -277,17 +300,17 @@ def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
+    kind = checked_suffix(args.output, ("png", "tiff"), "pca")
     image = check_image(read_image(args.image))
+    if kind == "png" and image_axes(image).startswith("z"):
+        raise DinofeatError(f"a stack gives one picture per slice, which PNG cannot hold; name the output {Path(args.output).stem}.tif.")
     check_output_path(args.output)
     folder = Path(args.output).resolve().parent
     with connect(args) as client:
         path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", args.set, progress=bars, **deep_options(args))
     bars.close()
-    picture = np.moveaxis(take_dataset(path, "picture"), 0, -1)
-    if picture.ndim == 4:  # a stack: one RGB picture per slice, as a TIFF
-        print(f"wrote {write_tiff(Path(args.output).with_suffix('.tif'), picture)}")
-        return
-    print(f"wrote {write_png(Path(args.output), picture)}")
+    picture = np.moveaxis(take_dataset(path, "picture"), 0, -1)  # (Y, X, 3), or (Z, Y, X, 3) for a stack
+    print(f"wrote {(write_png if kind == 'png' else write_tiff)(Path(args.output), picture)}")
 
 
 def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -346,6 +369,13 @@ def command_score(args: argparse.Namespace, bars: ProgressBars) -> None:
     prediction, truth = read_image(args.prediction), read_image(args.truth)
     if prediction.shape != truth.shape:
         raise DinofeatError(f"the prediction has shape {prediction.shape} but the ground truth has {truth.shape}; they must match.")
+    if args.match:
+        prediction = matched_to_truth(prediction, truth)
+    elif not set(np.unique(prediction).tolist()) & set(np.unique(truth).tolist()):
+        values = ", ".join(str(v) for v in np.unique(prediction)[:8])
+        raise DinofeatError(f"the prediction's values ({values}) share none with the ground truth's "
+                            f"({', '.join(str(v) for v in np.unique(truth)[:8])}); for a clustering add --match, which pairs "
+                            "each cluster with the class it overlaps most (Hungarian assignment).")
     ious, dice = class_iou(prediction, truth), class_dice(prediction, truth)
     print(f"{'class':>8} {'IoU':>7} {'Dice':>7}")
     for value in ious:
@@ -449,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
     p.add_argument("-o", "--output", required=True, help="the file to write: .h5, or .tif for an ImageJ hyperstack")
     p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
-                   "default: from the output's suffix")
+                   "the output's suffix names it (.h5 / .tif), and must agree with this")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
     p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5) "
                    "or model (.dfm), so they compare with it (default: fit a space on this image)")
@@ -554,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=command_score)
     p.add_argument("prediction")
     p.add_argument("truth")
+    p.add_argument("--match", action="store_true", help="pair the prediction's values with the ground truth's classes first "
+                   "(for clusterings: each cluster gets the class it overlaps most, one to one)")
 
     p = commands.add_parser("serve", help="run a feature server")
     p.set_defaults(run=command_serve)
