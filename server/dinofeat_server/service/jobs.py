@@ -199,7 +199,7 @@ def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions,
                    check, space: FeatureSpace, stage: str = "") -> Iterator[pb.Progress | np.ndarray]:
     """Progress messages, then the whole (C, Y, X) feature stack of each slice of `image` (for few-shot)."""
     height, width = spatial_shape(image)[-2:]
-    stack, filled, current = None, 0, 0
+    stack, filled = None, 0
     for item in image_blocks(image, fset, options, models, device, check, space, stage):
         if isinstance(item, pb.Progress):
             yield item
