@@ -264,3 +264,15 @@ def test_apply_takes_weights_and_refuses_a_model_trained_with_other_weights(tiny
     assert refused.returncode == 1
     assert "the feature space was fitted for weights with sha256 " in refused.stderr and "(other weights)" in refused.stderr
     assert not (tmp_path / "b_other.tif").exists()
+
+
+def test_progress_counts_the_space_fit_then_tiles_and_views(deep_server_address, two_images, tmp_path):
+    seen: dict[str, list[tuple[int, int]]] = {}
+    with FeatureClient(deep_server_address) as client:
+        client.fetch_features(two_images[0], tmp_path / "d.h5", "dinov2", preset="default", pca=4,
+                              progress=lambda stage, done, total: seen.setdefault(stage, []).append((done, total)))
+    assert seen["fitting the feature space"][-1] == (1, 1)  # one sample crop covers this small image
+    assert seen["tiles"][0] == (0, 1) and seen["tiles"][-1] == (1, 1)
+    views = seen["views"]
+    assert views[-1] == (9, 9) and [done for done, _ in views] == sorted(done for done, _ in views)
+    assert list(seen).index("fitting the feature space") < list(seen).index("views")

@@ -14,16 +14,16 @@ number of output channels, not on the image size.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
 from dinofeat_client.errors import DinofeatError
 
 from .backbone import DinoVisionTransformer, imagenet_normalised, token_grid
+from .progress import Advance, run_to_end
 from .tiles import TILE_OVERLAP, Tile, TileBlender, tile_plan, tile_rows
-from .views import Affine, TileOrigin, ViewSpec, view_ensemble
+from .views import Affine, TileOrigin, ViewSpec, view_steps
 
 PRESETS: dict[str, ViewSpec] = {
     "fast": ViewSpec(stride=14, upsampler="joint_bilateral"),
@@ -62,15 +62,6 @@ def estimated_bytes(height: int, width: int, channels: int, model: DinoVisionTra
     activations = batch * (tokens + 5) * model.config.dim * 4 * 12
     full_resolution = channels * height * width * 4 * (4 if spec.upsampler == "joint_bilateral" else 3)
     return activations + full_resolution + 16 * height * width * 4  # input, guide and upsampling weights
-
-
-@dataclass(frozen=True)
-class Advance:
-    """Work done so far, for progress: `done` of `total` units of `stage` (tiles, crops)."""
-
-    stage: str
-    done: int
-    total: int
 
 
 class DeepExtractor:
@@ -114,17 +105,28 @@ class DeepExtractor:
         if min(height, width) < patch:
             raise DinofeatError(f"the image is {height}x{width} pixels; DINOv2 features need at least {patch}x{patch}.")
 
-    def tile_features(self, image: np.ndarray, tile: Tile, spec: ViewSpec, what: str, batch: int, affine: Affine = None,
-                      check: Callable[[], None] = lambda: None) -> torch.Tensor:
+    def tile_steps(self, image: np.ndarray, tile: Tile, spec: ViewSpec, what: str, batch: int, affine: Affine = None,
+                   check: Callable[[], None] = lambda: None) -> Generator[int, None, torch.Tensor]:
         """(k, h, w) float32 features of one tile of `image` (intensities about [0, 1]), on the CPU, computed
-        with the whole image's token grid and mapped by `affine` (k = C without it)."""
+        with the whole image's token grid and mapped by `affine` (k = C without it); yields the views
+        done after each batch. Inference mode and autocast hold only while a batch computes."""
         height, width = image.shape[:2]
         normalised, guide = model_input(image[tile.window], self.device)
         whole = tile.height == height and tile.width == width
         origin = None if whole else TileOrigin(height, width, tile.y0, tile.x0)
-        with torch.inference_mode(), self.autocast():
-            out = view_ensemble(self.model, normalised, guide, spec, what, batch, check, origin, affine)
-        return out[0].float().cpu()
+        steps = view_steps(self.model, normalised, guide, spec, what, batch, check, origin, affine)
+        while True:
+            with torch.inference_mode(), self.autocast():
+                try:
+                    done = next(steps)
+                except StopIteration as finished:
+                    return finished.value[0].float().cpu()
+            yield done
+
+    def tile_features(self, image: np.ndarray, tile: Tile, spec: ViewSpec, what: str, batch: int, affine: Affine = None,
+                      check: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """`tile_steps` run to the end: the tile's (k, h, w) features."""
+        return run_to_end(self.tile_steps(image, tile, spec, what, batch, affine, check))
 
     def blocks(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens", affine: Affine = None,
                check: Callable[[], None] = lambda: None) -> Iterator[Block | Advance]:
@@ -136,13 +138,21 @@ class DeepExtractor:
         edge, batch = self.plan(height, width, spec, channels)
         plan = tile_rows(tile_plan(height, width, edge, align=spec.stride))
         blender = TileBlender(channels, height, width, CELL)
-        done, total = 0, sum(len(row) for row in plan)
+        done, total, views = 0, sum(len(row) for row in plan), spec.view_count()
         yield Advance("tiles", 0, total)
         for number, row in enumerate(plan):
             until_row = plan[number + 1][0].y0 if number + 1 < len(plan) else height
             for place, tile in enumerate(row):
                 check()
-                blender.add(tile, self.tile_features(image, tile, spec, what, batch, affine, check))
+                steps = self.tile_steps(image, tile, spec, what, batch, affine, check)
+                while True:
+                    try:
+                        views_done = next(steps)
+                    except StopIteration as finished:
+                        blender.add(tile, finished.value)
+                        break
+                    if views > 1:
+                        yield Advance("views", done * views + views_done, total * views)
                 done += 1
                 yield Advance("tiles", done, total)
                 yield from blender.finished(until_row, row[place + 1].x0 if place + 1 < len(row) else width)

@@ -32,8 +32,9 @@ from .classical import (
     weka_features,
     weka_halo,
 )
-from .deep import Advance, DeepExtractor, preset
+from .deep import DeepExtractor, preset
 from .postprocess import l2_per_pixel, principal_axes
+from .progress import Advance, run_to_end
 from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
 from .space import FeatureSpace, channel_scaling, dtype_range, input_range
 from .strips import STRIP_ROWS, feature_strips
@@ -113,12 +114,7 @@ class FeatureSet:
     def fitted_space(self, planes: list[np.ndarray], device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
                      models: Models | None = None) -> FeatureSpace:
         """`fit_space` without the progress."""
-        fit = self.fit_space(planes, torch.device(device), options, models)
-        while True:
-            try:
-                next(fit)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.fit_space(planes, torch.device(device), options, models))
 
     def compute(self, image: np.ndarray, device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
                 models: Models | None = None, space: FeatureSpace | None = None) -> np.ndarray:

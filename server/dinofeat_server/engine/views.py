@@ -12,13 +12,14 @@ Two modes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import DinoVisionTransformer, PosWindow, token_grid
+from .progress import run_to_end
 from .upsample import UPSAMPLERS, TokenPlacement
 
 DIRECTIONS = ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
@@ -109,9 +110,13 @@ def view_batches(views: list[torch.Tensor], flips: list[tuple[bool, bool]], batc
         start = end
 
 
+Steps = Generator[int, None, torch.Tensor]
+"""Yields the number of views done after each batch; returns the averaged features."""
+
+
 def paper_ensemble(model: DinoVisionTransformer, image: torch.Tensor, spec: ViewSpec, what: str,
                    batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
-                   affine: Affine = None) -> torch.Tensor:
+                   affine: Affine = None) -> Steps:
     """The reference algorithm: roll, ViT, nearest-exact resize, roll back, unflip, running mean."""
     height, width = image.shape[-2:]
     views, undo = [], []
@@ -130,6 +135,7 @@ def paper_ensemble(model: DinoVisionTransformer, image: torch.Tensor, spec: View
             full = flipped(torch.roll(full, shifts=(-dy, -dx), dims=(-2, -1)), flip)
             count += 1
             mean = full if mean is None else mean + (full - mean) / count
+        yield count
     return mean
 
 
@@ -163,7 +169,7 @@ def aligned_views(image: torch.Tensor, spec: ViewSpec) -> list[tuple[torch.Tenso
 
 def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
                      batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
-                     affine: Affine = None) -> torch.Tensor:
+                     affine: Affine = None) -> Steps:
     """Reflect-padded shifts and flips, each view's tokens placed at their true pixel centres."""
     size = image.shape[-2:]
     upsample = UPSAMPLERS[spec.upsampler]
@@ -178,16 +184,25 @@ def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: t
             placement = view_placement(flip, dy, dx, tokens.shape[-2:], size, spec.stride, model.config.patch)
             full = upsample(flipped(tokens[k : k + 1], flip), placement, tuple(size), guide)
             total = full if total is None else total + full
+        yield start + tokens.shape[0]
     return total / len(views)
+
+
+def view_steps(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
+               batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
+               affine: Affine = None) -> Steps:
+    """Features (1, C, H, W) of one ImageNet-normalised image (1, 3, H, W) averaged over the views of `spec`,
+    yielding the views done after each batch (for progress) and returning the features.
+
+    `origin` marks the image as a tile of a larger one (position embeddings of the whole image);
+    `affine` maps each view's tokens into a feature space (C becomes its k channels)."""
+    if spec.mode == "paper":
+        return (yield from paper_ensemble(model, image, spec, what, batch, check, origin, affine))
+    return (yield from aligned_ensemble(model, image, guide, spec, what, batch, check, origin, affine))
 
 
 def view_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
                   batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
                   affine: Affine = None) -> torch.Tensor:
-    """Features (1, C, H, W) of one ImageNet-normalised image (1, 3, H, W) averaged over the views of `spec`.
-
-    `origin` marks the image as a tile of a larger one (position embeddings of the whole image);
-    `affine` maps each view's tokens into a feature space (C becomes its k channels)."""
-    if spec.mode == "paper":
-        return paper_ensemble(model, image, spec, what, batch, check, origin, affine)
-    return aligned_ensemble(model, image, guide, spec, what, batch, check, origin, affine)
+    """`view_steps` run to the end: the features (1, C, H, W)."""
+    return run_to_end(view_steps(model, image, guide, spec, what, batch, check, origin, affine))

@@ -27,7 +27,7 @@ from dinofeat_client.wire import (
     segment_result_key,
 )
 
-from ..engine.deep import Advance
+from ..engine.progress import Advance
 from ..engine.space import FeatureSpace
 from ..engine.stacks import (
     FeatureOptions,
