@@ -128,3 +128,23 @@ def test_fewshot_uses_dinov2_features_by_default(isb_three_phase, deep_server_ad
     assert result.returncode == 0, result.stderr
     mask = tifffile.imread(tmp_path / "right_mask.tif")
     assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_a_training_beyond_the_servers_size_limit_is_refused_before_any_work(tmp_path):
+    from conftest import ServerProcess
+    from dinofeat_client.client import FeatureClient
+    from dinofeat_client.errors import DinofeatError
+
+    image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    labels = np.arange(1, 64 * 64 + 1, dtype=np.uint16).reshape(64, 64)  # every pixel its own class
+    server = ServerProcess("--max-training-gb", "1")
+    try:
+        with FeatureClient(server.address) as client:
+            with pytest.raises(DinofeatError, match=r"training a random forest on 4096 classes x 4096 labelled pixels x 200 trees "
+                                                    r"could take 25.0 GiB, more than this server's limit of 1 GiB \(max_training_gb\)"):
+                client.segment(image, labels, tmp_path / "seg.tif")
+            assert client.status().running == 0
+            client.segment(image, (image > 127).astype(np.uint8) + 1, tmp_path / "ok.tif", trees=5)  # still serving
+    finally:
+        server.stop()
+    assert not (tmp_path / "seg.tif").exists() and (tmp_path / "ok.tif").exists()

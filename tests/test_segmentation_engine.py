@@ -209,3 +209,45 @@ def test_attention_foreground_splits_a_bimodal_map_at_the_gap():
     mask = attention_foreground(attention)
     assert mask.sum() == 16 and mask[5, 5]
     assert 0.1 < otsu_threshold(np.array([0.1] * 50 + [0.9] * 50)) < 0.9
+
+
+def test_a_model_file_that_would_unpack_beyond_its_limit_is_refused_before_inflating():
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("metadata.json", b" " * (65 << 20))  # 65 MiB of spaces deflate to about 64 KB
+        archive.writestr("classifier.skops", b"")
+    assert len(buffer.getvalue()) < 1 << 20
+    with pytest.raises(DinofeatError, match=r"^the model file's metadata.json would unpack to more than 64 MiB"):
+        model_from_bytes(buffer.getvalue())
+
+
+@pytest.mark.parametrize("metadata,message", [(b"[1, 2]", "metadata is not a JSON object"),
+                                              (b"not json", "this is not a dinofeat model file, or it is damaged")])
+def test_model_files_with_odd_metadata_get_one_sentence(metadata, message):
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("metadata.json", metadata)
+        archive.writestr("classifier.skops", b"")
+    with pytest.raises(DinofeatError, match=message):
+        model_from_bytes(buffer.getvalue())
+
+
+def test_a_model_file_with_a_corrupt_deflate_stream_gets_one_sentence():
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("metadata.json", b'{"format": "dinofeat-model/2"}' * 100)
+        archive.writestr("classifier.skops", b"x" * 1000)
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"metadata.json") + len("metadata.json")
+    data[start + 5 : start + 25] = b"\xff" * 20  # inside the deflated bytes
+    with pytest.raises(DinofeatError, match="this is not a dinofeat model file, or it is damaged"):
+        model_from_bytes(bytes(data))

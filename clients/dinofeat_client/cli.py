@@ -418,7 +418,8 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "workers": (int, "requests computed at once"), "max_request_seconds": (float, "longest a request may run"),
                "image_store_gb": (float, "memory for uploaded images"),
                "memory_gb": (float, "memory target: tiles of deep features are sized to fit it"),
-               "max_output_gb": (float, "size of one result, checked before any work")}
+               "max_output_gb": (float, "size of one result, checked before any work"),
+               "max_training_gb": (float, "size of a classifier's trees: classes x labelled pixels x trees x 8 bytes")}
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:

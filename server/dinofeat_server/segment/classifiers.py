@@ -24,6 +24,21 @@ PREDICTION_PIXELS = 1 << 18
 """Pixels predicted at a time, bounding the classifier's temporary memory."""
 
 
+def check_training_size(labels: list[np.ndarray], kind: str, trees: int, limit_gb: float) -> None:
+    """Refuse a training whose trees would outgrow `limit_gb`, before any work: a tree holds up to one
+    node per labelled pixel and one float64 per class in each node (boosting: a tree per class and
+    iteration), so the size grows as classes x labelled pixels x trees. Logistic regression is small."""
+    if kind == "logistic":
+        return
+    values, counts = np.unique(np.concatenate([np.ravel(label) for label in labels]), return_counts=True)
+    pixels, classes = int(counts[values != 0].sum()), int(np.count_nonzero(values))
+    size = classes * pixels * (trees or DEFAULT_TREES) * 8
+    if size > limit_gb * (1 << 30):
+        raise DinofeatError(f"training a {kind.replace('_', ' ')} on {classes} classes x {pixels} labelled pixels x "
+                            f"{trees or DEFAULT_TREES} trees could take {size / (1 << 30):.1f} GiB, more than this server's "
+                            f"limit of {limit_gb:g} GiB (max_training_gb); label fewer classes or pixels, or ask for fewer trees.")
+
+
 def labelled_pixels(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Feature vectors (N, C) and class values (N,) of the labelled pixels of a (C, ...) stack."""
     mask = labels != 0

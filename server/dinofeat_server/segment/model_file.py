@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import skops.io as sio
@@ -62,14 +63,33 @@ def model_bytes(model: TrainedModel) -> bytes:
     return buffer.getvalue()
 
 
+MEMBER_LIMITS = {"metadata.json": 64 << 20, "classifier.skops": 1 << 30}
+"""Largest decompressed size of each member read from a model file (a zip bomb stops here)."""
+
+
+def bounded_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A member's bytes, refused when its declared or its actual decompressed size passes its limit."""
+    limit = MEMBER_LIMITS[name]
+    if archive.getinfo(name).file_size > limit:
+        raise DinofeatError(f"the model file's {name} would unpack to more than {limit >> 20} MiB; "
+                            "only models written by dinofeat are accepted.")
+    with archive.open(name) as member:
+        data = member.read(limit + 1)  # the declared size may lie: never inflate more than the limit
+    if len(data) > limit:
+        raise DinofeatError(f"the model file's {name} unpacks to more than {limit >> 20} MiB; only models written by dinofeat are accepted.")
+    return data
+
+
 def model_from_bytes(data: bytes) -> TrainedModel:
-    """Read a model file, refusing anything that is not one or holds untrusted types."""
+    """Read a model file, refusing anything that is not one, holds untrusted types or unpacks too large."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            metadata = json.loads(archive.read("metadata.json"))
-            classifier_data = archive.read("classifier.skops")
-    except (zipfile.BadZipFile, KeyError, ValueError):
-        raise DinofeatError("this is not a dinofeat model file (train one with `dinofeat train`).") from None
+            metadata = json.loads(bounded_member(archive, "metadata.json"))
+            classifier_data = bounded_member(archive, "classifier.skops")
+    except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, OSError):
+        raise DinofeatError("this is not a dinofeat model file, or it is damaged (train one with `dinofeat train`).") from None
+    if not isinstance(metadata, dict):
+        raise DinofeatError("the model file's metadata is not a JSON object; only models written by dinofeat are accepted.")
     if metadata.get("format") == OLD_FORMAT and metadata.get("feature_set") != "classical":
         raise DinofeatError(f"the model file ({OLD_FORMAT}) was trained on {metadata.get('feature_set')!r} features without "
                             "storing their feature space; train it again with this dinofeat.")

@@ -11,6 +11,7 @@
     cache_gb = 50                 image_store_gb = 8          # uploaded images held in memory
                                   memory_gb = 3               # the server's memory target (tiles fit it)
                                   max_output_gb = 256         # bytes of one result (checked before work)
+                                  max_training_gb = 4         # classes x labelled pixels x trees x 8 bytes
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ServerLimits:
     image_store_gb: float = 4
     memory_gb: float = 3
     max_output_gb: float = 256
+    max_training_gb: float = 4
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -37,6 +37,7 @@ from ..engine.stacks import (
 )
 from ..segment.classifiers import (
     DEFAULT_TREES,
+    check_training_size,
     class_probabilities,
     class_values,
     labelled_pixels,
@@ -249,9 +250,11 @@ class BlockPasses:
 
 def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
                 kind: str, trees: int, seed: int, device: torch.device, check,
-                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, TrainedModel]:
+                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None,
+                max_training_gb: float = float("inf")) -> Generator[pb.Progress, None, TrainedModel]:
     """Fit one space over all images, compute their features block by block, train a classifier on the
     labelled pixels. With `passes` given, the images. blocks go through them (to predict afterwards)."""
+    check_training_size(labels, kind, trees, max_training_gb)
     space = yield from fitted_space(images, fset, options, models, device, check, like)
     channels = len(fset.channel_names(image_channels(images[0]), options, models))
     samples, classes = [], []
@@ -327,23 +330,26 @@ def as_stream(progress: Generator[pb.Progress, None, Result]) -> Generator[pb.Da
 
 def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
                  kind: str, trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
-                 cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+                 cancelled: threading.Event, max_training_gb: float = float("inf")) -> Iterator[pb.DatasetStream]:
     """Train on the image's own labels and stream its class probabilities (features kept between the
     two passes when small, else computed again tile by tile)."""
+    check_training_size([labels], kind, trees, max_training_gb)
     check = cancel_check(cancelled)
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
     channels = len(fset.channel_names(image_channels(image), options, models))
     passes = BlockPasses(image, fset, options, models, device, check, space, channels)
     model = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
-                                             [passes], like=space))
+                                             [passes], like=space, max_training_gb=max_training_gb))
     key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
     yield from probability_messages(model, image, passes(), encoding, key, cancelled)
 
 
 def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
-               kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.TrainReply]:
+               kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event,
+               max_training_gb: float = float("inf")) -> Iterator[pb.TrainReply]:
     """Train on several images in one space and stream the model file back in pieces, then its summary."""
-    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled))
+    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled),
+                           max_training_gb=max_training_gb)
     model = yield from relayed(training, lambda message: pb.TrainReply(progress=message))
     data = model_bytes(model)
     for start in range(0, len(data), MAX_MESSAGE_BYTES):

@@ -88,6 +88,12 @@ def requested_space(text: str) -> FeatureSpace | None:
     return FeatureSpace.from_dict(value)
 
 
+def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
+    """(sha256, model) of an uploaded model file's pieces, checked and unpacked within limits."""
+    data = b"".join(pieces)
+    return hashlib.sha256(data).hexdigest(), model_from_bytes(data)
+
+
 def client_of(context: grpc.aio.ServicerContext) -> str:
     """Who a request belongs to, for fair queueing: its token (hashed) when it has one, else its connection."""
     for key, value in context.invocation_metadata() or ():
@@ -292,7 +298,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             kind = checked_classifier(request.classifier, request.trees)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device)
+        work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device,
+                       max_training_gb=self.limits.max_training_gb)
         async for message in self._stream(work, context):
             yield message
 
@@ -306,7 +313,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             kind = checked_classifier(request.classifier, request.trees)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device)
+        work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device,
+                       max_training_gb=self.limits.max_training_gb)
         async for message in self._stream(work, context):
             yield message
 
@@ -321,11 +329,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 if size > MAX_MODEL_BYTES:
                     raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
                 pieces.append(piece.data)
-            data = b"".join(pieces)
-            model = model_from_bytes(data)
+            # joining, hashing and unpacking are CPU work: off the event loop
+            sha, model = await asyncio.get_running_loop().run_in_executor(None, read_model_file, pieces)
         except DinofeatError as error:
             await self._fail(context, error)
-        sha = hashlib.sha256(data).hexdigest()
         self.trained_models[sha] = model
         while len(self.trained_models) > MAX_MODELS:
             self.trained_models.pop(next(iter(self.trained_models)))
