@@ -276,3 +276,23 @@ def test_progress_counts_the_space_fit_then_tiles_and_views(deep_server_address,
     views = seen["views"]
     assert views[-1] == (9, 9) and [done for done, _ in views] == sorted(done for done, _ in views)
     assert list(seen).index("fitting the feature space") < list(seen).index("views")
+
+
+def test_the_blender_releases_each_chunk_once_as_soon_as_no_later_tile_touches_it():
+    from dinofeat_server.engine.tiles import TileBlender, tile_rows
+
+    rows = tile_rows(tile_plan(1000, 1200, 600, align=7))  # tiles start at x 0, 300, 600 and y 0, 399
+    blender = TileBlender(2, 1000, 1200, 256)
+    released, after_first_tile = [], None
+    for number, row in enumerate(rows):
+        until_row = rows[number + 1][0].y0 if number + 1 < len(rows) else 1000
+        for place, tile in enumerate(row):
+            blender.add(tile, torch.full((2, tile.height, tile.width), float(number + place)))
+            released += list(blender.finished(until_row, row[place + 1].x0 if place + 1 < len(row) else 1200))
+            after_first_tile = len(released) if after_first_tile is None else after_first_tile
+    assert after_first_tile == 1 and released[0][:2] == (0, 0)  # the first chunk leaves after the first tile
+    covered = torch.zeros(1000, 1200, dtype=torch.int32)
+    for y0, x0, block in released:
+        assert y0 % 256 == 0 and x0 % 256 == 0
+        covered[y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]] += 1
+    assert (covered == 1).all() and not blender.cells

@@ -117,9 +117,6 @@ class TileBlender:
             weight = torch.cat([p[1] for p in pairs], dim=1)
             yield run[0][0], run[0][1], total / weight.clamp_min(1e-12)
 
-    def held_bytes(self) -> int:
-        return sum(total.numel() * 4 + weight.numel() * 4 for total, weight in self.cells.values())
-
     @staticmethod
     def most_bytes(channels: int, tiles: list[Tile], width: int, cell: int) -> int:
         """A bound on what the accumulators hold for a plan: the cell rows that the next row of tiles
