@@ -146,3 +146,9 @@ def test_vigra_reads_our_axistags(tmp_path):
     out = subprocess.run(["/usr/bin/python3", "-c", "import sys, vigra; t = vigra.AxisTags.fromJSON(sys.argv[1]); "
                           "print(''.join(a.key for a in t))", axistags("cyx")], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cyx"
+
+
+def test_a_failed_project_leaves_no_empty_folder(crops, server_address, tmp_path):
+    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "proj"), "--set", "nope", "--server", server_address)
+    assert result.returncode == 1 and "unknown feature set 'nope'" in result.stderr
+    assert not (tmp_path / "proj").exists()

@@ -356,10 +356,16 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         if len(args.labels) != len(images):
             raise DinofeatError(f"give one scribble file per image ({len(images)} images, {len(args.labels)} scribble files).")
         scribbles = [check_labels(read_image(p), image) for p, (_, image) in zip(args.labels, images)]
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (48 if args.set != "classical" else 0), args.quantise)
-    with connect(args) as client:
-        project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)
+    try:
+        with connect(args) as client:
+            project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a failed first run leaves no empty project folder behind
+        raise
     bars.close()
     print(f"wrote {project} with {len(files)} lane(s): {', '.join(f.name for f in files)}")
     print(f"open it in ilastik (Pixel Classification); new images: dinofeat ilastik --batch {folder} IMAGE...")
