@@ -190,16 +190,16 @@ class FeatureClient:
         image = check_image(image)
         output = check_output_path(output)
         sha = self.upload(image)
-        fit_shas = [self.upload(check_image(other)) for other in fit_images or []]
+        fit_shas = [] if like else [self.upload(check_image(other)) for other in fit_images or []]  # a given space is not refitted
         options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise)
         key = features_result_key(sha, feature_set, options_key(backbone, preset, pca, normalise), compression, level,
-                                  space_key(like or "", [] if like else fit_shas))
+                                  space_key(like or "", fit_shas))
         target = DatasetFile(output, key)
         missing = target.resumable_indices()
         request = pb.ComputeFeaturesRequest(
             image_sha256=sha, feature_set=feature_set, encoding=pb.Encoding(compression=compression, level=level),
             options=options, resume=missing is not None, chunk_indices=missing or [], feature_space_json=like or "",
-            fit_image_sha256=[] if like else fit_shas)
+            fit_image_sha256=fit_shas)
         return self.receive(self.stub.ComputeFeatures(request), target, missing is not None, progress)
 
     @retried

@@ -20,13 +20,13 @@ On disk and on the wire the space is a JSON object (`to_dict`); arrays are float
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from dinofeat_client.errors import DinofeatError
+from dinofeat_client.spaces import space_array
 
 SPACE_FORMAT = "dinofeat-space/1"
 INPUT_PERCENTILES = (0.1, 99.9)
@@ -43,9 +43,9 @@ def encoded_array(array: np.ndarray | None) -> dict | None:
 
 
 def decoded_array(value: dict | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    return np.frombuffer(base64.b64decode(value["float32_base64"]), dtype="<f4").reshape(value["shape"]).astype(np.float32)
+    """A writable float32 copy of an array of the space JSON (decoded as the client decodes it)."""
+    array = space_array(value)
+    return None if array is None else array.astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,10 +109,6 @@ class FeatureSpace:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
-
-    def digest(self) -> str:
-        """sha256 of the space's canonical JSON: enters result keys of requests made in a given space."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def check_identity(self, identity: dict) -> None:
         """Refuse to express features of `identity` in this space, naming the first difference."""

@@ -3,7 +3,7 @@
 A feature set turns one 2-D plane (greyscale or RGB) into a (C, Y, X) float32 stack, in strips of
 rows so that large images stream without being held whole; stacks (Z, Y, X) go slice by slice. Every
 set first fits a `FeatureSpace` over the whole dataset (`fit_space`) and then expresses each plane in
-it (`strips`), so all tiles, slices and later images share one basis.
+it (`blocks`), so all tiles, slices and later images share one basis.
 
 The contract of a set, as each subclass fills it in:
 
@@ -33,7 +33,7 @@ from .classical import (
     weka_halo,
 )
 from .deep import DeepExtractor, preset
-from .postprocess import l2_per_pixel, principal_axes
+from .postprocess import PCA_BLOCK_ROWS, l2_per_pixel, principal_axes
 from .progress import Advance, run_to_end
 from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
 from .space import FeatureSpace, channel_scaling, dtype_range, input_range
@@ -130,6 +130,12 @@ class FeatureSet:
         return out
 
 
+def bank_input(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(Y, X) or (Y, X, C) intensities -> the (1, C, Y, X) float32 tensor a filter bank takes."""
+    planes = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    return torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
+
+
 class NormalisedPlane:
     """A raw plane seen through a space's input range, normalised one window at a time (no whole copy)."""
 
@@ -187,8 +193,7 @@ class ClassicalSet(FeatureSet):
     def bank_strips(self, image: np.ndarray, device: torch.device, check: Check = no_check,
                     rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """The bank of a plane already in [0, 1], in strips of `rows` rows."""
-        planes = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
-        tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
+        tensor = bank_input(image, device)
         with torch.inference_mode():
             for y0, block in feature_strips(self.bank, tensor, self.halo, rows):
                 check()
@@ -199,11 +204,8 @@ class ClassicalSet(FeatureSet):
         y0, x0 = max(crop.y0 - self.halo, 0), max(crop.x0 - self.halo, 0)
         y1 = min(crop.y0 + crop.height + self.halo, image.shape[0])
         x1 = min(crop.x0 + crop.width + self.halo, image.shape[1])
-        region = image[y0:y1, x0:x1]
-        planes = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
-        tensor = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
         with torch.inference_mode():
-            out = self.bank(tensor)
+            out = self.bank(bank_input(image[y0:y1, x0:x1], device))
         out = out.reshape(-1, *out.shape[-2:]).cpu().numpy()
         return out[:, crop.y0 - y0 : crop.y0 - y0 + crop.height, crop.x0 - x0 : crop.x0 - x0 + crop.width]
 
@@ -267,7 +269,7 @@ class DeepSet(FeatureSet):
         k = self.components(options)
         if k:
             mean, components = principal_axes(deep, k)
-            deep = np.concatenate([(part - mean) @ components.T for part in np.array_split(deep, max(1, len(deep) // 8192))])
+            deep = np.concatenate([(part - mean) @ components.T for part in np.array_split(deep, max(1, len(deep) // PCA_BLOCK_ROWS))])
         scaled = np.concatenate([deep, classical], axis=1) if classical is not None else deep
         shift, scale = channel_scaling(self.normalisation(options), scaled)
         return FeatureSpace(identity, space.input_range, mean, components, shift, scale)

@@ -67,10 +67,15 @@ def analysis_labeller(analysis: str, sample: np.ndarray, clusters: int = 2, seed
     return foreground_labeller(sample)
 
 
+def strided_pixels(features: np.ndarray, step: int) -> np.ndarray:
+    """(N, C) feature vectors of every `step`-th pixel of a (C, ...) array, in row-major order."""
+    return features.reshape(features.shape[0], -1)[:, ::step].T
+
+
 def whole_sample(features: torch.Tensor) -> np.ndarray:
     """(N, C) evenly spaced sample of a (C, H, W) stack's pixels."""
-    flat = features.reshape(features.shape[0], -1).T.numpy()
-    return flat[:: max(1, len(flat) // SAMPLE_PIXELS)]
+    pixels = features[0].numel()
+    return strided_pixels(features.numpy(), max(1, pixels // SAMPLE_PIXELS))
 
 
 def kmeans_labels(features: torch.Tensor, k: int, seed: int = 0) -> np.ndarray:

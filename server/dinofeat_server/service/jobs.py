@@ -51,7 +51,7 @@ from ..segment.fewshot import (
     volume_support_slices,
 )
 from ..segment.model_file import TrainedModel, model_bytes
-from ..segment.unsupervised import analysis_labeller
+from ..segment.unsupervised import analysis_labeller, strided_pixels
 from .result_cache import ResultCache
 from .streaming import Cancelled, dataset_messages, only_chunks, progress_message
 
@@ -223,8 +223,8 @@ def split_progress(items: Iterator[pb.Progress | np.ndarray], results: list) -> 
             results.append(item)
 
 
-def stack_bytes(images: list[np.ndarray], channels: int) -> int:
-    return sum(channels * int(np.prod(spatial_shape(image))) * 4 for image in images)
+def stack_bytes(image: np.ndarray, channels: int) -> int:
+    return channels * int(np.prod(spatial_shape(image))) * 4
 
 
 class BlockPasses:
@@ -234,7 +234,7 @@ class BlockPasses:
     def __init__(self, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
                  check, space: FeatureSpace, channels: int, prefix: str = ""):
         self.arguments = (image, fset, options, models, device, check, space, prefix)
-        self.kept: list[Block] | None = [] if stack_bytes([image], channels) <= KEEP_BYTES else None
+        self.kept: list[Block] | None = [] if stack_bytes(image, channels) <= KEEP_BYTES else None
         self.passes = 0
 
     def __call__(self) -> Iterator[pb.Progress | Block]:
@@ -243,18 +243,16 @@ class BlockPasses:
             return
         self.passes += 1
         for item in image_blocks(*self.arguments):
-            if self.kept is not None and not isinstance(item, pb.Progress) and self.passes == 1:
+            if self.kept is not None and not isinstance(item, pb.Progress):
                 self.kept.append(item)
             yield item
 
 
 def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
                 kind: str, trees: int, seed: int, device: torch.device, check,
-                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None,
-                max_training_gb: float = float("inf")) -> Generator[pb.Progress, None, TrainedModel]:
+                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, TrainedModel]:
     """Fit one space over all images, compute their features block by block, train a classifier on the
-    labelled pixels. With `passes` given, the images. blocks go through them (to predict afterwards)."""
-    check_training_size(labels, kind, trees, max_training_gb)
+    labelled pixels. With `passes` given, the images' blocks go through them (to predict afterwards)."""
     space = yield from fitted_space(images, fset, options, models, device, check, like)
     channels = len(fset.channel_names(image_channels(images[0]), options, models))
     samples, classes = [], []
@@ -339,7 +337,7 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
     channels = len(fset.channel_names(image_channels(image), options, models))
     passes = BlockPasses(image, fset, options, models, device, check, space, channels)
     model = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
-                                             [passes], like=space, max_training_gb=max_training_gb))
+                                             [passes], like=space))
     key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
     yield from probability_messages(model, image, passes(), encoding, key, cancelled)
 
@@ -348,8 +346,8 @@ def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: Feature
                kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event,
                max_training_gb: float = float("inf")) -> Iterator[pb.TrainReply]:
     """Train on several images in one space and stream the model file back in pieces, then its summary."""
-    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled),
-                           max_training_gb=max_training_gb)
+    check_training_size(labels, kind, trees, max_training_gb)
+    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled))
     model = yield from relayed(training, lambda message: pb.TrainReply(progress=message))
     data = model_bytes(model)
     for start in range(0, len(data), MAX_MESSAGE_BYTES):
@@ -376,12 +374,6 @@ ANALYSIS_SAMPLE_PIXELS = 100_000
 """Pixels (evenly strided over all blocks) that k-means, the PCA picture and the foreground threshold are fitted on."""
 
 
-def strided_sample(block: np.ndarray, step: int) -> np.ndarray:
-    """(N, C) feature vectors of every `step`-th pixel of a (C, rows, X) block, in row-major order."""
-    flat = block.reshape(block.shape[0], -1)
-    return flat[:, ::step].T
-
-
 def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, analysis: str, clusters: int,
                  seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """k-means labels, a PCA picture or an attention foreground mask, fitted on a sample of every slice's
@@ -398,7 +390,7 @@ def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
         if isinstance(item, pb.Progress):
             yield pb.DatasetStream(progress=item)
         else:
-            sample.append(strided_sample(item[3], step))
+            sample.append(strided_pixels(item[3], step))
     yield progress_message("fitting", 0, 1)
     label = analysis_labeller(analysis, np.concatenate(sample), clusters, seed)
     yield progress_message("fitting", 1, 1)

@@ -18,7 +18,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_labels, image_axes, spatial_shape
+from dinofeat_client.images import check_labels, spatial_shape
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL, space_key
 
 from ..engine.deep import preset
@@ -31,7 +31,7 @@ from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW
 from ..segment.model_file import TrainedModel, model_from_bytes
 from .config import ServerLimits
 from .image_store import ImageStore, check_layout, image_from_bytes
-from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
+from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, image_channels, segment_work, train_work
 from .models import ModelRegistry
 from .result_cache import ResultCache
 from .scheduler import FairScheduler, QueueFull
@@ -60,7 +60,7 @@ def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
 def check_channels(fset: FeatureSet, options: FeatureOptions, images: list[np.ndarray], limit: int) -> None:
     """Refuse a result with more feature channels than the server allows (known before any work)."""
     for image in images:
-        channels = len(fset.channel_names(3 if image_axes(image).endswith("c") else 1, options))
+        channels = len(fset.channel_names(image_channels(image), options))
         if channels > limit:
             raise DinofeatError(f"the {fset.name} set gives {channels} channels here, more than this server's limit of {limit}; "
                                 "ask for fewer with --pca.")
@@ -68,7 +68,7 @@ def check_channels(fset: FeatureSet, options: FeatureOptions, images: list[np.nd
 
 def check_output_size(fset: FeatureSet, options: FeatureOptions, image: np.ndarray, limit_gb: float) -> None:
     """Refuse a feature result larger than the server allows (float32 samples), before any work."""
-    channels = len(fset.channel_names(3 if image_axes(image).endswith("c") else 1, options))
+    channels = len(fset.channel_names(image_channels(image), options))
     size = channels * int(np.prod(spatial_shape(image))) * 4
     if size > limit_gb * (1 << 30):
         raise DinofeatError(f"the {fset.name} features of this image would take {size / (1 << 30):.1f} GiB, more than this "
