@@ -113,7 +113,8 @@ def test_position_embedding_interpolation_follows_the_official_formula(registers
 
 
 def paper_reference(model, image: torch.Tensor, stride: int, flips: bool) -> torch.Tensor:
-    """Loop-based reference of the paper's view ensemble, one view at a time."""
+    """Loop-based reading of the paper's view ensemble, one view at a time: views flip(roll(x)), undone
+    as flip(roll(y)) in the reference's order (the real reference is compared in test_reference_fidelity)."""
     shifts = [(0, 0)]
     for d in (1, 2):
         for uy, ux in [(0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)]:
@@ -123,7 +124,8 @@ def paper_reference(model, image: torch.Tensor, stride: int, flips: bool) -> tor
     mean, n = torch.zeros(1), 0
     for dims in flip_set:
         for dy, dx in shifts:
-            view = torch.roll(torch.flip(image, dims) if dims else image, (dy, dx), (-2, -1))
+            view = torch.roll(image, (dy, dx), (-2, -1))
+            view = torch.flip(view, dims) if dims else view
             feats = model(view, stride=stride).patch_tokens
             feats = F.interpolate(feats, size=(h, w), mode="nearest-exact")
             feats = torch.roll(feats, (-dy, -dx), (-2, -1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ HEAD_DIM = 64
 LAYER_NORM_EPS = 1e-6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PosRule = Literal["official", "hr_dv2"]
+"""How position embeddings are interpolated: DINOv2's own rule, or the paper's reference code's."""
 
 
 @dataclass(frozen=True)
@@ -159,17 +162,20 @@ class DinoVisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
 
-    def interpolated_pos_embed(self, rows: int, cols: int, square_image: bool = True) -> torch.Tensor:
-        """Position embeddings for a rows x cols token grid, as the official interpolate_pos_encoding:
-        bicubic; plain models by scale factor with the 0.1 offset and no antialias, register models
-        by size with antialias. The CLS embedding is unchanged; like the official code, a square image
-        with the training grid (37 x 37) keeps the embeddings as they are."""
+    def interpolated_pos_embed(self, rows: int, cols: int, square_image: bool = True,
+                               pos_rule: PosRule = "official") -> torch.Tensor:
+        """Position embeddings for a rows x cols token grid, bicubic. The "official" rule is DINOv2's
+        interpolate_pos_encoding: plain models by scale factor with the 0.1 offset and no antialias,
+        register models by size with antialias. The "hr_dv2" rule is the paper's reference code
+        (HR-Dv2 `patch.py`), which uses the plain models' rule for every model, registers included.
+        The CLS embedding is unchanged; like both, a square image with the training grid (37 x 37)
+        keeps the embeddings as they are."""
         m = self.config.pos_grid
         pos = self.pos_embed.float()
         if rows == m and cols == m and square_image:
             return pos
         grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        if self.config.registers:
+        if self.config.registers and pos_rule == "official":
             grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=True)
         else:
             grid = F.interpolate(grid, scale_factor=((rows + 0.1) / m, (cols + 0.1) / m), mode="bicubic", antialias=False)
@@ -177,11 +183,12 @@ class DinoVisionTransformer(nn.Module):
         return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
 
     def forward(self, images: torch.Tensor, stride: int | None = None, cls_attention: bool = False,
-                pos_window: PosWindow | None = None) -> VitOutput:
+                pos_window: PosWindow | None = None, pos_rule: PosRule = "official") -> VitOutput:
         """Tokens of ImageNet-normalised images (B, 3, H, W); stride defaults to the patch size.
 
         With `pos_window` the images are a tile of a larger image: their tokens get the position
-        embeddings they have in the whole image, so tiles agree with the untiled result.
+        embeddings they have in the whole image, so tiles agree with the untiled result. `pos_rule`
+        chooses how position embeddings are interpolated (see `interpolated_pos_embed`).
         """
         stride = stride or self.config.patch
         weight, bias = self.patch_embed.proj.weight, self.patch_embed.proj.bias
@@ -190,9 +197,9 @@ class DinoVisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         if pos_window is None:
-            pos = self.interpolated_pos_embed(rows, cols, images.shape[-2] == images.shape[-1])
+            pos = self.interpolated_pos_embed(rows, cols, images.shape[-2] == images.shape[-1], pos_rule)
         else:
-            whole = self.interpolated_pos_embed(pos_window.rows, pos_window.cols, pos_window.square_image)
+            whole = self.interpolated_pos_embed(pos_window.rows, pos_window.cols, pos_window.square_image, pos_rule)
             grid = whole[:, 1:].reshape(1, pos_window.rows, pos_window.cols, -1)
             grid = grid[:, pos_window.row0 : pos_window.row0 + rows, pos_window.col0 : pos_window.col0 + cols]
             pos = torch.cat([whole[:, :1], grid.reshape(1, rows * cols, -1)], dim=1)

@@ -2,9 +2,13 @@
 view's tokens back to the image's own pixel grid, and average.
 
 Two modes:
-- "paper" reproduces the reference implementation of seed 000 exactly: torch.roll (wrap-around)
-  shifts, the flip set [identity, hflip, identity, vflip], each view's tokens resized to the image
-  size with `nearest-exact`, rolled and flipped back, and a running mean.
+- "paper" reproduces the reference implementation of seed 000 (HR-Dv2) exactly, quirks included:
+  torch.roll (wrap-around) shifts, the flip set [identity, hflip, identity, vflip], each view built
+  as flip(shift(x)) and undone as unflip(unshift(y)) (the reference's order: the shift is undone in
+  flipped coordinates, so a view that is both shifted and flipped lands mirrored by its shift; the
+  paper's 68-view figures were made this way), each view's tokens resized to the image size with
+  `nearest-exact`, the mean; and the reference's position-embedding rule for every backbone
+  (`backbone.PosRule` "hr_dv2"). Exact for an untiled image: tiles roll within the tile.
 - "aligned" (the default) shifts with reflected borders instead of wrapping the far edge in, uses the
   distinct flips [identity, hflip, vflip, both], and places each token at its true pixel centre
   (view offset and flip included) before upsampling, so no view is misregistered by half a patch.
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backbone import DinoVisionTransformer, PosWindow, token_grid
+from .backbone import DinoVisionTransformer, PosRule, PosWindow, token_grid
 from .progress import run_to_end
 from .upsample import UPSAMPLERS, TokenPlacement
 
@@ -88,10 +92,10 @@ Affine = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def view_tokens(model: DinoVisionTransformer, images: torch.Tensor, stride: int, what: str,
-                pos_window: PosWindow | None = None, affine: Affine = None) -> torch.Tensor:
+                pos_window: PosWindow | None = None, affine: Affine = None, pos_rule: PosRule = "official") -> torch.Tensor:
     """Patch tokens (what="tokens") or last-block CLS attention per head ("attention"), float32,
     mapped by `affine` when given (upsampling and averaging are linear, so this equals mapping later)."""
-    out = model(images, stride=stride, cls_attention=what == "attention", pos_window=pos_window)
+    out = model(images, stride=stride, cls_attention=what == "attention", pos_window=pos_window, pos_rule=pos_rule)
     tokens = (out.cls_attention if what == "attention" else out.patch_tokens).float()
     if affine is None:
         return tokens
@@ -99,14 +103,15 @@ def view_tokens(model: DinoVisionTransformer, images: torch.Tensor, stride: int,
     return torch.einsum("kc,bchw->bkhw", weight, tokens) + bias[None, :, None, None]
 
 
-def view_batches(views: list[torch.Tensor], flips: list[tuple[bool, bool]], batch: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first index, stacked views): up to `batch` consecutive views that share a flip."""
+def view_batches(flips: list[tuple[bool, bool]], batch: int) -> Iterator[tuple[int, int]]:
+    """(start, end) ranges of up to `batch` consecutive views that share a flip; views are built per
+    batch, so no more than one batch of image copies is held at a time."""
     start = 0
-    while start < len(views):
+    while start < len(flips):
         end = start + 1
-        while end < len(views) and end - start < batch and flips[end] == flips[start]:
+        while end < len(flips) and end - start < batch and flips[end] == flips[start]:
             end += 1
-        yield start, torch.cat(views[start:end])
+        yield start, end
         start = end
 
 
@@ -117,18 +122,15 @@ Steps = Generator[int, None, torch.Tensor]
 def paper_ensemble(model: DinoVisionTransformer, image: torch.Tensor, spec: ViewSpec, what: str,
                    batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
                    affine: Affine = None) -> Steps:
-    """The reference algorithm: roll, ViT, nearest-exact resize, roll back, unflip, running mean."""
+    """The reference algorithm: roll, flip, ViT, nearest-exact resize, roll back, flip back, mean."""
     height, width = image.shape[-2:]
-    views, undo = [], []
-    for flip in spec.flip_set():
-        for dy, dx in spec.shifts():
-            views.append(torch.roll(flipped(image, flip), shifts=(dy, dx), dims=(-2, -1)))
-            undo.append((flip, dy, dx))
+    undo = [(flip, dy, dx) for flip in spec.flip_set() for dy, dx in spec.shifts()]
     mean, count = None, 0
-    for start, images in view_batches(views, [u[0] for u in undo], batch):
+    for start, end in view_batches([u[0] for u in undo], batch):
         check()
+        images = torch.cat([flipped(torch.roll(image, shifts=(dy, dx), dims=(-2, -1)), flip) for flip, dy, dx in undo[start:end]])
         window = tile_pos_window(origin, (height, width), undo[start][0], spec.stride, model.config.patch)
-        tokens = view_tokens(model, images, spec.stride, what, window, affine)
+        tokens = view_tokens(model, images, spec.stride, what, window, affine, pos_rule="hr_dv2")
         for k in range(tokens.shape[0]):
             flip, dy, dx = undo[start + k]
             full = F.interpolate(tokens[k : k + 1], size=(height, width), mode="nearest-exact")
@@ -154,7 +156,8 @@ def view_placement(flip: tuple[bool, bool], dy: int, dx: int, grid: tuple[int, i
 
 
 def aligned_views(image: torch.Tensor, spec: ViewSpec) -> list[tuple[torch.Tensor, tuple[bool, bool], int, int]]:
-    """(view, flip, dy, dx) for every view: the flipped image, reflect-padded, cropped at the shift."""
+    """(view, flip, dy, dx) for every view: the flipped image, reflect-padded, cropped at the shift
+    (crops are views of one padded copy per flip, not copies)."""
     height, width = image.shape[-2:]
     pad = max(max(abs(dy), abs(dx)) for dy, dx in spec.shifts())
     views = []
@@ -175,8 +178,9 @@ def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: t
     upsample = UPSAMPLERS[spec.upsampler]
     views = aligned_views(image, spec)
     total = None
-    for start, images in view_batches([v[0] for v in views], [v[1] for v in views], batch):
+    for start, end in view_batches([v[1] for v in views], batch):
         check()
+        images = torch.cat([v[0] for v in views[start:end]])
         window = tile_pos_window(origin, tuple(size), views[start][1], spec.stride, model.config.patch)
         tokens = view_tokens(model, images, spec.stride, what, window, affine)
         for k in range(tokens.shape[0]):

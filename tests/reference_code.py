@@ -1,0 +1,153 @@
+"""The paper's reference code (HR-Dv2) and the official DINOv2 code it wraps, run for real.
+
+Both come as tarballs in ../shared/vendor/reference; they are unpacked once into a cache outside the
+checkout ($XDG_CACHE_HOME or ~/.cache, under dinofeat/reference) and imported from there. Offline
+and on CPU: the official models are built with `pretrained=False` (official initialisation, seeded),
+HR-Dv2's `torch.hub.load("facebookresearch/dinov2", ...)` is pointed at the unpacked hub folder.
+Used by tests/test_reference_fidelity.py and bench/bench_reference.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VENDOR = ROOT.parent / "shared" / "vendor" / "reference"
+HR_DV2_TARBALL = "HR-Dv2-107a1ad.tar.gz"
+DINOV2_TARBALL = "dinov2-b8931f7.tar.gz"
+
+
+class ReferenceUnavailable(Exception):
+    """The reference code cannot be unpacked or imported here; the message says why."""
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dinofeat" / "reference"
+
+
+def unpacked(tarball: str, folder: str) -> Path:
+    """The tarball's top folder `folder`, unpacked once into the cache (atomically: a half-unpacked
+    copy is never used)."""
+    target = cache_root() / tarball.removesuffix(".tar.gz")
+    if (target / folder).is_dir():
+        return target / folder
+    source = VENDOR / tarball
+    if not source.is_file():
+        raise ReferenceUnavailable(f"the reference tarball {source} is absent.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpacking-"))
+    try:
+        with tarfile.open(source) as archive:
+            archive.extractall(scratch, filter="data")
+        if not (scratch / folder).is_dir():
+            raise ReferenceUnavailable(f"{source} holds no {folder}/ folder.")
+        with contextlib.suppress(FileExistsError, OSError):
+            scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target / folder
+
+
+def dinov2_hub() -> Path:
+    """The official hub folder (hubconf.py and the dinov2 package)."""
+    return unpacked(DINOV2_TARBALL, "dinov2")
+
+
+def import_torchvision_transforms() -> None:
+    """Make `torchvision.transforms` importable beside CPU torch.
+
+    The registry's torchvision wheel is built for CUDA torch: its package import fails beside the CPU
+    wheel ("operator torchvision::nms does not exist"), while its pure-Python `transforms` subpackage,
+    which is all HR-Dv2 and timm use here, works once the package's __init__ is not run."""
+    try:
+        import torchvision.transforms  # noqa: F401
+        return
+    except ImportError as error:
+        raise ReferenceUnavailable(f"torchvision is not installed ({error}); install the dev extra.") from None
+    except RuntimeError:
+        pass
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    spec = importlib.util.find_spec("torchvision")
+    package = types.ModuleType("torchvision")
+    package.__path__ = [str(Path(spec.origin).parent)]
+    package.__spec__ = spec
+    sys.modules["torchvision"] = package
+    importlib.import_module("torchvision.transforms")
+
+
+def hr_dv2() -> types.ModuleType:
+    """The imported `hr_dv2` package of the reference."""
+    folder = unpacked(HR_DV2_TARBALL, "HR-Dv2")
+    import_torchvision_transforms()
+    try:
+        import timm  # noqa: F401  (high_res.py imports timm.create_model at import time)
+    except ImportError as error:
+        raise ReferenceUnavailable(f"timm is not installed ({error}); install the dev extra.") from None
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module("hr_dv2")
+
+
+@contextlib.contextmanager
+def local_hub():
+    """Within: `torch.hub.load("facebookresearch/dinov2", name)` builds the model from the unpacked
+    official code, untrained (no network)."""
+    hub, original = dinov2_hub(), torch.hub.load
+
+    def load(repo, name, *args, **kwargs):
+        if repo.startswith("facebookresearch/dinov2"):
+            return original(str(hub), name, source="local", pretrained=False)
+        return original(repo, name, *args, **kwargs)
+
+    torch.hub.load = load
+    try:
+        yield
+    finally:
+        torch.hub.load = original
+
+
+def official_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """The official `name` (e.g. "dinov2_vits14", "dinov2_vits14_reg") with seeded official initialisation."""
+    torch.manual_seed(seed)
+    with local_hub():
+        return torch.hub.load("facebookresearch/dinov2", name).eval()
+
+
+def hr_dv2_featuriser(name: str, state: dict[str, torch.Tensor], flips: bool):
+    """HR-Dv2 configured as the paper's weakly supervised featuriser (`hr_dv2/wss/featurisers.py`,
+    DeepFeaturesModel): stride 4, shifts of 1 and 2 px in the 8 Moore directions, optionally combined
+    with the reference's flips, float32, holding the weights `state` (official layout)."""
+    reference = hr_dv2()
+    with local_hub():
+        net = reference.HighResDV2(name, 4, pca_dim=-1, dtype=torch.float32)
+    net.dinov2.load_state_dict(state)
+    transforms, inverses = reference.tr.get_shift_transforms([1, 2], "Moore")
+    if flips:
+        flip, unflip = reference.tr.get_flip_transforms()
+        transforms, inverses = reference.tr.combine_transforms(transforms, flip, inverses, unflip)
+    net.set_transforms(transforms, inverses)
+    return net.eval()
+
+
+def hr_dv2_features(net, grey: "np.ndarray") -> torch.Tensor:  # noqa: F821
+    """The paper featuriser's `img_to_features` on a uint8 greyscale image, on the CPU: (1, C, H, W)."""
+    from PIL import Image
+
+    reference = hr_dv2()
+    tensor = reference.tr.to_norm_tensor(Image.fromarray(grey).convert("RGB"))
+    with torch.no_grad():
+        features = net.forward_sequential(tensor)
+        return torch.nn.functional.interpolate(features, grey.shape)

@@ -1,0 +1,93 @@
+"""Our DINOv2 engine against the real reference code: the official DINOv2 model and HR-Dv2 (the code
+behind the seed paper's figures), both seeded random ViT-S/14 with official initialisation, float32, CPU.
+
+The models load into our engine through the real loader (an official-layout .pth file), and our
+features come from the extractor that serves requests (`DeepExtractor.features`, untiled), fed the
+same uint8 image the reference's featuriser reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dinofeat_server.engine.backbone import imagenet_normalised
+from dinofeat_server.engine.deep import PRESETS, DeepExtractor
+from dinofeat_server.engine.weights import load_backbone
+
+from reference_code import ReferenceUnavailable, hr_dv2, hr_dv2_features, hr_dv2_featuriser, official_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:xFormers is not available")
+TOLERANCE = 1e-5
+"""Relative L2 distance allowed between our features and the reference's (float32 round-off)."""
+
+
+def relative_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    ours, reference = ours.detach().double(), reference.detach().double()
+    return float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    try:
+        return hr_dv2()
+    except ReferenceUnavailable as why:
+        pytest.skip(f"the paper's reference code cannot run here: {why}")
+
+
+@pytest.fixture(scope="module")
+def models(reference, tmp_path_factory):
+    """name -> (official model, ours loaded from its saved state dict, the state dict)."""
+    out = {}
+    for name in ("dinov2_vits14", "dinov2_vits14_reg"):
+        official = official_model(name, seed=7)
+        state = official.state_dict()
+        path = tmp_path_factory.mktemp("weights") / f"{name}_random.pth"
+        torch.save(state, path)
+        out[name] = (official, load_backbone(path).eval(), state)
+    return out
+
+
+def grey_crop(height: int, width: int, seed: int = 3) -> np.ndarray:
+    """A uint8 test image with structure at several scales (blobs, an edge, noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    image = 90 + 60 * np.sin(y / 5.0) * np.cos(x / 7.0) + 50 * (x > width * 0.6) + rng.normal(0, 12, (height, width))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def our_features(model, grey: np.ndarray, preset: str) -> torch.Tensor:
+    return DeepExtractor(model, torch.device("cpu")).features(grey / 255.0, PRESETS[preset])[None]
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
+def test_a_single_stride_14_view_equals_the_official_forward_features(models, name):
+    official, ours, _ = models[name]
+    images = imagenet_normalised(torch.rand(2, 3, 56, 70, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        expected = official.forward_features(images)
+        got = ours(images)
+    rows, cols = 56 // 14, 70 // 14
+    patches = expected["x_norm_patchtokens"].transpose(1, 2).reshape(2, -1, rows, cols)
+    assert relative_l2(got.patch_tokens, patches) <= TOLERANCE
+    assert relative_l2(got.cls_token, expected["x_norm_clstoken"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("backbone, preset, size", [
+    ("dinov2_vits14", "paper", (70, 84)),
+    ("dinov2_vits14", "paper_flips", (42, 56)),  # the reference's flip order: flip(shift(x)), unflip(unshift(y))
+    ("dinov2_vits14_reg", "paper", (56, 70)),  # the reference's position embeddings for register models
+], ids=["paper", "paper_flips", "paper_registers"])
+def test_paper_presets_equal_the_reference_featuriser(models, backbone, preset, size):
+    _, ours, state = models[backbone]
+    grey = grey_crop(*size)
+    expected = hr_dv2_features(hr_dv2_featuriser(backbone, state, flips=PRESETS[preset].flips), grey)
+    assert relative_l2(our_features(ours, grey, preset), expected) <= TOLERANCE
+
+
+def test_the_reference_position_rule_differs_from_the_official_one_for_register_models(models):
+    """Why paper mode needs its own rule: at stride 4 the two interpolations give other tokens."""
+    _, ours, _ = models["dinov2_vits14_reg"]
+    rows, cols = 11, 15
+    official = ours.interpolated_pos_embed(rows, cols, square_image=False, pos_rule="official")
+    reference = ours.interpolated_pos_embed(rows, cols, square_image=False, pos_rule="hr_dv2")
+    assert relative_l2(reference, official) > 0.01
