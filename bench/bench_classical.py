@@ -2,7 +2,7 @@
 multiscale_basic_features (sigma 1..16, 5 scales), same machine, same run.
 
 Targets: no more time than scikit-image's 20 channels on a CPU; <= 10 ms at 512x512 on a GPU.
-Usage: python bench/bench_classical.py [--repeats N]
+Usage: python bench/bench_classical.py [--sizes 512 2048] [--repeats N] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 from dinofeat_server.engine.classical import weka_features
-from machine import save
+from machine import parse_args, save
 from skimage.feature import multiscale_basic_features
 
 
@@ -33,10 +33,13 @@ def timed(function, repeats: int, synchronise=lambda: None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"sizes": [512], "repeats": 1})
+    if not torch.cuda.is_available():
+        print("GPU timing skipped: torch sees no CUDA device")
     results = {}
-    for size in (512, 2048):
+    for size in args.sizes:
         image = np.random.default_rng(0).random((size, size)).astype(np.float32)
         tensor = torch.from_numpy(image)[None, None]
         with torch.inference_mode():

@@ -1,7 +1,7 @@
 """Training plus full-image prediction time of the three classifiers on the classical stack.
 
 Trained on ~1 % of pixels labelled in three classes (as the ISB scribbles), predicted on every pixel.
-Usage: python bench/bench_classifiers.py [--sizes 512 2048]
+Usage: python bench/bench_classifiers.py [--sizes 512 2048] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 
 from dinofeat_server.engine.stacks import CLASSICAL
 from dinofeat_server.segment.classifiers import CLASSIFIERS, class_probabilities, labelled_pixels, train_classifier
-from machine import save
+from machine import parse_args, save
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 2048])
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"sizes": [256]})
     results = {}
     for size in args.sizes:
         rng = np.random.default_rng(0)

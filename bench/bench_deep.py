@@ -4,6 +4,7 @@ Timing does not depend on the weights' values, so the real architectures are bui
 weights (no download needed). Target on a CPU: `fast` ViT-S at 518x518 <= 2 s end to end.
 On a GPU: `paper` ViT-S at 518x518 (17 views, bf16): time, peak memory, effective TFLOP/s.
 Usage: python bench/bench_deep.py [--backbones dinov2_vits14 ...] [--sizes 518 ...] [--presets fast default paper]
+       [--repeats 3] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from dinofeat_server.engine.backbone import DinoVisionTransformer, token_grid
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from dinofeat_server.engine.weights import official_config
-from machine import save
+from machine import parse_args, save
 
 
 def vit_flops(model: DinoVisionTransformer, tokens: int) -> float:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[518])
     parser.add_argument("--presets", nargs="+", default=["fast", "default", "paper"])
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"presets": ["fast"], "repeats": 1})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for backbone in args.backbones:

@@ -11,7 +11,7 @@ Targets on a 2-core CPU: peak RSS <= 3 GB at every size (flat from 2048 up), tim
 fit <= a quarter of the total at 4096^2.
 Disk: the largest case writes about 4.5 GB (8192^2 x 16 channels, gzip) into a temporary folder,
 removed after each case; 7 GB free is enough.
-Usage: python bench/bench_feature_spaces.py [--cases hybrid:512 ... dinov2:8192:16]
+Usage: python bench/bench_feature_spaces.py [--cases hybrid:512 ... dinov2:8192:16] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import parse_args
 
 CASES = ["hybrid:512", "hybrid:1024", "hybrid:2048", "hybrid:4096", "dinov2:8192:16"]
 
@@ -70,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="+", default=CASES, help="SET:SIZE[:PCA]")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"cases": ["hybrid:512"]})
     if args.one:
         feature_set, size, pca, weights, folder = args.one
         print(json.dumps(one_case(feature_set, int(size), int(pca), weights, folder)))

@@ -1,6 +1,7 @@
 """Pushing a feature stack into the JVM as a labelled ImageJ ImageStack (Debian's ImageJ1 via JPype),
 one bulk copy per plane, and reading it back. Default: 64 channels of 2048x2048 float32 (1.07 GB).
-Usage: python bench/bench_fiji_push.py [--channels 64] [--size 2048]
+Skipped, with one line, where the JVM or the ImageJ1/JHDF5 jars are absent.
+Usage: python bench/bench_fiji_push.py [--channels 64] [--size 2048] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -9,18 +10,24 @@ import argparse
 import time
 
 import numpy as np
+from dinofeat_client.errors import DinofeatError
 from dinofeat_client.fiji.imagestack import array_from_stack, stack_from_array
 from dinofeat_client.fiji.jvm import start_imagej1
-from machine import save
+from machine import parse_args, save, skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=2048)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"channels": 16, "size": 1024})
     started = time.perf_counter()
-    start_imagej1(jvm_options=("-Xmx8g",))
+    try:
+        start_imagej1(jvm_options=("-Xmx8g",))
+    except ImportError:
+        skip("bench_fiji_push", "JPype is not installed (pip install jpype1, or dinofeat[fiji]).")
+    except DinofeatError as why:
+        skip("bench_fiji_push", str(why))
     jvm_seconds = time.perf_counter() - started
     features = np.random.default_rng(0).random((args.channels, args.size, args.size), dtype=np.float32)
     names = [f"feature_{i:02d}" for i in range(args.channels)]

@@ -2,7 +2,7 @@
 
 Uses an embedded server with a ViT-S of the real architecture and random weights (timing does not
 depend on the weights' values; no download needed).
-Usage: python bench/bench_ilastik.py [--sizes 512 2048] [--preset fast]
+Usage: python bench/bench_ilastik.py [--sizes 512 2048] [--preset fast] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from dinofeat_client.ilastik.provider import IlastikSpec, build_project
 from dinofeat_server.engine.backbone import DinoVisionTransformer
 from dinofeat_server.engine.weights import official_config
 from dinofeat_server.service.server import EmbeddedServer
-from machine import save
+from machine import parse_args, save
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--preset", default="fast")
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"sizes": [512]})
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "vits14.pth"

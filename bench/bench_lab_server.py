@@ -3,7 +3,8 @@ clients, each a separate process with its own connection, asking for the classic
 512x512 images (no two alike, result cache off) from a real `dinofeat serve` on loopback.
 
 Stream throughput with and without compression is bench_stream.py's figure.
-Usage: python bench/bench_lab_server.py [--size 512] [--requests 32] [--workers 2]
+Usage: python bench/bench_lab_server.py [--size 512] [--requests 32] [--workers 2] [--clients 1 4 16]
+       [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -18,13 +19,29 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import save
+from machine import parse_args, save
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_listening(port: int, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Wait for `dinofeat serve` to listen on `port` (clients fail at once on a refused connection);
+    one sentence if it exits or takes longer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"bench_lab_server: `dinofeat serve` exited with status {server.returncode} before listening; "
+                     f"run `dinofeat {' '.join(map(str, server.args[3:]))}` by hand to see why.")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    server.terminate()
+    sys.exit(f"bench_lab_server: `dinofeat serve` did not listen on port {port} within {timeout_s:.0f} s.")
 
 
 def client_run(address: str, seeds: list[int], size: int, folder: str) -> list[float]:
@@ -58,16 +75,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrency levels")
+    args = parse_args(parser, quick={"requests": 4, "clients": [1, 4]})
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--cache-gb", "0",
                                "--workers", str(args.workers), "--max-streams-per-client", "64"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
-        load(address, 1, 2, 64, 10**6)  # wait for the server and warm it up
+        wait_until_listening(port, server)
+        load(address, 1, 2, 64, 10**6)  # warm the server up
         results = {"size": args.size, "workers": args.workers, "feature_set": "classical", "levels": []}
-        for clients in (1, 4, 16):
+        for clients in args.clients:
             level = load(address, clients, args.requests, args.size, clients * 1000)
             results["levels"].append(level)
             print(f"{clients:>2} clients: {level['requests_per_s']:.2f} requests/s, p50 {level['p50_s']:.2f} s, "

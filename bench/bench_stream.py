@@ -3,7 +3,7 @@
 
 The server is the real FeatureServicer with ComputeFeatures serving a stack computed once up front,
 so the figure measures the wire and the file writing, not the filters. Target: >= 500 MB/s raw.
-Usage: python bench/bench_stream.py [--size 1024] [--channels 58]
+Usage: python bench/bench_stream.py [--size 1024] [--channels 58] [--quick | --full] [--save]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dinofeat_client.client import FeatureClient
 from dinofeat_client.wire import feature_layout, features_result_key, options_key
 from dinofeat_server.service.servicer import FeatureServicer, checked_encoding
 from dinofeat_server.service.streaming import dataset_messages
-from machine import save
+from machine import parse_args, save
 
 
 class PrecomputedServicer(FeatureServicer):
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--channels", type=int, default=58)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"size": 512})
     rng = np.random.default_rng(0)
     # smooth, feature-like data (pure noise would not compress like real features do)
     base = np.cumsum(rng.normal(size=(args.channels, args.size, args.size)).astype(np.float32), axis=2) / 50

@@ -89,6 +89,42 @@ def test_labels_of_another_shape(tmp_path, good_image, server_address):
     assert_refused(result, "the label image has shape (30, 40) but the image has (40, 40)", tmp_path)
 
 
+@pytest.mark.parametrize("shape", [(1, 40, 40), (40, 40, 1)])
+def test_labels_saved_with_a_length_one_axis_are_used(tmp_path, good_image, server_address, shape):
+    labels = np.zeros((40, 40), np.uint8)
+    labels[2:10, 2:10], labels[30:38, 30:38] = 1, 2
+    tifffile.imwrite(tmp_path / "lab.tif", labels.reshape(shape))
+    assert tifffile.imread(tmp_path / "lab.tif").shape == shape
+    result = dinofeat("segment", str(good_image), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "seg.tif"),
+                      "--set", "classical", "--server", server_address)
+    assert result.returncode == 0, result.stderr
+    assert tifffile.imread(tmp_path / "seg.tif").shape == (40, 40)
+
+
+def test_an_image_saved_as_one_slice_is_a_2d_image():
+    image = check_image(np.zeros((1, 1, 30, 20), np.uint8))
+    assert image.shape == (30, 20)
+
+
+def test_labels_that_still_differ_after_dropping_length_one_axes_are_refused(tmp_path, good_image, server_address):
+    tifffile.imwrite(tmp_path / "lab.tif", np.ones((1, 30, 40), np.uint8))
+    result = dinofeat("segment", str(good_image), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "out.tif"),
+                      "--server", server_address)
+    assert_refused(result, "the label image has shape (30, 40) but the image has (40, 40)", tmp_path)
+
+
+def test_a_support_mask_saved_as_one_slice_is_used(tmp_path, good_image, server_address):
+    mask = np.zeros((1, 40, 40), np.uint8)
+    mask[0, 10:30, 10:30] = 255
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    folder = tmp_path / "fewshot"
+    folder.mkdir()
+    result = dinofeat("fewshot", str(good_image), "--support", str(good_image), "--support-mask", str(tmp_path / "mask.tif"),
+                      "-o", str(folder), "--set", "classical", "--server", server_address)
+    assert result.returncode == 0, result.stderr
+    assert tifffile.imread(folder / "good_mask.tif").shape == (40, 40)
+
+
 def test_labels_with_a_single_class(tmp_path, good_image, server_address):
     labels = np.zeros((40, 40), np.uint8)
     labels[5:9, 5:9] = 3

@@ -19,11 +19,11 @@ def test_demo_writes_features_segmentation_and_picture_and_reports_miou(tmp_path
         assert f["features"].shape == (58, 384, 384)
     segmentation = tifffile.imread(folder / "segmentation.tif")
     truth = tifffile.imread(folder / "ground_truth.tif")
-    picture = imagecodecs.imread(str(folder / "segmentation.png"))
-    assert picture.shape == (384, 384, 3) and picture.dtype == np.uint8
+    picture = imagecodecs.imread(str(folder / "segmentation.overlay.png"))
+    assert picture.shape == (384 + 18, 384, 3) and picture.dtype == np.uint8  # the image, then its legend band
     assert mean_iou(segmentation, truth) > 0.6
     assert f"mIoU {mean_iou(segmentation, truth):.3f}" in result.stdout
-    assert str(folder / "segmentation.png") in result.stdout
+    assert str(folder / "segmentation.overlay.png") in result.stdout
 
 
 def test_sample_is_reproducible_with_about_one_percent_scribbled():

@@ -210,3 +210,15 @@ def test_tws_trains_and_applies_on_dinofeat_features_in_a_real_fiji(isb_three_ph
     scored = dinofeat("score", str(tmp_path / "classes.tif"), str(truth))
     mean_iou = float(scored.stdout.splitlines()[-1].split()[1])
     assert scored.returncode == 0 and mean_iou > 0.6, scored.stdout
+
+
+def test_without_pyimagej_the_fiji_bridge_says_how_to_install_it_from_a_release_and_a_checkout(tmp_path, monkeypatch):
+    from dinofeat_client.errors import DinofeatError
+    from dinofeat_client.fiji.jvm import start_fiji
+
+    (tmp_path / "Fiji.app" / "jars").mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "imagej", None)  # as when the fiji extra is not installed
+    with pytest.raises(DinofeatError) as refused:
+        start_fiji(tmp_path / "Fiji.app")
+    assert "pip install 'dinofeat[fiji]' for a released dinofeat" in str(refused.value)
+    assert "pip install -e '.[fiji]' in a dinofeat checkout" in str(refused.value)

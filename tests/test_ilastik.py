@@ -152,3 +152,11 @@ def test_a_failed_project_leaves_no_empty_folder(crops, server_address, tmp_path
     result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "proj"), "--set", "nope", "--server", server_address)
     assert result.returncode == 1 and "unknown feature set 'nope'" in result.stderr
     assert not (tmp_path / "proj").exists()
+
+
+def test_ilastik_help_names_the_pca_default_the_project_uses():
+    from dinofeat_client.ilastik.provider import IlastikSpec
+
+    result = dinofeat("ilastik", "--help")
+    assert f"PCA components of the deep features (default {IlastikSpec().pca})" in " ".join(result.stdout.split())
+    assert IlastikSpec().pca == 48

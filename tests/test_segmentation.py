@@ -124,7 +124,7 @@ def test_fewshot_uses_dinov2_features_by_default(isb_three_phase, deep_server_ad
     tifffile.imwrite(tmp_path / "right.tif", image[:, 128:])
     result = dinofeat("fewshot", str(tmp_path / "right.tif"), "--support", str(tmp_path / "left.tif"),
                       "--support-mask", str(tmp_path / "left_mask.tif"), "-o", str(tmp_path), "--preset", "fast",
-                      "--all-components", "--server", deep_server_address)
+                      "--components", "all", "--server", deep_server_address)
     assert result.returncode == 0, result.stderr
     mask = tifffile.imread(tmp_path / "right_mask.tif")
     assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255}

@@ -99,7 +99,7 @@ def test_few_shot_on_isb_halves_segments_the_grains(isb_three_phase):
     for value, connected in ((170, False), (85, True)):
         grid_features, share = to_grid(support, torch.from_numpy(truth[:, :256] == value), 4)
         grid_query, _ = to_grid(query, None, 4)
-        _, predicted = segment_query(grid_query, [Shot(grid_features, share)], (512, 256), connected=connected)
+        _, predicted = segment_query(grid_query, [Shot(grid_features, share)], (512, 256), one_component=connected)
         expected = truth[:, 256:] == value
         scores[value] = 2 * (predicted & expected).sum() / (predicted.sum() + expected.sum())
     print("few-shot Dice", scores)

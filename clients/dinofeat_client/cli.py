@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from .errors import DinofeatError
 import h5py
 import numpy as np
 
+from .batch import BatchReport, image_files, output_folder, run_batch, writes_to_folder
 from .imagej_tiff import write_imagej_hyperstack
+from .ilastik.provider import ILASTIK_PCA
 from .images import atomic_write, check_image, image_axes, check_labels, check_output_path, read_image, write_png, write_tiff
 from .metrics import class_dice, class_iou, matched_to_truth
-from .pictures import class_overlay, probability_pictures
+from .pictures import class_overlay, colour_names, probability_pictures
 from .sample import three_phase_sample
 from .tokens import read_tokens
 from .weka_arff import write_arff
@@ -29,14 +32,24 @@ from .wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
 
 
 class ProgressBars:
-    """One tqdm bar per stage reported by the server ("features", "training", "receiving", ...)."""
+    """Progress of each stage the server reports ("tiles", "views", "training", "images", ...).
 
-    def __init__(self, enabled: bool):
+    On a terminal: one tqdm bar per stage, with its rate and the time left. Elsewhere (logs, pipes,
+    batch jobs): one line per stage on stderr every `every_s` seconds while it runs, with the same
+    figures, so a long job's log shows it is alive and when it should end; quick stages print nothing."""
+
+    def __init__(self, enabled: bool, terminal: bool = True, every_s: float = 10.0):
         self.enabled = enabled
+        self.terminal = terminal
+        self.every_s = every_s
         self.bars: dict[str, tqdm] = {}
+        self.started: dict[str, tuple[float, float]] = {}  # stage -> (start, last line)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
+            return
+        if not self.terminal:
+            self.log_line(stage, done, total)
             return
         bar = self.bars.get(stage)
         if bar is None:
@@ -45,10 +58,42 @@ class ProgressBars:
         bar.n = done
         bar.refresh()
 
+    def log_line(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        start, last = self.started.setdefault(stage, (now, now))
+        if now - last < self.every_s or done == 0:
+            return
+        self.started[stage] = (start, now)
+        rate = done / max(now - start, 1e-9)
+        left = f", about {format_seconds((total - done) / rate)} left" if 0 < done < total else ""
+        share = f" ({100 * done // total} %)" if total else ""
+        print(f"dinofeat: {stage} {done}/{total}{share}, {rate:.3g}/s{left}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+        self.started.clear()
+
+
+def progress_seconds() -> float:
+    """Seconds between progress lines when stderr is not a terminal: $DINOFEAT_PROGRESS_SECONDS, default 10."""
+    value = os.environ.get("DINOFEAT_PROGRESS_SECONDS", "10")
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        print(f"dinofeat: DINOFEAT_PROGRESS_SECONDS is {value!r}, not a number of seconds; using 10.", file=sys.stderr)
+        return 10.0
+
+
+def format_seconds(seconds: float) -> str:
+    """12 s, 3 min 5 s, 2 h 10 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 @contextlib.contextmanager
@@ -226,10 +271,10 @@ def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
     labels = check_labels(read_image(args.labels), image)
     check_outputs(args.output, args.probabilities)
     with connect(args) as client:
-        output, probabilities = client.segment(image, labels, args.output, args.set, args.probabilities,
+        output, probabilities = client.segment(image, labels, args.output, args.set, probabilities_target(args, args.output, args.probabilities),
                                                args.trees, args.seed, progress=bars, classifier=args.classifier, **deep_options(args))
     bars.close()
-    report_segmentation(args, image, output, probabilities)
+    report_segmentation(args, image, output, probabilities, keep=bool(args.probabilities))
 
 
 def check_outputs(*paths: str | None) -> None:
@@ -238,17 +283,37 @@ def check_outputs(*paths: str | None) -> None:
             check_output_path(path)
 
 
-def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Path, probabilities: Path | None) -> None:
-    """Say what was written; with --pictures also write the overlay and probability maps as PNG."""
-    written = [output] + ([probabilities] if probabilities else [])
-    if args.pictures and (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+def probabilities_target(args: argparse.Namespace, output: str | Path, requested: str | Path | None) -> Path | None:
+    """Where the probabilities go: the file the user asked for, else a hidden one when --pictures draws them."""
+    if requested:
+        return Path(requested)
+    return Path(output).with_name(f".{Path(output).name}.pictures.h5") if args.pictures else None
+
+
+def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Path, probabilities: Path | None,
+                        keep: bool = True) -> None:
+    """Say what was written; with --pictures also write the class overlay (with its legend) and one
+    probability map per class as PNG, of the middle slice for a stack. Probabilities not asked for
+    (`keep` False) are removed once drawn."""
+    written = [output] + ([probabilities] if probabilities and keep else [])
+    note = ""
+    if args.pictures:
         class_map = read_image(output)
+        z = None
+        if image_axes(image).startswith("z"):
+            depth = image.shape[0]
+            z = depth // 2
+            image, class_map = image[z], class_map[z]
+            note = f" (pictures of the middle slice, z = {z} of 0..{depth - 1})"
         written.append(write_png(output.with_suffix(".overlay.png"), class_overlay(image, class_map)))
+        note += "; overlay colours: " + colour_names([int(v) for v in np.unique(class_map)])
         if probabilities:
             with h5py.File(probabilities, "r") as f:
-                for value, picture in probability_pictures(f["probabilities"]):
+                for value, picture in probability_pictures(f["probabilities"], z):
                     written.append(write_png(output.with_suffix(f".p{value}.png"), picture))
-    print("wrote " + ", ".join(str(p) for p in written))
+    if probabilities and not keep:
+        probabilities.unlink(missing_ok=True)
+    print("wrote " + ", ".join(str(p) for p in written) + note)
 
 
 def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -266,12 +331,44 @@ def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
-    image = check_image(read_image(args.image))
-    check_outputs(args.output, args.probabilities)
+    """Apply a model to one image (-o the class map) or many (-o a folder), with one model upload."""
+    inputs = image_files(args.images)
+    if not writes_to_folder(inputs, args.output):
+        image = check_image(read_image(inputs[0]))
+        requested = Path(args.output).with_suffix(".probabilities.h5") if args.probabilities is True else args.probabilities
+        check_outputs(args.output, requested)
+        with connect(args) as client:
+            output, probabilities = client.apply(args.model, image, args.output, probabilities_target(args, args.output, requested),
+                                                 args.set or "", progress=bars)
+        bars.close()
+        report_segmentation(args, image, output, probabilities, keep=bool(requested))
+        return
+    if isinstance(args.probabilities, str):
+        raise DinofeatError("with an output folder --probabilities takes no file name: each image's probabilities "
+                            "go to OUTDIR/NAME.probabilities.h5.")
+    folder = output_folder(args.output)
+
+    def outputs(path: Path) -> tuple[Path, Path | None]:
+        return folder / f"{path.stem}.tif", folder / f"{path.stem}.probabilities.h5" if args.probabilities else None
+
     with connect(args) as client:
-        output, probabilities = client.apply(args.model, image, args.output, args.probabilities, args.set or "", progress=bars)
+        def work(path: Path) -> None:
+            image = check_image(read_image(path))
+            output, requested = outputs(path)
+            output, probabilities = client.apply(args.model, image, output, probabilities_target(args, output, requested),
+                                                 args.set or "", progress=bars)
+            report_segmentation(args, image, output, probabilities, keep=bool(requested))
+
+        report = run_batch(inputs, work, lambda path: not args.overwrite and outputs(path)[0].exists(), bars)
     bars.close()
-    report_segmentation(args, image, output, probabilities)
+    finish_batch(report, len(inputs))
+
+
+def finish_batch(report: BatchReport, total: int) -> None:
+    """Print the batch's summary; any failure makes the command fail (exit status 1)."""
+    print(report.summary())
+    if report.failed:
+        raise DinofeatError(f"{len(report.failed)} of {total} images failed (see above).")
 
 
 def take_dataset(path: Path, name: str) -> np.ndarray:
@@ -314,24 +411,27 @@ def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """Segment each query from the supports; -o is a folder of QUERY_mask.tif files (see batch.py)."""
     if len(args.support) != len(args.support_mask):
         raise DinofeatError("give one --support-mask per --support image.")
     supports = [check_image(read_image(p)) for p in args.support]
     masks = [read_image(p) for p in args.support_mask]
-    queries = [(Path(p), check_image(read_image(p))) for p in args.queries]
-    folder = Path(args.output)
-    if not folder.is_dir():
-        raise DinofeatError(f"the output folder {folder} does not exist; create it first.")
+    queries = image_files(args.queries)
+    folder = output_folder(args.output)
     with connect(args) as client:
-        for path, query in queries:
+        def work(path: Path) -> None:
+            query = check_image(read_image(path))
             result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", args.set, args.window, args.grid,
-                                     args.all_components, progress=bars, **deep_options(args))
+                                     "all" if args.all_components else args.components, progress=bars, **deep_options(args))
             mask = (take_dataset(result, "fewshot")[0] > 0.5).astype(np.uint8) * 255
             written = [write_tiff(folder / f"{path.stem}_mask.tif", mask)]
             if args.pictures and mask.ndim == 2:
                 written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(query, mask)))
             print("wrote " + ", ".join(str(p) for p in written))
+
+        report = run_batch(queries, work, lambda path: not args.overwrite and (folder / f"{path.stem}_mask.tif").exists(), bars)
     bars.close()
+    finish_batch(report, len(queries))
 
 
 def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -358,7 +458,7 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         scribbles = [check_labels(read_image(p), image) for p, (_, image) in zip(args.labels, images)]
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (48 if args.set != "classical" else 0), args.quantise)
+    spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (ILASTIK_PCA if args.set != "classical" else 0), args.quantise)
     try:
         with connect(args) as client:
             project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)
@@ -442,7 +542,7 @@ def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
                                                      folder / "probabilities.h5", progress=bars, **deep_options(args))
     bars.close()
     class_map = read_image(segmentation)
-    write_png(folder / "segmentation.png", class_overlay(sample.image, class_map))
+    write_png(folder / "segmentation.overlay.png", class_overlay(sample.image, class_map))
     ious = class_iou(class_map, sample.truth)
     print(f"demo on a generated {sample.image.shape[1]}x{sample.image.shape[0]} three-phase micrograph, "
           f"{int((sample.scribbles > 0).sum())} scribbled pixels, feature set '{args.set}':")
@@ -450,9 +550,22 @@ def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
         print(f"  input         {folder / name}")
     print(f"  features      {features.path}")
     print(f"  segmentation  {segmentation}  (probabilities: {probabilities})")
-    print(f"  picture       {folder / 'segmentation.png'}")
+    print(f"  picture       {folder / 'segmentation.overlay.png'}  (overlay colours: "
+          f"{colour_names([int(v) for v in np.unique(class_map)])})")
     print("  IoU per class " + ", ".join(f"{v}: {iou:.3f}" for v, iou in ious.items())
           + f"; mIoU {sum(ious.values()) / len(ious):.3f}")
+
+
+def deep_parser(pca_help: str) -> argparse.ArgumentParser:
+    """The deep-feature options (backbone, preset, PCA, normalisation, weights); commands differ in the PCA default."""
+    deep = argparse.ArgumentParser(add_help=False)
+    deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
+    deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
+    deep.add_argument("--pca", type=int, default=0, help=pca_help)
+    deep.add_argument("--normalise", choices=NORMALISATIONS, default="none",
+                      help="dinov2/attention scaling: per-channel minmax or zscore, per-pixel l2 (default none)")
+    deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
+    return deep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,13 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--tls-key", help="client certificate's key")
     remote.add_argument("--retries", type=int, default=5, metavar="N",
                         help="times to try again when the server is unavailable, pausing 0.5 s, 1 s, 2 s, ... (default 5)")
-    deep = argparse.ArgumentParser(add_help=False)
-    deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
-    deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
-    deep.add_argument("--pca", type=int, default=0, help="PCA components of the deep features (0: all for dinov2, 32 for hybrid)")
-    deep.add_argument("--normalise", choices=NORMALISATIONS, default="none",
-                      help="dinov2/attention scaling: per-channel minmax or zscore, per-pixel l2 (default none)")
-    deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
+    deep = deep_parser("PCA components of the deep features (0: all for dinov2, 32 for hybrid)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers").set_defaults(run=command_sets)
@@ -524,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pictures = argparse.ArgumentParser(add_help=False)
     pictures.add_argument("--pictures", action="store_true", help="also write PNG pictures next to the outputs")
+    batch = argparse.ArgumentParser(add_help=False)
+    batch.add_argument("--overwrite", action="store_true", help="replace outputs that exist in the output folder (default: skip those images)")
 
     p = commands.add_parser("segment", parents=[remote, deep, classifier, pictures], help="segment an image from sparse scribbles")
     p.set_defaults(run=command_segment)
@@ -540,12 +649,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
-    p = commands.add_parser("apply", parents=[remote, pictures], help="apply a saved model file to an image")
+    p = commands.add_parser("apply", parents=[remote, pictures, batch], help="apply a saved model file to images")
     p.set_defaults(run=command_apply)
     p.add_argument("model", help="model file written by `dinofeat train`")
-    p.add_argument("image")
-    p.add_argument("-o", "--output", required=True, help="class map TIFF to write")
-    p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders of images, or glob patterns")
+    p.add_argument("-o", "--output", required=True,
+                   help="class map TIFF to write for one image, or a folder for several (NAME.tif each)")
+    p.add_argument("--probabilities", nargs="?", const=True,
+                   help="also write the per-class probabilities: to this .h5 file (one image), or NAME.probabilities.h5 beside each class map")
     p.add_argument("--set", help="check that the model uses this feature set")
     p.add_argument("--weights", help="weights file of a deep model's backbone (embedded server only; its sha256 must be the "
                    "one the model was trained with)")
@@ -565,18 +676,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG picture to write")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
-    p = commands.add_parser("fewshot", parents=[remote, deep, pictures], help="segment queries from support images and masks")
+    p = commands.add_parser("fewshot", parents=[remote, deep, pictures, batch], help="segment queries from support images and masks")
     p.set_defaults(run=command_fewshot)
-    p.add_argument("queries", nargs="+", help="query images")
+    p.add_argument("queries", nargs="+", help="query image files, folders of images, or glob patterns")
     p.add_argument("--support", nargs="+", required=True, help="support image(s)")
     p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
-    p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files")
+    p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files (created if missing)")
     p.add_argument("--set", default="dinov2", help="feature set name (default dinov2, the frozen encoder of seed 001)")
     p.add_argument("--window", type=int, default=0, help="ALP pooling window in grid cells (default 4)")
     p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
-    p.add_argument("--all-components", action="store_true", help="keep every predicted component, not only the most confident")
+    p.add_argument("--components", choices=("auto", "most_confident", "all"), default="auto",
+                   help="predicted components each query keeps: auto (default) keeps the most confident one when every "
+                        "support mask shows one solid object (an organ), all otherwise (networks, particles)")
+    p.add_argument("--all-components", action="store_true", help="the same as --components all")
 
-    p = commands.add_parser("ilastik", parents=[remote, deep], help="feature files and a ready-to-open ilastik project")
+    p = commands.add_parser("ilastik", parents=[remote, deep_parser(f"PCA components of the deep features (default {ILASTIK_PCA})")],
+                            help="feature files and a ready-to-open ilastik project")
     p.set_defaults(run=command_ilastik)
     p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
     p.add_argument("-o", "--output", required=True, help="project folder (created if missing)")
@@ -622,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bars = ProgressBars(enabled=not getattr(args, "quiet", False) and sys.stderr.isatty())
+    bars = ProgressBars(enabled=not getattr(args, "quiet", False), terminal=sys.stderr.isatty(),
+                        every_s=progress_seconds())
     try:
         args.run(args, bars)
     except DinofeatError as error:

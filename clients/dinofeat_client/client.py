@@ -12,6 +12,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import random
 import threading
 import time
@@ -19,15 +20,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # read once, when grpc loads: its core's INFO lines (each failed
+# TLS handshake) would otherwise print around the one sentence a failed connection gets
+import grpc  # noqa: E402
 import h5py
 import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
+from .connection import FIRST_BACKOFF_S, LONGEST_BACKOFF_S, wait_until_connected
 from .dataset_file import DatasetFile
 from .errors import DinofeatError, ServerUnavailable
-from .images import atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256, write_tiff
+from .images import (atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256,
+                     without_singleton_axes, write_tiff)
 from .tokens import read_credential
 from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
                    features_result_key, options_key, result_key, segment_result_key, space_key)
@@ -35,8 +40,6 @@ from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0
 RETRIES = 5
-FIRST_BACKOFF_S = 0.5
-LONGEST_BACKOFF_S = 8.0
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 """Reconnect quickly to a restarted server; the client's own retries pace the attempts."""
 
@@ -104,7 +107,10 @@ class FeatureClient:
     """A connection to one dinofeat server; `token` and the TLS files are needed by protected servers.
 
     Operations are tried again up to `retries` times when the server is unavailable (restarting,
-    network trouble), with pauses doubling from 0.5 s to 8 s; `notify` hears about each retry."""
+    network trouble), with pauses doubling from 0.5 s to 8 s; `notify` hears about each retry.
+    The first connection fails at once, in one sentence, when it cannot work (nothing listening, a
+    host name that does not resolve, a TLS mismatch); other first failures are retried, announced,
+    for up to `connect_timeout_s`."""
 
     def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
@@ -122,12 +128,10 @@ class FeatureClient:
         else:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
-        except grpc.FutureTimeoutError:
+            wait_until_connected(self.channel, address, connect_timeout_s, tls_ca, tls_cert, notify)
+        except BaseException:
             self.channel.close()
-            hint = " (or its TLS certificate is not signed by --tls-ca)" if tls_ca else ""
-            raise DinofeatError(f"cannot reach a dinofeat server at {address}{hint}; start one with `dinofeat serve`, "
-                                "or leave out --server to use an embedded one.") from None
+            raise
         channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
         self.stub = pb_grpc.FeatureServiceStub(channel)
 
@@ -305,20 +309,23 @@ class FeatureClient:
 
     @retried
     def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
-                 feature_set: str = "dinov2", window: int = 0, grid: int = 0, all_components: bool = False,
+                 feature_set: str = "dinov2", window: int = 0, grid: int = 0, components: str = "auto",
                  progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
                  pca: int = 0, normalise: str = "none") -> Path:
-        """Segment `query` from support images and their masks; .h5 with channels [mask, foreground_probability]."""
+        """Segment `query` from support images and their masks; .h5 with channels [mask, foreground_probability].
+
+        `components`: "auto" keeps the most confident connected component when every support mask
+        shows one solid object and every component otherwise; "most_confident" or "all" force either."""
         supports = [check_image(s) for s in supports]
         query = check_image(query)
         output = check_output_path(output)
         request = pb.FewShotRequest(support_sha256=[self.upload(s) for s in supports],
-                                    support_mask_sha256=[self.upload(np.ascontiguousarray(m)) for m in masks],
+                                    support_mask_sha256=[self.upload(np.ascontiguousarray(without_singleton_axes(m))) for m in masks],
                                     query_sha256=self.upload(query), feature_set=feature_set, window=window, grid=grid,
-                                    all_components=all_components,
+                                    components=components,
                                     options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
         key = result_key("fewshot", request.query_sha256, list(request.support_sha256), list(request.support_mask_sha256),
-                         feature_set, options_key(backbone, preset, pca, normalise), window or 4, grid or 4, all_components)
+                         feature_set, options_key(backbone, preset, pca, normalise), window or 4, grid or 4, components)
         return self.receive(self.stub.FewShot(request), DatasetFile(output, key), False, progress).path
 
     def receive(self, stream, target: DatasetFile, resume: bool, progress: Progress | None) -> Transfer:

@@ -46,10 +46,20 @@ def image_axes(image: np.ndarray) -> str:
     raise DinofeatError(f"images must be 2-D, RGB, or a stack of 2-D slices; this one has shape {image.shape}.")
 
 
+def without_singleton_axes(array: np.ndarray) -> np.ndarray:
+    """`array` without length-1 axes beyond two: ImageJ and many scripts save one 2-D image as
+    (1, Y, X), (Y, X, 1) or (1, 1, Y, X)."""
+    while array.ndim > 2 and 1 in array.shape:
+        array = array.squeeze(axis=array.shape.index(1))
+    return array
+
+
 def check_image(image: np.ndarray, name: str = "the image") -> np.ndarray:
-    """Return a supported image (RGBA loses alpha) or raise one clear sentence saying what is wrong."""
+    """Return a supported image (RGBA loses alpha, length-1 axes dropped) or raise one clear sentence
+    saying what is wrong."""
     if image.size == 0:
         raise DinofeatError(f"{name} is empty (shape {image.shape}); give an image with pixels.")
+    image = without_singleton_axes(image)
     if image.dtype == bool:
         image = image.astype(np.uint8)
     if image.dtype.name not in SUPPORTED_DTYPES:
@@ -70,8 +80,10 @@ def spatial_shape(image: np.ndarray) -> tuple[int, ...]:
 
 
 def check_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Labels: integers, one value per pixel of the image, 0 unlabelled, at least two other values."""
+    """Labels: integers, one value per pixel of the image (length-1 axes dropped), 0 unlabelled, at
+    least two other values."""
     spatial = spatial_shape(image)
+    labels = without_singleton_axes(labels)
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and labels.shape[:2] == spatial:
         raise DinofeatError("the label image is RGB; save the labels as a single-channel image of class values.")
     if labels.shape != spatial:

@@ -18,17 +18,65 @@ def display_grey(image: np.ndarray) -> np.ndarray:
 
 
 def class_overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 picture: each class in its own colour, blended over the greyscale image."""
+    """RGB uint8 picture: each class in its own colour, blended over the greyscale image, with a
+    legend band below it (each colour's swatch followed by its class value)."""
     grey = display_grey(image).astype(np.float32)[..., None].repeat(3, axis=-1)
     values = np.unique(class_map)
     colours = np.zeros(grey.shape, np.float32)
     for i, value in enumerate(values):
         colours[class_map == value] = PALETTE[i % len(PALETTE)]
-    return np.clip((1 - alpha) * grey + alpha * colours, 0, 255).astype(np.uint8)
+    overlay = np.clip((1 - alpha) * grey + alpha * colours, 0, 255).astype(np.uint8)
+    return np.concatenate([overlay, legend_band([int(v) for v in values], overlay.shape[1])])
+
+
+def colour_names(values: list[int]) -> str:
+    """"85 red, 170 green, ..." for the classes of `class_overlay`, in its order."""
+    names = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta", "lime", "pink")
+    return ", ".join(f"{v} {names[i % len(names)]}" for i, v in enumerate(values))
+
+
+DIGITS = {  # 3x5 bitmaps of the digits and the minus sign, rows top to bottom
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+    "-": ("000", "000", "111", "000", "000"),
+}
+LEGEND_SCALE = 2
+"""Pixels per font dot: digits are 6 x 10 pixels."""
+
+
+def drawn_number(value: int) -> np.ndarray:
+    """A bool (10, 8 * digits) picture of an integer in the 3x5 font, scaled by LEGEND_SCALE."""
+    glyphs = [np.array([[c == "1" for c in row] + [False] for row in DIGITS[ch]]) for ch in str(value)]
+    return np.kron(np.hstack(glyphs), np.ones((LEGEND_SCALE, LEGEND_SCALE), bool))
+
+
+def legend_band(values: list[int], width: int) -> np.ndarray:
+    """An RGB uint8 band below the overlay: a swatch of each class's colour (as in class_overlay)
+    followed by its value, in rows of 18 pixels, as many rows as the picture's width needs."""
+    entries = [(PALETTE[i % len(PALETTE)], drawn_number(v)) for i, v in enumerate(values)]
+    places, x, row = [], 4, 0
+    for _, text in entries:
+        size = 15 + text.shape[1]
+        if x > 4 and x + size > width:
+            x, row = 4, row + 1
+        places.append((row, x))
+        x += size + 10
+    band = np.full((18 * (row + 1), width, 3), 255, np.uint8)
+    for (colour, text), (row, x) in zip(entries, places):
+        top = 18 * row
+        band[top + 3 : top + 15, x : x + 12] = colour
+        region = band[top + 4 : top + 14, x + 15 : x + 15 + text.shape[1]]
+        region[text[:, : region.shape[1]]] = 0
+    return band
 
 
 
-def probability_pictures(probabilities) -> list[tuple[int, np.ndarray]]:
-    """(class value, 8-bit greyscale picture) for each class of a (K, Y, X) probabilities dataset."""
+def probability_pictures(probabilities, z: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """(class value, 8-bit greyscale picture) for each class of a (K, Y, X) probabilities dataset, or
+    of slice `z` of a (K, Z, Y, X) one."""
     values = [int(v) for v in probabilities.attrs["class_values"]]
-    return [(v, (np.asarray(probabilities[k]) * 255).round().astype(np.uint8)) for k, v in enumerate(values)]
+    plane = (lambda k: probabilities[k]) if z is None else (lambda k: probabilities[k, z])
+    return [(v, (np.asarray(plane(k)) * 255).round().astype(np.uint8)) for k, v in enumerate(values)]

@@ -269,7 +269,7 @@ class AnalyseRequest(_message.Message):
     def __init__(self, image_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., analysis: _Optional[str] = ..., clusters: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class FewShotRequest(_message.Message):
-    __slots__ = ("support_sha256", "support_mask_sha256", "query_sha256", "feature_set", "options", "window", "grid", "all_components")
+    __slots__ = ("support_sha256", "support_mask_sha256", "query_sha256", "feature_set", "options", "window", "grid", "components")
     SUPPORT_SHA256_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_MASK_SHA256_FIELD_NUMBER: _ClassVar[int]
     QUERY_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -277,7 +277,7 @@ class FewShotRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
-    ALL_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     support_sha256: _containers.RepeatedScalarFieldContainer[str]
     support_mask_sha256: _containers.RepeatedScalarFieldContainer[str]
     query_sha256: str
@@ -285,8 +285,8 @@ class FewShotRequest(_message.Message):
     options: FeatureOptions
     window: int
     grid: int
-    all_components: bool
-    def __init__(self, support_sha256: _Optional[_Iterable[str]] = ..., support_mask_sha256: _Optional[_Iterable[str]] = ..., query_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., window: _Optional[int] = ..., grid: _Optional[int] = ..., all_components: _Optional[bool] = ...) -> None: ...
+    components: str
+    def __init__(self, support_sha256: _Optional[_Iterable[str]] = ..., support_mask_sha256: _Optional[_Iterable[str]] = ..., query_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., window: _Optional[int] = ..., grid: _Optional[int] = ..., components: _Optional[str] = ...) -> None: ...
 
 class DatasetStream(_message.Message):
     __slots__ = ("progress", "header", "chunk", "trailer")

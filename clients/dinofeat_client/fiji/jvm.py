@@ -14,6 +14,10 @@ DEBIAN_JARS = ("/usr/share/java/ij.jar", "/usr/share/java/sis-jhdf5.jar")
 """ImageJ1 and JHDF5 as Debian installs them (libij-java, libsis-jhdf5-java)."""
 
 
+FIJI_EXTRA_HINT = ("the Fiji bridge needs pyimagej: install the fiji extra, with pip install 'dinofeat[fiji]' for a "
+                   "released dinofeat, or pip install -e '.[fiji]' in a dinofeat checkout (inside its .venv).")
+
+
 def start_fiji(fiji_dir: str | Path):
     """pyimagej's gateway to a local Fiji.app, headless and without network (no Maven lookups)."""
     fiji_dir = Path(fiji_dir)
@@ -23,7 +27,7 @@ def start_fiji(fiji_dir: str | Path):
         import imagej
         import scyjava
     except ImportError:
-        raise DinofeatError("the Fiji bridge needs pyimagej; install dinofeat[fiji].") from None
+        raise DinofeatError(FIJI_EXTRA_HINT) from None
     scyjava.config.set_java_constraints(fetch="never")
     scyjava.config.endpoints.clear()  # imglyb adds a Maven endpoint on import
     if scyjava.jvm_started():

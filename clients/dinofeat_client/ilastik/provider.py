@@ -34,6 +34,10 @@ ROWS_PER_BLOCK = 256
 QUANTISATIONS = {"float32": None, "uint8": 255, "uint16": 65535}
 
 
+ILASTIK_PCA = 48
+"""PCA components of the deep part of an ilastik project's features unless --pca says otherwise."""
+
+
 @dataclass(frozen=True)
 class IlastikSpec:
     """How the project's features are made; stored with the project."""
@@ -41,7 +45,7 @@ class IlastikSpec:
     feature_set: str = "hybrid"
     backbone: str = DEFAULT_BACKBONE
     preset: str = DEFAULT_PRESET
-    pca: int = 48
+    pca: int = ILASTIK_PCA
     quantise: str = "float32"
 
     def normalise(self) -> str:

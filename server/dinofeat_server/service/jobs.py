@@ -45,6 +45,7 @@ from ..segment.classifiers import (
 )
 from ..segment.fewshot import (
     Shot,
+    keeps_one_component,
     segment_query,
     standardise_by_support,
     to_grid,
@@ -416,7 +417,7 @@ def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
 
 
 def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, fset: FeatureSet, options: FeatureOptions,
-                 models: Models, window: int, grid: int, all_components: bool, device: torch.device,
+                 models: Models, window: int, grid: int, components: str, device: torch.device,
                  cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Few-shot segmentation of every slice of the query: dataset "fewshot" with channels [mask, foreground_probability].
 
@@ -428,6 +429,7 @@ def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.
         yield from as_stream(split_progress(slice_features(image, fset, options, models, device, check, space, "support: "),
                                             support_stacks))
     support_masks = [m for mask in masks for m in (list(mask) if mask.ndim == 3 else [mask])]
+    one_component = keeps_one_component(support_masks, components)
     query_stacks: list[np.ndarray] = []
     yield from as_stream(split_progress(slice_features(query, fset, options, models, device, check, space, "query: "), query_stacks))
     support_tensors, query_tensors = standardise_by_support([torch.from_numpy(f) for f in support_stacks],
@@ -443,14 +445,15 @@ def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.
         check()
         cells, _ = to_grid(features, None, grid)
         slice_shots = [shots[chosen[z]]] if volume else [s for s in shots if s.foreground.max() > 0]
-        probability, mask = segment_query(cells, slice_shots, tuple(features.shape[-2:]), window, not all_components)
+        probability, mask = segment_query(cells, slice_shots, tuple(features.shape[-2:]), window, one_component)
         results.append(np.stack([mask.astype(np.float32), probability]))
         yield pb.DatasetStream(progress=pb.Progress(stage="segmenting", done=z + 1, total=len(query_tensors)))
     yield from whole_dataset("fewshot", "float32", ["mask", "foreground_probability"], results, query, cancelled,
-                             {"window": window, "grid": grid, "all_components": all_components, "shots": len(shots),
+                             {"window": window, "grid": grid, "components": components,
+                              "kept": "most_confident" if one_component else "all", "shots": len(shots),
                               "feature_set": fset.spec(options)},
                              result_key("fewshot", image_sha256(query), [image_sha256(s) for s in supports],
-                                        [image_sha256(m) for m in masks], fset.name, options.key(), window, grid, all_components))
+                                        [image_sha256(m) for m in masks], fset.name, options.key(), window, grid, components))
 
 
 def whole_dataset(name: str, dtype: str, channels: list[str], slices: list[np.ndarray], image: np.ndarray,

@@ -27,7 +27,7 @@ from ..engine.space import FeatureSpace
 from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
-from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW
+from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
 from ..segment.model_file import TrainedModel, model_from_bytes
 from .config import ServerLimits
 from .image_store import ImageStore, check_layout, image_from_bytes
@@ -381,10 +381,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
             if not (1 <= window <= 64 and 1 <= grid <= 64):
                 raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
+            components = checked_components(request.components)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(fewshot_work, supports, masks, query, fset, options, self.models, window, grid,
-                       request.all_components, self.device)
+                       components, self.device)
         async for message in self._stream(work, context):
             yield message
 
