@@ -15,18 +15,10 @@ import time
 
 import numpy as np
 import torch
-from dinofeat_server.engine.backbone import DinoVisionTransformer, token_grid
+from dinofeat_server.engine.backbone import DinoVisionTransformer, forward_flops, token_grid
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from dinofeat_server.engine.weights import official_config
 from machine import parse_args, save
-
-
-def vit_flops(model: DinoVisionTransformer, tokens: int) -> float:
-    """Multiply-adds x 2 of one forward pass over `tokens` tokens (+ CLS and registers)."""
-    c = model.config
-    n = tokens + 1 + c.registers
-    per_block = 2 * n * (4 * c.dim * c.dim + (3 if c.swiglu else 2) * c.dim * c.mlp_hidden) + 2 * 2 * n * n * c.dim
-    return per_block * c.depth + 2 * tokens * 3 * c.patch**2 * c.dim
 
 
 def main() -> None:
@@ -58,7 +50,7 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
                 seconds = statistics.median(times)
                 tokens = token_grid(size, 14, spec.stride) ** 2
-                flops = vit_flops(model, tokens) * spec.view_count()
+                flops = forward_flops(model.config, tokens) * spec.view_count()
                 row = {"seconds": seconds, "views": spec.view_count(), "stride": spec.stride, "tokens_per_view": tokens,
                        "vit_TFLOP": flops / 1e12, "effective_TFLOP_per_s": flops / seconds / 1e12}
                 if device.type == "cuda":

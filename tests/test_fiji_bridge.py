@@ -149,7 +149,8 @@ def test_the_fiji_script_library_reads_features_labels_and_calls_dinofeat_in_jyt
     result = subprocess.run(["java", "-cp", classpath, "org.python.util.jython", str(ROOT / "tests" / "jvm" / "fiji_library_check.py"),
                              str(ROOT / "fiji_macros" / "jars" / "Lib"), str(feature_files[0]), str(feature_files[1]),
                              str(tmp_path / "labels.tif"), command, server_address, str(tmp_path / "image.tif"),
-                             str(tmp_path / "fetched.h5")], capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "fetched.h5")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DINOFEAT_PROGRESS_SECONDS": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.split("REPORT ", 1)[1])
     for kind in ("h5", "tiff", "fetched"):
@@ -158,6 +159,8 @@ def test_the_fiji_script_library_reads_features_labels_and_calls_dinofeat_in_jyt
         np.testing.assert_allclose(seen["sums"], features.astype(np.float64).sum(axis=(1, 2)), rtol=1e-5)
         np.testing.assert_array_equal(np.float32(seen["first_pixels"]), features[0].ravel()[:5])
     assert report["rois"] == {"1": [[1, 20]], "2": [[1, 30]]}
+    stages = {stage for stage, _, _ in report["progress"]}
+    assert "receiving" in stages and all(0 < done <= total for _, done, total in report["progress"]), report["progress"]
     assert report["fetch_error"].startswith("dinofeat: error: cannot read") and "missing" in report["fetch_error"]
 
 

@@ -127,6 +127,15 @@ def test_batch_reuses_the_projects_feature_space(crops, deep_server_address, tmp
     np.testing.assert_allclose(once, original, atol=1e-5)
 
 
+def test_a_project_reports_its_progress_image_by_image(crops, server_address, tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOFEAT_PROGRESS_SECONDS", "0")
+    result = dinofeat("ilastik", str(crops[0][0]), str(crops[1][0]), "-o", str(tmp_path / "p"), "--set", "classical",
+                      "--server", server_address)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^dinofeat: images 1/2 \(50 %\)", result.stderr, re.MULTILINE), result.stderr
+    assert re.search(r"^dinofeat: images 2/2 \(100 %\)", result.stderr, re.MULTILINE), result.stderr
+
+
 def test_uint8_quantisation_uses_the_projects_scaling(crops, deep_server_address, tmp_path):
     result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "q"), "--set", "classical", "--quantise", "uint8",
                       "--server", deep_server_address)

@@ -18,6 +18,7 @@ from .errors import DinofeatError
 import h5py
 import numpy as np
 
+from .durations import spoken_duration
 from .batch import BatchReport, image_files, output_folder, run_batch, writes_to_folder
 from .imagej_tiff import write_imagej_hyperstack
 from .ilastik.provider import ILASTIK_PCA
@@ -65,7 +66,7 @@ class ProgressBars:
             return
         self.started[stage] = (start, now)
         rate = done / max(now - start, 1e-9)
-        left = f", about {format_seconds((total - done) / rate)} left" if 0 < done < total else ""
+        left = f", about {spoken_duration((total - done) / rate)} left" if 0 < done < total else ""
         share = f" ({100 * done // total} %)" if total else ""
         print(f"dinofeat: {stage} {done}/{total}{share}, {rate:.3g}/s{left}", file=sys.stderr, flush=True)
 
@@ -86,14 +87,9 @@ def progress_seconds() -> float:
         return 10.0
 
 
-def format_seconds(seconds: float) -> str:
-    """12 s, 3 min 5 s, 2 h 10 min."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+def say(message: str) -> None:
+    """A line for the user on stderr: retries, and notices from the server (e.g. a long computation's estimate)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -105,7 +101,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
                                 "give the weights to that server (dinofeat serve --weights ...).")
         token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
         with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                           retries=args.retries, notify=lambda message: print(message, file=sys.stderr)) as client:
+                           retries=args.retries, notify=say) as client:
             yield client
         return
     try:
@@ -114,7 +110,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
         raise DinofeatError("no --server was given and the server part is not installed here; "
                             "pass --server ADDRESS or install dinofeat[server].") from None
     weights = {getattr(args, "backbone", DEFAULT_BACKBONE): args.weights} if getattr(args, "weights", None) else None
-    with EmbeddedServer(args.device, weights) as address, FeatureClient(address) as client:
+    with EmbeddedServer(args.device, weights) as address, FeatureClient(address, notify=say) as client:
         yield client
 
 

@@ -329,13 +329,19 @@ class FeatureClient:
         return self.receive(self.stub.FewShot(request), DatasetFile(output, key), False, progress).path
 
     def receive(self, stream, target: DatasetFile, resume: bool, progress: Progress | None) -> Transfer:
-        """Write a DatasetStream into `target`; on any failure keep the partial file for a resume."""
+        """Write a DatasetStream into `target`; on any failure keep the partial file for a resume.
+        The server's notices go to `notify`, each once."""
         received = nbytes = expected = 0
+        notices: set[str] = set()
         try:
             for message in stream:
                 kind = message.WhichOneof("message")
-                if kind == "progress" and progress:
-                    progress(message.progress.stage, message.progress.done, message.progress.total)
+                if kind == "progress":
+                    if message.progress.notice and message.progress.notice not in notices:  # once, not per slice
+                        notices.add(message.progress.notice)
+                        self.notify(message.progress.notice)
+                    if progress:
+                        progress(message.progress.stage, message.progress.done, message.progress.total)
                 elif kind == "header":
                     header = message.header
                     layout = DatasetLayout(header.name, header.dtype, tuple(header.shape), tuple(header.chunk_shape),

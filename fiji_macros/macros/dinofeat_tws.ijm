@@ -5,5 +5,7 @@
 server = call("ij.Prefs.get", "dinofeat.server", "");
 command = call("ij.Prefs.get", "dinofeat.command", "dinofeat");
 featureSet = call("ij.Prefs.get", "dinofeat.set", "hybrid");
+preset = call("ij.Prefs.get", "dinofeat.preset", "default");  // "fast" on a CPU: seconds instead of minutes
 run("DINOv2 Features TWS", "image=[" + getTitle() + "] dinofeat=[" + command + "] server=[" + server + "] feature_set=" + featureSet
+    + " preset=" + preset
     + " examples=[ROI Manager (names = classes)] probabilities=true");

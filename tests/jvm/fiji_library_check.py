@@ -24,7 +24,9 @@ h5, tiff, labels, dinofeat, server, image, fetched = sys.argv[2:9]
 report = {"h5": describe(dinofeat_fiji.read_h5_stack(h5)), "tiff": describe(dinofeat_fiji.open_tiff_stack(tiff))}
 rois = dinofeat_fiji.label_rois(IJ.openImage(labels))
 report["rois"] = dict((str(value), [[n, len(roi.getContainedPoints())] for n, roi in entries]) for value, entries in rois.items())
-dinofeat_fiji.fetch_features(dinofeat, server, image, fetched, "classical")
+seen_progress = []
+dinofeat_fiji.fetch_features(dinofeat, server, image, fetched, "classical", progress=lambda *p: seen_progress.append(list(p)))
+report["progress"] = seen_progress
 report["fetched"] = describe(dinofeat_fiji.feature_stack(fetched))
 try:
     dinofeat_fiji.fetch_features(dinofeat, server, image + ".missing", fetched + ".never.h5", "classical")

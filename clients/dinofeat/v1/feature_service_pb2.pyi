@@ -301,14 +301,16 @@ class DatasetStream(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., chunk: _Optional[_Union[DatasetChunk, _Mapping]] = ..., trailer: _Optional[_Union[DatasetTrailer, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "done", "total")
+    __slots__ = ("stage", "done", "total", "notice")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     stage: str
     done: int
     total: int
-    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    notice: str
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., notice: _Optional[str] = ...) -> None: ...
 
 class DatasetHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "chunk_shape", "encoding", "attributes_json", "chunk_count", "result_key")

@@ -108,6 +108,8 @@ def build_project(client: FeatureClient, images: list[tuple[str, np.ndarray]], f
         raise DinofeatError(f"the scribbles hold {len(values)} classes ({', '.join(map(str, values))}) but {len(classes)} names were given.")
     files, lanes, space = [], [], None
     for number, (name, image) in enumerate(images):
+        if progress:
+            progress("images", number, len(images))
         fit = [other for _, other in images] if space is None and len(images) > 1 else None
         fetched = fetch_in_space(client, image, Path(name).stem, folder, spec, progress, space, fit)
         try:
@@ -122,6 +124,8 @@ def build_project(client: FeatureClient, images: list[tuple[str, np.ndarray]], f
             mapped[scribbles[number] == 0] = 0
         lanes.append(Lane(output.name, "features", (len(channels), *image.shape[:2]), axistags("cyx"), Path(name).stem, mapped))
         files.append(output)
+    if progress:
+        progress("images", len(images), len(images))
     (folder / SPACE_FILE).write_text(space)
     (folder / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     return write_project(folder / f"{project_name}.ilp", lanes, names), files
@@ -136,8 +140,10 @@ def batch_features(client: FeatureClient, folder: Path, images: list[tuple[str, 
     spec = IlastikSpec(**json.loads((folder / SPEC_FILE).read_text()))
     space = (folder / SPACE_FILE).read_text()
     files = []
-    for name, image in images:
+    for number, (name, image) in enumerate(images):
         check_2d(image, name)
+        if progress:
+            progress("images", number, len(images))
         fetched = fetch_in_space(client, image, Path(name).stem, folder, spec, progress, space)
         try:
             output = folder / f"{Path(name).stem}_features.h5"
@@ -145,6 +151,8 @@ def batch_features(client: FeatureClient, folder: Path, images: list[tuple[str, 
             files.append(output)
         finally:
             fetched.unlink(missing_ok=True)
+    if progress:
+        progress("images", len(images), len(images))
     return files
 
 

@@ -6,6 +6,7 @@
 # Everything but the TWS functions runs on plain ImageJ1 (+ JHDF5 for .h5 files), which is how it is tested.
 import json
 import os
+import re
 
 from java.lang import ProcessBuilder
 from java.io import BufferedReader, InputStreamReader
@@ -52,22 +53,50 @@ def feature_stack(path, z=None):
     return open_tiff_stack(path)
 
 
-def fetch_features(dinofeat, server, image_path, output, feature_set="hybrid", options=()):
-    """Run the dinofeat command line to compute features of image_path on server into output (.tif or .h5).
+PROGRESS_LINE = re.compile(r"^dinofeat: (.+?) (\d+)/(\d+)[ ,]")
+"""dinofeat's progress lines outside a terminal: "dinofeat: STAGE DONE/TOTAL (P %), RATE/s, about T left"."""
+
+
+def progress_of_line(line):
+    """(stage, done, total) of one of dinofeat's progress lines, or None for any other line."""
+    match = PROGRESS_LINE.match(line)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+def show_progress(stage, done, total):
+    """Fiji's progress bar and status line."""
+    IJ.showProgress(done, total)
+    IJ.showStatus("dinofeat: %s %d/%d" % (stage, done, total))
+
+
+def fetch_features(dinofeat, server, image_path, output, feature_set="hybrid", options=(), progress=show_progress):
+    """Run the dinofeat command line to compute features of image_path on server into output (.tif or .h5),
+    passing its progress (stages, tiles, views) to `progress` (Fiji's progress bar by default) and its
+    notices (e.g. the expected time of a long computation) to Fiji's log.
 
     Raises RuntimeError with dinofeat's own one-sentence message when it fails."""
-    command = [dinofeat, "features", image_path, "-o", output, "--set", feature_set, "--quiet"]
+    command = [dinofeat, "features", image_path, "-o", output, "--set", feature_set]
     if server:
         command += ["--server", server]
     command += list(options)
     builder = ProcessBuilder(command)
     builder.redirectErrorStream(True)
+    if builder.environment().get("DINOFEAT_PROGRESS_SECONDS") is None:
+        builder.environment().put("DINOFEAT_PROGRESS_SECONDS", "1")
     process = builder.start()
     reader = BufferedReader(InputStreamReader(process.getInputStream()))
     lines = []
     line = reader.readLine()
     while line is not None:
-        lines.append(line)
+        seen = progress_of_line(line)
+        if seen is not None:
+            progress(*seen)
+        else:
+            lines.append(line)
+            if not line.startswith(("wrote ", "dinofeat: error: ")):
+                IJ.log(line)
         line = reader.readLine()
     if process.waitFor() != 0:
         raise RuntimeError(lines[-1] if lines else "dinofeat failed without a message")

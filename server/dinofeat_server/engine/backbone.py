@@ -143,6 +143,14 @@ class VitOutput:
     cls_attention: torch.Tensor | None
 
 
+def forward_flops(config: VitConfig, tokens: int) -> float:
+    """Floating-point operations (2 per multiply-add) of one forward pass over `tokens` patch tokens
+    (plus CLS and registers): the blocks' projections, feed-forward and attention, and the patch embedding."""
+    n = tokens + 1 + config.registers
+    per_block = 2 * n * (4 * config.dim**2 + (3 if config.swiglu else 2) * config.dim * config.mlp_hidden) + 4 * n * n * config.dim
+    return per_block * config.depth + 2 * tokens * 3 * config.patch**2 * config.dim
+
+
 def token_grid(size: int, patch: int, stride: int) -> int:
     """Tokens along an axis of `size` pixels: 1 + (size - patch) // stride."""
     return 1 + (size - patch) // stride

@@ -17,11 +17,13 @@ Result = TypeVar("Result")
 
 @dataclass(frozen=True)
 class Advance:
-    """Work done so far, for progress: `done` of `total` units of `stage` (tiles, views, crops)."""
+    """Work done so far, for progress: `done` of `total` units of `stage` (tiles, views, crops), and
+    optionally a sentence for the user (`notice`, e.g. how long a computation is expected to take)."""
 
     stage: str
     done: int
     total: int
+    notice: str = ""
 
 
 def run_to_end(steps: Generator[Any, None, Result]) -> Result:

@@ -98,7 +98,7 @@ def dataset_planes(images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def progress_of(advance: Advance, prefix: str = "") -> pb.Progress:
-    return pb.Progress(stage=f"{prefix}{advance.stage}", done=advance.done, total=advance.total)
+    return pb.Progress(stage=f"{prefix}{advance.stage}", done=advance.done, total=advance.total, notice=advance.notice)
 
 
 def fitted_space(images: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,

@@ -2,6 +2,7 @@
 #@ String (label="dinofeat command (full path if not on PATH)", value="dinofeat", persist=true) dinofeat
 #@ String (label="Server host:port (empty: compute on this computer)", value="", persist=true) server
 #@ String (label="Feature set", choices={"hybrid", "dinov2", "classical", "attention"}, persist=true) feature_set
+#@ String (label="Preset of the deep sets (fast: seconds on a CPU; default: minutes on a CPU, seconds on a GPU)", choices={"default", "fast", "paper", "paper_flips"}, persist=true) preset
 #@ File (label="Existing feature file (.h5/.tif; empty: compute it)", required=false, style="open") feature_file
 #@ String (label="Examples from", choices={"ROI Manager (names = classes)", "Label image"}, persist=true) examples
 #@ ImagePlus (label="Label image (when chosen above)", required=false) label_image
@@ -18,7 +19,8 @@ from dinofeat_fiji import apply_tws, image_stacks, label_rois, load_tws, manager
 
 def run():
     IJ.showStatus("dinofeat: getting the features of " + image.getTitle())
-    stacks = image_stacks(image, feature_file.getPath() if feature_file else None, dinofeat, server, feature_set)
+    options = [] if feature_set == "classical" else ["--preset", preset]
+    stacks = image_stacks(image, feature_file.getPath() if feature_file else None, dinofeat, server, feature_set, options)
     if load_classifier:
         segmentation = load_tws(image, load_classifier.getPath())
     else:
