@@ -18,6 +18,7 @@ from conftest import ROOT, dinofeat
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.fiji.jvm import DEBIAN_JARS
 from dinofeat_client.imagej_tiff import write_imagej_hyperstack
+from dinofeat_client.metrics import mean_iou
 from scipy.io import arff
 
 JYTHON_JAR = "/usr/share/java/jython.jar"
@@ -159,6 +160,7 @@ def test_the_fiji_script_library_reads_features_labels_and_calls_dinofeat_in_jyt
         np.testing.assert_allclose(seen["sums"], features.astype(np.float64).sum(axis=(1, 2)), rtol=1e-5)
         np.testing.assert_array_equal(np.float32(seen["first_pixels"]), features[0].ravel()[:5])
     assert report["rois"] == {"1": [[1, 20]], "2": [[1, 30]]}
+    assert report["class_order"] == ["2", "10", "cells"]  # label values by value, names after them
     stages = {stage for stage, _, _ in report["progress"]}
     assert "receiving" in stages and all(0 < done <= total for _, done, total in report["progress"]), report["progress"]
     assert report["fetch_error"].startswith("dinofeat: error: cannot read") and "missing" in report["fetch_error"]
@@ -196,31 +198,71 @@ def test_features_written_as_tiff_by_the_command_line_carry_channel_labels(serve
 
 
 FIJI_DIR = os.environ.get("FIJI_DIR")
-needs_fiji = pytest.mark.skipif(not FIJI_DIR, reason="FIJI_DIR is not set: these tests need a local Fiji.app with "
-                                "Trainable Weka Segmentation")
+needs_fiji = pytest.mark.skipif(not FIJI_DIR, reason="FIJI_DIR is not set: these tests need a local Fiji.app with Trainable Weka "
+                                "Segmentation (`./dev test` unpacks ../shared/vendor/fiji/Fiji.app.tar.gz when it is there)")
+SEED = 1
+
+
+def tws_miou_with_its_own_features(image: Path, scribbles: Path, truth: Path, folder: Path) -> float:
+    """TWS's default features and forest (seeded) trained on the scribbles, in a JVM of its own."""
+    own = subprocess.run([sys.executable, str(ROOT / "tests" / "jvm" / "tws_own_features.py"), FIJI_DIR, str(image), str(scribbles),
+                          str(SEED), str(folder / "own.tif")], capture_output=True, text=True, timeout=900)
+    assert own.returncode == 0, own.stderr[-3000:]
+    return mean_iou(tifffile.imread(folder / "own.tif"), tifffile.imread(truth))
 
 
 @needs_fiji
-def test_tws_trains_and_applies_on_dinofeat_features_in_a_real_fiji(isb_three_phase, server_address, tmp_path):
+def test_tws_on_our_features_reaches_tws_on_its_own_in_a_real_fiji(isb_three_phase, server_address, tmp_path):
     image, scribbles, truth = (isb_three_phase / n for n in ("image.tif", "scribbles.tif", "ground_truth.tif"))
     model = tmp_path / "tws.model"
     trained = dinofeat("fiji", "train", str(image), "--labels", str(scribbles), "-o", str(model), "--set", "classical",
-                       "--server", server_address, timeout=1800)
+                       "--seed", str(SEED), "--server", server_address, timeout=1800)
     assert trained.returncode == 0, trained.stderr
+    assert "classes 85, 170, 255" in trained.stdout
     applied = dinofeat("fiji", "apply", str(model), str(image), "-o", str(tmp_path / "classes.tif"), "--set", "classical",
                        "--server", server_address, "--probabilities", str(tmp_path / "p.tif"), timeout=1800)
     assert applied.returncode == 0, applied.stderr
-    scored = dinofeat("score", str(tmp_path / "classes.tif"), str(truth))
-    mean_iou = float(scored.stdout.splitlines()[-1].split()[1])
-    assert scored.returncode == 0 and mean_iou > 0.6, scored.stdout
+    classes = tifffile.imread(tmp_path / "classes.tif")
+    assert set(np.unique(classes)) == {85, 170, 255}
+    ours = mean_iou(classes, tifffile.imread(truth))
+    own = tws_miou_with_its_own_features(image, scribbles, truth, tmp_path)
+    print(f"mIoU inside TWS: our classical features {ours:.3f}, TWS's own features {own:.3f}")
+    assert ours >= own - 0.01
 
 
-def test_without_pyimagej_the_fiji_bridge_says_how_to_install_it_from_a_release_and_a_checkout(tmp_path, monkeypatch):
+def test_tws_class_names_that_are_not_numbers_become_1_to_k():
+    from dinofeat_client.fiji.tws import class_values
+
+    assert class_values(["85", "170", "255"]) == [85, 170, 255]
+    assert class_values(["class 1", "class 2", "class 10"]) == [1, 2, 3]
+    assert class_values(["cells", "background"]) == [1, 2]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "is not a Fiji installation (it has no jars/ folder)"),
+    ({"jars/ij-1.54g.jar": ""}, "has no Trainable Weka Segmentation (no plugins/Trainable_Segmentation*.jar)"),
+])
+def test_a_folder_that_is_not_a_fiji_with_tws_is_named_in_one_sentence(tmp_path, server_address, layout, message):
+    fiji = tmp_path / "Fiji.app"
+    fiji.mkdir()
+    for name, text in layout.items():
+        (fiji / name).parent.mkdir(parents=True, exist_ok=True)
+        (fiji / name).write_text(text)
+    tifffile.imwrite(tmp_path / "image.tif", np.zeros((32, 32), np.uint8))
+    result = dinofeat("fiji", "apply", str(tmp_path / "image.tif"), str(tmp_path / "image.tif"), "-o", str(tmp_path / "c.tif"),
+                      "--fiji", str(fiji), "--set", "classical", "--server", server_address)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_without_jpype_the_fiji_bridge_says_how_to_install_it_from_a_release_and_a_checkout(tmp_path, monkeypatch):
     from dinofeat_client.errors import DinofeatError
     from dinofeat_client.fiji.jvm import start_fiji
 
     (tmp_path / "Fiji.app" / "jars").mkdir(parents=True)
-    monkeypatch.setitem(sys.modules, "imagej", None)  # as when the fiji extra is not installed
+    (tmp_path / "Fiji.app" / "plugins").mkdir()
+    (tmp_path / "Fiji.app" / "plugins" / "Trainable_Segmentation-4.0.0.jar").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "jpype", None)  # as when the fiji extra is not installed
     with pytest.raises(DinofeatError) as refused:
         start_fiji(tmp_path / "Fiji.app")
     assert "pip install 'dinofeat[fiji]' for a released dinofeat" in str(refused.value)

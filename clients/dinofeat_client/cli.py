@@ -225,7 +225,7 @@ def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     labels = check_labels(read_image(args.labels), image)
     check_output_path(args.output)
     with fiji_features(args, image, bars, args.output) as features:
-        values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features.path, temporary))
+        values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features.path, temporary, args.seed))
     print(f"wrote {args.output} (Trainable Weka Segmentation classifier, classes {', '.join(map(str, values))}, "
           f"{args.set} features)")
 
@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
     p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")
 
-    fiji = commands.add_parser("fiji", help="Trainable Weka Segmentation in a local Fiji on dinofeat features (pyimagej)")
+    fiji = commands.add_parser("fiji", help="Trainable Weka Segmentation in a local Fiji on dinofeat features")
     fiji_commands = fiji.add_subparsers(dest="fiji_command", required=True, metavar="train|apply")
     local_fiji = argparse.ArgumentParser(add_help=False)
     local_fiji.add_argument("--fiji", help="the local Fiji.app folder (default: $FIJI_DIR)")
@@ -606,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="the TWS classifier (.model) to write")
+    p.add_argument("--seed", type=int, help="the forest's random seed (default: TWS draws one)")
     p = fiji_commands.add_parser("apply", parents=[remote, deep, local_fiji], help="apply a TWS classifier to an image")
     p.set_defaults(run=command_fiji_apply)
     p.add_argument("classifier", help="a .model file from `dinofeat fiji train` or TWS itself (trained on the same set)")

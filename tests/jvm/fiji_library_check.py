@@ -24,6 +24,7 @@ h5, tiff, labels, dinofeat, server, image, fetched = sys.argv[2:9]
 report = {"h5": describe(dinofeat_fiji.read_h5_stack(h5)), "tiff": describe(dinofeat_fiji.open_tiff_stack(tiff))}
 rois = dinofeat_fiji.label_rois(IJ.openImage(labels))
 report["rois"] = dict((str(value), [[n, len(roi.getContainedPoints())] for n, roi in entries]) for value, entries in rois.items())
+report["class_order"] = sorted(["10", "cells", "2"], key=dinofeat_fiji.class_order)
 seen_progress = []
 dinofeat_fiji.fetch_features(dinofeat, server, image, fetched, "classical", progress=lambda *p: seen_progress.append(list(p)))
 report["progress"] = seen_progress

@@ -50,14 +50,28 @@ def feature_stack_array(features_h5: str | Path, slices: int, width: int, height
     return array
 
 
-def train(image: np.ndarray, labels: np.ndarray, features_h5: str | Path, classifier_path: str | Path) -> list[int]:
-    """Train TWS's default classifier (a fast random forest) on the labelled pixels; save it; return the class values."""
+def train(image: np.ndarray, labels: np.ndarray, features_h5: str | Path | None, classifier_path: str | Path,
+          seed: int | None = None) -> list[int]:
+    """Train TWS's default classifier (a fast random forest of 200 trees) on the labelled pixels of our
+    features (or, with `features_h5` None, of TWS's own default features); save it; return the class
+    values, ascending. `seed` fixes the forest's random seed (TWS draws one otherwise)."""
     from trainableSegmentation import WekaSegmentation
 
     slices = 1 if image.ndim == 2 else image.shape[0]
     imp = image_plus(image)
     segmentation = WekaSegmentation(imp)
-    segmentation.setFeatureStackArray(feature_stack_array(features_h5, slices, image.shape[-1], image.shape[-2]))
+    if features_h5 is not None:
+        segmentation.setFeatureStackArray(feature_stack_array(features_h5, slices, image.shape[-1], image.shape[-2]))
+    if seed is not None:
+        segmentation.getClassifier().setSeed(seed)
+    try:
+        return trained(segmentation, labels, classifier_path)
+    finally:
+        segmentation.shutDownNow()  # TWS's worker threads would keep the JVM, and so this process, alive
+
+
+def trained(segmentation, labels: np.ndarray, classifier_path: str | Path) -> list[int]:
+    """Add each class's labelled pixels as examples, train, save; the class values, ascending."""
     values = [int(v) for v in np.unique(labels[labels != 0])]
     while segmentation.getNumOfClasses() < len(values):
         segmentation.addClass()
@@ -73,25 +87,48 @@ def train(image: np.ndarray, labels: np.ndarray, features_h5: str | Path, classi
     return values
 
 
-def apply(classifier_path: str | Path, image: np.ndarray, features_h5: str | Path) -> tuple[np.ndarray, list[int]]:
-    """Probabilities (K, Y, X) or (Z, K, Y, X) of a saved TWS classifier on `image`, and the class values."""
+def apply(classifier_path: str | Path, image: np.ndarray, features_h5: str | Path | None) -> tuple[np.ndarray, list[int]]:
+    """Probabilities (K, Y, X) or (Z, K, Y, X) of a saved TWS classifier on `image` with our features (or,
+    with `features_h5` None, TWS's own), and the class values."""
     from trainableSegmentation import WekaSegmentation
 
     slices = 1 if image.ndim == 2 else image.shape[0]
     imp = image_plus(image)
     segmentation = WekaSegmentation(imp)
+    try:
+        return applied(segmentation, imp, classifier_path, features_h5, slices, image.shape[-2:])
+    finally:
+        segmentation.shutDownNow()  # TWS's worker threads would keep the JVM, and so this process, alive
+
+
+def applied(segmentation, imp, classifier_path: str | Path, features_h5: str | Path | None, slices: int,
+            size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+    """Load the classifier and compute its probabilities with our features (or TWS's own)."""
+    height, width = size
     if not segmentation.loadClassifier(str(classifier_path)):
         raise DinofeatError(f"{classifier_path} is not a classifier Trainable Weka Segmentation can load.")
-    array = feature_stack_array(features_h5, slices, image.shape[-1], image.shape[-2])
-    segmentation.setFeatureStackArray(array)  # again after loading: loading marks the features dirty
-    expected = segmentation.getTrainHeader().numAttributes() - 1
-    if expected != array.get(0).getSize():
-        raise DinofeatError(f"the classifier was trained on {expected} features but this feature set gives "
-                            f"{array.get(0).getSize()}; use the feature set it was trained with.")
-    result = segmentation.applyClassifier(imp, array, 0, True)
-    values = [int(str(label)) for label in segmentation.getClassLabels()][: segmentation.getNumOfClasses()]
-    probabilities = array_from_stack(result.getStack()).reshape(slices, len(values), image.shape[-2], image.shape[-1])
+    if features_h5 is None:
+        result = segmentation.applyClassifier(imp, 0, True)
+    else:
+        array = feature_stack_array(features_h5, slices, width, height)
+        segmentation.setFeatureStackArray(array)  # again after loading: loading marks the features dirty
+        expected = segmentation.getTrainHeader().numAttributes() - 1
+        if expected != array.get(0).getSize():
+            raise DinofeatError(f"the classifier was trained on {expected} features but this feature set gives "
+                                f"{array.get(0).getSize()}; use the feature set it was trained with.")
+        result = segmentation.applyClassifier(imp, array, 0, True)
+    values = class_values([str(label) for label in segmentation.getClassLabels()][: segmentation.getNumOfClasses()])
+    probabilities = array_from_stack(result.getStack()).reshape(slices, len(values), height, width)
     return (probabilities[0] if slices == 1 else probabilities), values
+
+
+def class_values(names: list[str]) -> list[int]:
+    """The class map's value of each TWS class: its name when every name is a number (classifiers from
+    `dinofeat fiji train`), else 1, 2, ... in TWS's order (names such as "class 1" or "cells" from TWS itself)."""
+    try:
+        return [int(name) for name in names]
+    except ValueError:
+        return list(range(1, len(names) + 1))
 
 
 def class_map(probabilities: np.ndarray, values: list[int]) -> np.ndarray:

@@ -147,13 +147,21 @@ def feature_stack_array(stacks, width, height):
     return array
 
 
+def class_order(name):
+    """Classes in the order of their label values when they are numbers (2 before 10), else by name."""
+    try:
+        return (0, float(name), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(name))
+
+
 def train_tws(image, stacks, class_rois):
     """A WekaSegmentation trained on the features in stacks, with examples {class name: [(slice, Roi)]}."""
     from trainableSegmentation import WekaSegmentation
     array = feature_stack_array(stacks, image.getWidth(), image.getHeight())
     segmentation = WekaSegmentation(image)
     segmentation.setFeatureStackArray(array)
-    names = sorted(class_rois, key=str)
+    names = sorted(class_rois, key=class_order)
     while segmentation.getNumOfClasses() < len(names):
         segmentation.addClass()
     for index, name in enumerate(names):
