@@ -116,15 +116,33 @@ def test_batch_reuses_the_projects_feature_space(crops, deep_server_address, tmp
         original = f["features"][()]
         assert json.loads(f["feature_space"]["json"][()]) == space == json.loads(g["feature_space"]["json"][()])
     tifffile.imwrite(tmp_path / "again.tif", tifffile.imread(crops[0][0]))
-    first = dinofeat("ilastik", "--batch", str(tmp_path / "again.tif"), "-o", str(folder), "--server", deep_server_address)
+    first = dinofeat("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", deep_server_address)  # as the README says
     assert first.returncode == 0, first.stderr
     assert "--headless" in first.stdout and "again_features.h5/features" in first.stdout
     with h5py.File(folder / "again_features.h5", "r") as f:
         once = f["features"][()]
-    assert dinofeat("ilastik", "--batch", str(tmp_path / "again.tif"), "-o", str(folder), "--server", deep_server_address).returncode == 0
+    assert dinofeat("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", deep_server_address).returncode == 0
     with h5py.File(folder / "again_features.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][()], once)
     np.testing.assert_allclose(once, original, atol=1e-5)
+
+
+def test_the_project_folder_is_named_once_either_new_or_existing(crops, tmp_path):
+    for extra in ([], ["-o", str(tmp_path / "p"), "--batch", str(tmp_path / "q")]):
+        result = dinofeat("ilastik", str(crops[0][0]), *extra)
+        assert result.returncode == 1
+        assert result.stderr.strip() == ("dinofeat: error: give -o FOLDER for a new project, or --batch PROJECT for new "
+                                         "images of an existing one.")
+
+
+def test_the_closing_hint_for_new_images_is_a_command_that_works(crops, server_address, tmp_path):
+    made = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--set", "classical", "--server", server_address)
+    assert made.returncode == 0, made.stderr
+    hint = made.stdout.strip().splitlines()[-1]
+    assert hint.endswith(f"dinofeat ilastik --batch {tmp_path / 'p'} IMAGE...")
+    again = dinofeat("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", server_address)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "p" / "img1_features.h5").exists()
 
 
 def test_a_project_reports_its_progress_image_by_image(crops, server_address, tmp_path, monkeypatch):

@@ -433,8 +433,10 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
 def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
     from .ilastik.provider import QUANTISATIONS, IlastikSpec, batch_features, build_project, headless_command
 
+    if bool(args.output) == bool(args.batch):
+        raise DinofeatError("give -o FOLDER for a new project, or --batch PROJECT for new images of an existing one.")
     images = [(p, check_image(read_image(p))) for p in args.images]
-    folder = Path(args.output)
+    folder = Path(args.output or args.batch)
     if args.batch:
         with connect(args) as client:
             files = batch_features(client, folder, images, progress=bars)
@@ -691,13 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="feature files and a ready-to-open ilastik project")
     p.set_defaults(run=command_ilastik)
     p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
-    p.add_argument("-o", "--output", required=True, help="project folder (created if missing)")
+    p.add_argument("-o", "--output", help="the new project's folder (created if missing)")
     p.add_argument("--set", default="hybrid", help="feature set (default hybrid)")
     p.add_argument("--labels", nargs="+", help="scribbles, one per image, shown in ilastik as labels")
     p.add_argument("--classes", nargs="+", help="class names, in ascending scribble value")
     p.add_argument("--quantise", default="float32", help="float32 (default), uint16 or uint8: smaller files, same classes")
     p.add_argument("--name", default="dinofeat", help="project file name (default dinofeat.ilp)")
-    p.add_argument("--batch", action="store_true", help="add feature files for new images to an existing project folder")
+    p.add_argument("--batch", metavar="PROJECT", help="add feature files for new images to this existing project folder "
+                   "(its feature set and space); instead of -o")
 
     p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
     p.set_defaults(run=command_score)
