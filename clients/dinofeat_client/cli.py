@@ -286,6 +286,23 @@ def probabilities_target(args: argparse.Namespace, output: str | Path, requested
     return Path(output).with_name(f".{Path(output).name}.pictures.h5") if args.pictures else None
 
 
+def write_pictures(image: np.ndarray, output: Path, probabilities: Path | None, written: list[Path]) -> str:
+    """The overlay and probability maps beside `output` (appended to `written`); returns what to add to the report."""
+    class_map = read_image(output)
+    z, note = None, ""
+    if image_axes(image).startswith("z"):
+        depth = image.shape[0]
+        z = depth // 2
+        image, class_map = image[z], class_map[z]
+        note = f" (pictures of the middle slice, z = {z} of 0..{depth - 1})"
+    written.append(write_png(output.with_suffix(".overlay.png"), class_overlay(image, class_map)))
+    if probabilities:
+        with h5py.File(probabilities, "r") as f:
+            for value, picture in probability_pictures(f["probabilities"], z):
+                written.append(write_png(output.with_suffix(f".p{value}.png"), picture))
+    return note + "; overlay colours: " + colour_names([int(v) for v in np.unique(class_map)])
+
+
 def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Path, probabilities: Path | None,
                         keep: bool = True) -> None:
     """Say what was written; with --pictures also write the class overlay (with its legend) and one
@@ -293,22 +310,12 @@ def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Pat
     (`keep` False) are removed once drawn."""
     written = [output] + ([probabilities] if probabilities and keep else [])
     note = ""
-    if args.pictures:
-        class_map = read_image(output)
-        z = None
-        if image_axes(image).startswith("z"):
-            depth = image.shape[0]
-            z = depth // 2
-            image, class_map = image[z], class_map[z]
-            note = f" (pictures of the middle slice, z = {z} of 0..{depth - 1})"
-        written.append(write_png(output.with_suffix(".overlay.png"), class_overlay(image, class_map)))
-        note += "; overlay colours: " + colour_names([int(v) for v in np.unique(class_map)])
-        if probabilities:
-            with h5py.File(probabilities, "r") as f:
-                for value, picture in probability_pictures(f["probabilities"], z):
-                    written.append(write_png(output.with_suffix(f".p{value}.png"), picture))
-    if probabilities and not keep:
-        probabilities.unlink(missing_ok=True)
+    try:
+        if args.pictures:
+            note = write_pictures(image, output, probabilities, written)
+    finally:
+        if probabilities and not keep:
+            probabilities.unlink(missing_ok=True)
     print("wrote " + ", ".join(str(p) for p in written) + note)
 
 
