@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def dinofeat(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `dinofeat` command line in a fresh process."""
+def dinofeat(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `dinofeat` command line in a fresh process (in `cwd`, when given)."""
     return subprocess.run([sys.executable, "-m", "dinofeat_client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd)
 
 
 def free_port() -> int:
