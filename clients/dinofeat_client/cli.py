@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -218,6 +219,31 @@ def greyscale(image: np.ndarray) -> np.ndarray:
     return image.mean(axis=-1) if image_axes(image).endswith("c") else image
 
 
+def leave_java(command):
+    """Run a command that starts Java (Fiji), then end the process at once with its exit status.
+
+    Every output is written and closed by then; what is left are TWS's idle worker threads, which
+    keep a normal interpreter exit waiting or abort it while Java shuts down."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace, bars: ProgressBars) -> None:
+        status = 0
+        try:
+            command(args, bars)
+        except DinofeatError as error:
+            bars.close()
+            print(f"dinofeat: error: {error}", file=sys.stderr)
+            status = 1
+        except KeyboardInterrupt:
+            status = 130
+            print("dinofeat: interrupted.", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    return run
+
+
+@leave_java
 def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     from .fiji import tws
 
@@ -230,6 +256,7 @@ def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"{args.set} features)")
 
 
+@leave_java
 def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     from .fiji import tws
 
