@@ -20,6 +20,7 @@ import tempfile
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def hr_dv2_featuriser(name: str, state: dict[str, torch.Tensor], flips: bool):
     return net.eval()
 
 
-def hr_dv2_features(net, grey: "np.ndarray") -> torch.Tensor:  # noqa: F821
+def hr_dv2_features(net, grey: np.ndarray) -> torch.Tensor:
     """The paper featuriser's `img_to_features` on a uint8 greyscale image, on the CPU: (1, C, H, W)."""
     from PIL import Image
 

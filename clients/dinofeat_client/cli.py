@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -219,31 +218,6 @@ def greyscale(image: np.ndarray) -> np.ndarray:
     return image.mean(axis=-1) if image_axes(image).endswith("c") else image
 
 
-def leave_java(command):
-    """Run a command that starts Java (Fiji), then end the process at once with its exit status.
-
-    Every output is written and closed by then; what is left are TWS's idle worker threads, which
-    keep a normal interpreter exit waiting or abort it while Java shuts down."""
-    @functools.wraps(command)
-    def run(args: argparse.Namespace, bars: ProgressBars) -> None:
-        status = 0
-        try:
-            command(args, bars)
-        except DinofeatError as error:
-            bars.close()
-            print(f"dinofeat: error: {error}", file=sys.stderr)
-            status = 1
-        except KeyboardInterrupt:
-            status = 130
-            print("dinofeat: interrupted.", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-    return run
-
-
-@leave_java
 def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     from .fiji import tws
 
@@ -256,7 +230,6 @@ def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"{args.set} features)")
 
 
-@leave_java
 def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     from .fiji import tws
 
@@ -638,13 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     local_fiji.add_argument("--fiji", help="the local Fiji.app folder (default: $FIJI_DIR)")
     local_fiji.add_argument("--set", default="hybrid", help="feature set name (default hybrid)")
     p = fiji_commands.add_parser("train", parents=[remote, deep, local_fiji], help="train a TWS classifier on labelled pixels")
-    p.set_defaults(run=command_fiji_train)
+    p.set_defaults(run=command_fiji_train, ends_at_once=True)
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="the TWS classifier (.model) to write")
     p.add_argument("--seed", type=int, help="the forest's random seed (default: TWS draws one)")
     p = fiji_commands.add_parser("apply", parents=[remote, deep, local_fiji], help="apply a TWS classifier to an image")
-    p.set_defaults(run=command_fiji_apply)
+    p.set_defaults(run=command_fiji_apply, ends_at_once=True)
     p.add_argument("classifier", help="a .model file from `dinofeat fiji train` or TWS itself (trained on the same set)")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
@@ -773,6 +746,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bars = ProgressBars(enabled=not getattr(args, "quiet", False), terminal=sys.stderr.isatty(),
                         every_s=progress_seconds())
+    status = run_command(args, bars)
+    if getattr(args, "ends_at_once", False):
+        # Commands that start Java (Fiji): every output is written and closed by now; TWS's idle worker
+        # threads would keep a normal interpreter exit waiting, or abort it while Java shuts down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def run_command(args: argparse.Namespace, bars: ProgressBars) -> int:
+    """Run the chosen command; its exit status (1 with one sentence for bad input, 130 when interrupted)."""
     try:
         args.run(args, bars)
     except DinofeatError as error:
