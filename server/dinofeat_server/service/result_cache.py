@@ -37,10 +37,19 @@ class ResultCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.stream"
 
-    def read(self, key: str) -> Iterator[pb.DatasetStream]:
-        path = self.path(key)
-        os.utime(path)  # most recently used
-        with open(path, "rb") as f:
+    def read(self, key: str) -> Iterator[pb.DatasetStream] | None:
+        """The recorded messages of `key`, or None when there is no entry. The open file stays readable
+        even when another request evicts the entry meanwhile."""
+        try:
+            f = open(self.path(key), "rb")
+        except FileNotFoundError:
+            return None
+        os.utime(f.fileno())  # most recently used
+        return self._messages(f)
+
+    @staticmethod
+    def _messages(f) -> Iterator[pb.DatasetStream]:
+        with f:
             while header := f.read(LENGTH.size):
                 yield pb.DatasetStream.FromString(f.read(LENGTH.unpack(header)[0]))
 
@@ -48,32 +57,48 @@ class ResultCache:
         """The entry for `key` if there is one (first message: progress "cached"), else compute() while
         recording it. Progress messages pass through but are not recorded."""
         with self._lock(key):
-            if self.path(key).exists():
+            recorded = self.read(key)
+            if recorded is not None:
                 yield pb.DatasetStream(progress=pb.Progress(stage="cached", done=1, total=1))
-                yield from self.read(key)
+                yield from recorded
                 return
             partial = self.path(key).with_suffix(f".{threading.get_ident()}.partial")
+            last = None
             try:
                 with open(partial, "wb") as f:
                     for message in compute():
                         if message.WhichOneof("message") != "progress":
                             data = message.SerializeToString()
                             f.write(LENGTH.pack(len(data)) + data)
-                        yield message
+                        if last is not None:
+                            yield last
+                        last = message
                 os.replace(partial, self.path(key))
             finally:
                 partial.unlink(missing_ok=True)
-        self.evict()
+            self.evict()
+        if last is not None:  # held back so that a client which has the whole result sees a settled cache
+            yield last
 
     def evict(self) -> None:
         """Remove least recently used entries beyond the byte budget."""
-        entries = sorted(self.folder.glob("*.stream"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in entries)
-        for path in entries:
+        entries = sorted(self._sizes(), key=lambda entry: entry[1].st_mtime)
+        total = sum(stat.st_size for _, stat in entries)
+        for path, stat in entries:
             if total <= self.budget_bytes:
                 break
-            total -= path.stat().st_size
+            total -= stat.st_size
             path.unlink(missing_ok=True)
 
+    def _sizes(self) -> list[tuple[Path, os.stat_result]]:
+        """(path, stat) of every complete entry; entries another thread removes meanwhile are left out."""
+        entries = []
+        for path in self.folder.glob("*.stream"):
+            try:
+                entries.append((path, path.stat()))
+            except FileNotFoundError:
+                continue
+        return entries
+
     def used_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.folder.glob("*.stream"))
+        return sum(stat.st_size for _, stat in self._sizes())
