@@ -13,23 +13,17 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from conftest import ROOT, dinofeat
+from conftest import dinofeat
 from dinofeat_client.metrics import mean_iou
+from ilastik_install import ilastik_launcher
 
-INSTALL = ROOT.parent / "shared" / "tools" / "ilastik" / "install.sh"
 CLASS_VALUES = (85, 170, 255)
 
 
 @pytest.fixture(scope="module")
 def run_ilastik() -> Path:
     """ilastik's headless launcher, installed (or found installed) by the vendored install script."""
-    if not INSTALL.is_file():
-        pytest.skip(f"{INSTALL} is absent, so real ilastik cannot be installed here")
-    installed = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True, timeout=1800)
-    if installed.returncode != 0:
-        why = (installed.stderr.strip().splitlines() or ["no message"])[-1]
-        pytest.skip(f"the vendored ilastik could not be installed here: {why}")
-    return Path(installed.stdout.strip().splitlines()[-1])
+    return ilastik_launcher()
 
 
 def class_map_of(probabilities_file: Path) -> np.ndarray:

@@ -33,6 +33,7 @@ from .classical import (
     weka_halo,
 )
 from .deep import DeepExtractor, preset
+from .ilastik_bank import ILASTIK_SCALES, ilastik_channel_names, ilastik_features, ilastik_halo
 from .postprocess import PCA_BLOCK_ROWS, l2_per_pixel, principal_axes
 from .progress import Advance, run_to_end
 from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
@@ -221,6 +222,17 @@ CLASSICAL = ClassicalSet(
 )
 
 
+ILASTIK = ClassicalSet(
+    name="ilastik",
+    description="ilastik's Pixel Classification features, all 37 (Gaussian, LoG, gradient magnitude, DoG, "
+                "structure tensor and Hessian eigenvalues at sigma 0.3-10), computed as ilastik does",
+    names_per_channel=tuple(ilastik_channel_names()),
+    halo=ilastik_halo(),
+    bank=ilastik_features,
+    parameters={"bank": "ilastik", "scales": list(ILASTIK_SCALES), "ilastik": "1.4 with fastfilters", "border": "mirror"},
+)
+
+
 class DeepSet(FeatureSet):
     """DINOv2 tokens or attention, tiled, mapped into the dataset's space before upsampling (see the subclasses)."""
 
@@ -359,6 +371,7 @@ def intensity_scaled(image: np.ndarray) -> np.ndarray:
 
 FEATURE_SETS: dict[str, FeatureSet] = {
     "classical": CLASSICAL,
+    "ilastik": ILASTIK,
     "dinov2": DinoSet("dinov2", "DINOv2 patch features at full resolution (optionally PCA-reduced)"),
     "attention": AttentionSet("attention", "DINOv2 last-block CLS attention, one channel per head"),
     "hybrid": HybridSet("hybrid", f"DINOv2 PCA-{HYBRID_PCA} + classical bank, each channel in the dataset's robust range"),
