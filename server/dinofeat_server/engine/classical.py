@@ -24,6 +24,7 @@ from .filters import (
     line_kernels,
     line_responses,
     median_along,
+    symmetric_eigenvalues,
 )
 
 WEKA_SIGMAS: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -52,10 +53,7 @@ def sobel_and_hessian(images: torch.Tensor, out: torch.Tensor) -> None:
     torch.sqrt(a * a + bb + d * d, out=out[:, :, 1])
     torch.add(a, d, out=out[:, :, 2])
     torch.sub(a * d, bb, out=out[:, :, 3])
-    half_trace = out[:, :, 2] / 2.0
-    root = torch.sqrt(torch.square(a - d) / 4.0 + bb)
-    torch.add(half_trace, root, out=out[:, :, 4])
-    torch.sub(half_trace, root, out=out[:, :, 5])
+    symmetric_eigenvalues(a, b, d, out[:, :, 4], out[:, :, 5])
 
 
 def membrane_projections(images: torch.Tensor, out: torch.Tensor) -> None:

@@ -60,25 +60,76 @@ def centred_kernel_spectrum(kernel: torch.Tensor, length: int, onesided: bool) -
     return spectrum.to(torch.complex64)
 
 
-def gaussian_blur_bank(image: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+def odd_borders(padded: torch.Tensor, pad_y: int, pad_x: int) -> torch.Tensor:
+    """Negate the mirrored borders of `padded` in place (corners twice): the extension of a quantity that
+    changes sign under reflection, such as the product of the x and y derivatives."""
+    for border in (padded[..., :pad_y, :], padded[..., padded.shape[-2] - pad_y :, :],
+                   padded[..., :, :pad_x], padded[..., :, padded.shape[-1] - pad_x :]):
+        border.neg_()
+    return padded
+
+
+def gaussian_blur_bank(image: torch.Tensor, sigmas: list[float], odd: bool = False) -> torch.Tensor:
     """Blur each channel of `image` (N, C, H, W) at every sigma (pixels): (N, C, S, H, W).
 
-    One FFT of the mirror-padded image serves all scales; the padding covers the widest kernel, so
+    One FFT of the mirror-padded image (zero-filled to a fast FFT size) serves all scales; the padding covers the widest kernel, so
     the circular convolution equals scipy's gaussian_filter(mode="mirror") up to float rounding.
+    `odd`: the borders are mirrored with their sign changed (see `odd_borders`).
     """
     n, c, h, w = image.shape
     radius = max(gaussian_radius(s) for s in sigmas)
     padded = mirror_pad(image, radius, radius)
+    padded = odd_borders(padded, radius, radius) if odd else padded
+    padded = F.pad(padded, (0, fft_size(padded.shape[-1]) - padded.shape[-1], 0, fft_size(padded.shape[-2]) - padded.shape[-2]))
     hp, wp = padded.shape[-2:]
     spectrum = torch.fft.rfft2(padded)
     blurs = []
     for sigma in sigmas:
-        kernel = gaussian_kernel1d(sigma, gaussian_radius(sigma))
-        transfer = (centred_kernel_spectrum(kernel, hp, onesided=False)[:, None]
-                    * centred_kernel_spectrum(kernel, wp, onesided=True)[None, :])
-        blurred = torch.fft.irfft2(spectrum * transfer.to(image.device), s=(hp, wp))
+        blurred = torch.fft.irfft2(spectrum * gaussian_transfer(sigma, hp, wp).to(image.device), s=(hp, wp))
         blurs.append(blurred[..., radius : radius + h, radius : radius + w])
     return torch.stack(blurs, dim=2)
+
+
+def fft_size(length: int) -> int:
+    """The smallest length >= `length` whose only prime factors are 2, 3 and 5 (fast FFTs)."""
+    size = length
+    while True:
+        rest = size
+        for prime in (2, 3, 5):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
+
+
+def gaussian_transfer(sigma: float, height: int, width: int) -> torch.Tensor:
+    """The (height, width // 2 + 1) rfft2 transfer function of scipy's truncated Gaussian of `sigma` pixels."""
+    kernel = gaussian_kernel1d(sigma, gaussian_radius(sigma))
+    return (centred_kernel_spectrum(kernel, height, onesided=False)[:, None]
+            * centred_kernel_spectrum(kernel, width, onesided=True)[None, :])
+
+
+def gaussian_blur_each(images: torch.Tensor, sigmas: list[float], odd: bool = False) -> torch.Tensor:
+    """Blur channel k of `images` (N, K, H, W) at sigmas[k] (pixels), like scipy's gaussian_filter(mode="mirror").
+
+    Channels of one sigma share one FFT padded for their own kernel (one padding for all would make
+    every small kernel pay for the widest; direct convolution is slower than FFT from sigma 1 on a CPU).
+    """
+    out = torch.empty_like(images)
+    for sigma in sorted(set(sigmas)):
+        channels = [k for k, s in enumerate(sigmas) if s == sigma]
+        out[:, channels] = gaussian_blur_bank(images[:, channels], [sigma], odd)[:, :, 0]
+    return out
+
+
+def symmetric_eigenvalues(xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor, larger: torch.Tensor,
+                          smaller: torch.Tensor) -> None:
+    """Eigenvalues of the symmetric 2 x 2 matrices [[xx, xy], [xy, yy]] into `larger` and `smaller`."""
+    half_trace = (xx + yy) / 2.0
+    root = torch.hypot((xx - yy) / 2.0, xy)
+    torch.add(half_trace, root, out=larger)
+    torch.sub(half_trace, root, out=smaller)
 
 
 def derivatives(image: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 import torch
 
-from .filters import mirror_pad
+from .filters import mirror_pad, symmetric_eigenvalues
 
 ILASTIK_SCALES: tuple[float, ...] = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
 """ilastik's default scales (pixels): ilastik/applets/featureSelection/opFeatureSelection.py defaultScales."""
@@ -147,15 +147,6 @@ def _blur(x: torch.Tensor, sigma: float, window: float, odd: bool = False) -> to
     return _correlate(_correlate(x, g, -1, odd)[0], g, -2, odd)[0]
 
 
-def _eigenvalues(xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor, larger: torch.Tensor,
-                 smaller: torch.Tensor) -> None:
-    """Eigenvalues of the symmetric 2 x 2 matrices [[xx, xy], [xy, yy]] into `larger` and `smaller`."""
-    half_trace = (xx + yy) / 2.0
-    root = torch.hypot((xx - yy) / 2.0, xy)
-    torch.add(half_trace, root, out=larger)
-    torch.sub(half_trace, root, out=smaller)
-
-
 def _features_at(p: torch.Tensor, sigma: float, at: Callable[[str], torch.Tensor]) -> None:
     """All six feature types of presmoothed images `p` (B, 1, H, W) at feature scale `sigma`.
 
@@ -175,7 +166,7 @@ def _features_at(p: torch.Tensor, sigma: float, at: Callable[[str], torch.Tensor
     torch.add(hxx, hyy, out=at("laplacian_of_gaussian"))
     torch.hypot(gx, gy, out=at("gaussian_gradient_magnitude"))
     del gx, gy
-    _eigenvalues(hxx, hxy, hyy, at("hessian_of_gaussian_eigenvalue1"), at("hessian_of_gaussian_eigenvalue2"))
+    symmetric_eigenvalues(hxx, hxy, hyy, at("hessian_of_gaussian_eigenvalue1"), at("hessian_of_gaussian_eigenvalue2"))
     del hxx, hxy, hyy
     inner = STRUCTURE_TENSOR_RATIO * sigma  # the gradient's scale; sigma is the tensor's smoothing
     gi, di = _kernel(0, inner, FEATURE_WINDOW), _kernel(1, inner, FEATURE_WINDOW)
@@ -186,7 +177,7 @@ def _features_at(p: torch.Tensor, sigma: float, at: Callable[[str], torch.Tensor
     txy = _blur(gx * gy, sigma, FEATURE_WINDOW, odd=True)
     txx = _blur(gx.square_(), sigma, FEATURE_WINDOW)
     tyy = _blur(gy.square_(), sigma, FEATURE_WINDOW)
-    _eigenvalues(txx, txy, tyy, at("structure_tensor_eigenvalue1"), at("structure_tensor_eigenvalue2"))
+    symmetric_eigenvalues(txx, txy, tyy, at("structure_tensor_eigenvalue1"), at("structure_tensor_eigenvalue2"))
 
 
 def _presmoothing_sigma(scale: float) -> float:

@@ -33,6 +33,7 @@ from .classical import (
     weka_halo,
 )
 from .deep import DeepExtractor, preset
+from .multiscale_bank import MULTISCALE_SIGMAS, STRUCTURE_TENSOR_RATIO, multiscale_channel_names, multiscale_features, multiscale_halo
 from .ilastik_bank import ILASTIK_SCALES, ilastik_channel_names, ilastik_features, ilastik_halo
 from .postprocess import PCA_BLOCK_ROWS, l2_per_pixel, principal_axes
 from .progress import Advance, run_to_end
@@ -222,6 +223,16 @@ CLASSICAL = ClassicalSet(
 )
 
 
+MULTISCALE = ClassicalSet(
+    name="multiscale",
+    description="the default bank: Gaussian, gradient magnitude, Hessian and structure-tensor eigenvalues at "
+                "sigma 0.5-16, differences of Gaussians",
+    names_per_channel=tuple(multiscale_channel_names()),
+    halo=multiscale_halo(),
+    bank=multiscale_features,
+    parameters={"bank": "multiscale", "sigmas": list(MULTISCALE_SIGMAS), "structure_tensor_ratio": STRUCTURE_TENSOR_RATIO,
+                "border": "mirror"},
+)
 ILASTIK = ClassicalSet(
     name="ilastik",
     description="ilastik's Pixel Classification features, all 37 (Gaussian, LoG, gradient magnitude, DoG, "
@@ -370,6 +381,7 @@ def intensity_scaled(image: np.ndarray) -> np.ndarray:
 
 
 FEATURE_SETS: dict[str, FeatureSet] = {
+    "multiscale": MULTISCALE,
     "classical": CLASSICAL,
     "ilastik": ILASTIK,
     "dinov2": DinoSet("dinov2", "DINOv2 patch features at full resolution (optionally PCA-reduced)"),

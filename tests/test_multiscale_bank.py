@@ -1,0 +1,97 @@
+"""The default `multiscale` bank equals an independent scipy/numpy computation of its definitions,
+is the same in strips as on the whole image, and survives images smaller than its reach."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+from dinofeat_server.engine.multiscale_bank import (
+    MULTISCALE_SIGMAS,
+    multiscale_channel_names,
+    multiscale_features,
+    multiscale_halo,
+)
+from dinofeat_server.engine.stacks import FEATURE_SETS
+from dinofeat_server.engine.strips import feature_strips
+from scipy import ndimage as ndi
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(3).random((96, 120)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bank(image) -> dict[str, np.ndarray]:
+    out = multiscale_features(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    return dict(zip(multiscale_channel_names(), out))
+
+
+def blur(image: np.ndarray, sigma: float, odd: bool = False) -> np.ndarray:
+    """scipy's Gaussian with mirrored borders; `odd`: the mirrored samples change sign (padded by hand)."""
+    if not odd:
+        return ndi.gaussian_filter(image.astype(np.float64), sigma, mode="mirror", truncate=4.0)
+    r = int(4.0 * sigma + 0.5)
+    h, w = image.shape
+    rows = np.abs(np.arange(-r, h + r))
+    rows = np.where(rows >= h, 2 * (h - 1) - rows, rows)
+    cols = np.abs(np.arange(-r, w + r))
+    cols = np.where(cols >= w, 2 * (w - 1) - cols, cols)
+    sign_y = np.where((np.arange(-r, h + r) < 0) | (np.arange(-r, h + r) >= h), -1.0, 1.0)
+    sign_x = np.where((np.arange(-r, w + r) < 0) | (np.arange(-r, w + r) >= w), -1.0, 1.0)
+    padded = image.astype(np.float64)[np.ix_(rows, cols)] * sign_y[:, None] * sign_x[None, :]
+    return ndi.gaussian_filter(padded, sigma, mode="constant", truncate=4.0)[r : r + h, r : r + w]
+
+
+def reference(image: np.ndarray, s: float) -> dict[str, np.ndarray]:
+    """The per-scale channels of the module docstring, from scipy."""
+    g = blur(image, s)
+    gx = ndi.sobel(g, axis=1, mode="mirror") / 8
+    gy = ndi.sobel(g, axis=0, mode="mirror") / 8
+    xx = ndi.correlate1d(g, [1, -2, 1], axis=1, mode="mirror")
+    yy = ndi.correlate1d(g, [1, -2, 1], axis=0, mode="mirror")
+    xy = ndi.correlate1d(ndi.correlate1d(g, [-0.5, 0, 0.5], axis=0, mode="mirror"), [-0.5, 0, 0.5], axis=1, mode="mirror")
+    hessian = np.linalg.eigvalsh(np.stack([np.stack([xx, xy], -1), np.stack([xy, yy], -1)], -2))
+    jxx, jyy, jxy = blur(gx * gx, 2 * s), blur(gy * gy, 2 * s), blur(gx * gy, 2 * s, odd=True)
+    tensor = np.linalg.eigvalsh(np.stack([np.stack([jxx, jxy], -1), np.stack([jxy, jyy], -1)], -2))
+    return {"gaussian": g, "gradient_magnitude": np.hypot(gx, gy), "hessian_eigenvalue1": hessian[..., 1],
+            "hessian_eigenvalue2": hessian[..., 0], "structure_tensor_eigenvalue1": tensor[..., 1],
+            "structure_tensor_eigenvalue2": tensor[..., 0]}
+
+
+def test_greyscale_bank_has_63_named_channels_in_documented_order():
+    names = multiscale_channel_names()
+    assert len(names) == 63 == FEATURE_SETS["multiscale"].channel_names(1).__len__()
+    assert names[:6] == ["gaussian_s0.5", "gradient_magnitude_s0.5", "hessian_eigenvalue1_s0.5", "hessian_eigenvalue2_s0.5",
+                         "structure_tensor_eigenvalue1_s0.5", "structure_tensor_eigenvalue2_s0.5"]
+    assert names[42] == "dog_s0.5_s1" and names[-1] == "dog_s10_s16"
+
+
+@pytest.mark.parametrize("sigma", MULTISCALE_SIGMAS)
+def test_every_per_scale_channel_equals_scipy(bank, image, sigma):
+    for name, expected in reference(image, sigma).items():
+        got = bank[f"{name}_s{sigma:g}"]
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() <= 1e-4 * scale + 1e-6, (name, sigma)  # float32 cancellation: 1e-6 of the input range
+
+
+def test_differences_of_gaussians_cover_every_pair_of_scales(bank, image):
+    for a, b in combinations(MULTISCALE_SIGMAS, 2):
+        np.testing.assert_allclose(bank[f"dog_s{a:g}_s{b:g}"], blur(image, a) - blur(image, b), atol=2e-6)
+
+
+def test_strips_equal_the_whole_image():
+    image = torch.from_numpy(np.random.default_rng(4).random((530, 70)).astype(np.float32))[None, None]
+    whole = multiscale_features(image)
+    for y0, strip in feature_strips(multiscale_features, image, multiscale_halo(), rows=128):
+        np.testing.assert_allclose(strip.numpy(), whole[..., y0 : y0 + strip.shape[-2], :].numpy(), atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 40), (40, 1)])
+def test_an_image_smaller_than_the_largest_scale_is_mirrored_not_refused(shape):
+    image = np.random.default_rng(5).integers(0, 255, shape, dtype=np.uint8)
+    features = FEATURE_SETS["multiscale"].compute(image)
+    assert features.shape == (63, *shape) and np.isfinite(features).all()
