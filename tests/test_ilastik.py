@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -112,17 +113,17 @@ def test_batch_reuses_the_projects_feature_space(crops, deep_server_address, tmp
     assert make_project(crops, folder, deep_server_address, 2, True).returncode == 0
     space = json.loads((folder / "dinofeat_space.json").read_text())
     assert space["identity"]["feature_set"]["pca"] == 8 and space["components"]["shape"][0] == 8
-    with h5py.File(folder / "img0_features.h5", "r") as f, h5py.File(folder / "img1_features.h5", "r") as g:
+    with h5py.File(folder / "img0" / "features.h5", "r") as f, h5py.File(folder / "img1" / "features.h5", "r") as g:
         original = f["features"][()]
         assert json.loads(f["feature_space"]["json"][()]) == space == json.loads(g["feature_space"]["json"][()])
     tifffile.imwrite(tmp_path / "again.tif", tifffile.imread(crops[0][0]))
     first = dinofeat("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", deep_server_address)  # as the README says
     assert first.returncode == 0, first.stderr
-    assert "--headless" in first.stdout and "again_features.h5/features" in first.stdout
-    with h5py.File(folder / "again_features.h5", "r") as f:
+    assert "--headless" in first.stdout and f"{folder / 'again' / 'features.h5'}/features" in first.stdout
+    with h5py.File(folder / "again" / "features.h5", "r") as f:
         once = f["features"][()]
     assert dinofeat("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", deep_server_address).returncode == 0
-    with h5py.File(folder / "again_features.h5", "r") as f:
+    with h5py.File(folder / "again" / "features.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][()], once)
     np.testing.assert_allclose(once, original, atol=1e-5)
 
@@ -142,7 +143,7 @@ def test_the_closing_hint_for_new_images_is_a_command_that_works(crops, server_a
     assert hint.endswith(f"dinofeat ilastik --batch {tmp_path / 'p'} IMAGE...")
     again = dinofeat("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", server_address)
     assert again.returncode == 0, again.stderr
-    assert (tmp_path / "p" / "img1_features.h5").exists()
+    assert (tmp_path / "p" / "img1" / "features.h5").exists()
 
 
 def test_a_project_reports_its_progress_image_by_image(crops, server_address, tmp_path, monkeypatch):
@@ -158,7 +159,7 @@ def test_uint8_quantisation_uses_the_projects_scaling(crops, deep_server_address
     result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "q"), "--set", "classical", "--quantise", "uint8",
                       "--server", deep_server_address)
     assert result.returncode == 0, result.stderr
-    with h5py.File(tmp_path / "q" / "img0_features.h5", "r") as f:
+    with h5py.File(tmp_path / "q" / "img0" / "features.h5", "r") as f:
         data = f["features"]
         assert data.dtype == np.uint8 and data.shape == (58, 96, 110)
         assert data[()].min(axis=(1, 2)).max() == 0 and (data[()].max(axis=(1, 2)) == 255).sum() >= 57
@@ -187,3 +188,116 @@ def test_ilastik_help_names_the_pca_default_the_project_uses():
     result = dinofeat("ilastik", "--help")
     assert f"PCA components of the deep features (default {IlastikSpec().pca})" in " ".join(result.stdout.split())
     assert IlastikSpec().pca == 48
+
+
+MADE_BY = "give a project made by `dinofeat ilastik IMAGES -o FOLDER`."
+
+
+def not_hdf5(path: Path) -> None:
+    path.write_bytes(b"an ilastik project, honestly\n")
+
+
+def truncated(path: Path) -> None:
+    from dinofeat_client.ilastik.project import write_project
+
+    write_project(path, [], ["a", "b"])
+    path.write_bytes(path.read_bytes()[:1500])  # the HDF5 signature, then nothing: a download cut short
+
+
+def object_classification(path: Path) -> None:
+    with h5py.File(path, "w") as f:
+        f["workflowName"] = b"Object Classification"
+
+
+def pixel_classification_not_ours(path: Path) -> None:
+    from dinofeat_client.ilastik.project import Lane, write_project
+    from dinofeat_client.wire import axistags
+
+    write_project(path, [Lane("raw/features.h5", "features", (1, 8, 8), axistags("cyx"), "raw")], ["a", "b"])
+
+
+@pytest.mark.parametrize("make,sentence", [
+    (not_hdf5, "{p} is not an ilastik project: it cannot be read as HDF5 (damaged or only partly copied?); " + MADE_BY),
+    (truncated, "{p} is not an ilastik project: it cannot be read as HDF5 (damaged or only partly copied?); " + MADE_BY),
+    (object_classification, "{p} is an ilastik Object Classification project; dinofeat's features go into Pixel "
+                            "Classification projects: " + MADE_BY),
+    (pixel_classification_not_ours, "{p} was not made by `dinofeat ilastik` (no dinofeat_ilastik.json or dinofeat_space.json "
+                                    "beside it), so its feature space is unknown; create a project with `dinofeat ilastik "
+                                    "IMAGES -o FOLDER`."),
+], ids=["not_hdf5", "truncated", "object_classification", "pixel_classification_not_ours"])
+def test_a_batch_into_a_foreign_or_broken_ilp_is_refused_in_one_sentence_and_writes_nothing(crops, tmp_path, make, sentence):
+    project = tmp_path / "theirs" / "project.ilp"
+    project.parent.mkdir()
+    make(project)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    for target in (project, project.parent):  # the .ilp, or its folder
+        result = dinofeat("ilastik", "--batch", str(target), str(crops[0][0]))
+        assert result.returncode == 1
+        assert result.stderr.strip() == "dinofeat: error: " + sentence.format(p=project)
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_a_batch_into_a_folder_with_two_projects_asks_which_one(crops, server_address, tmp_path):
+    assert dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--set", "classical",
+                    "--server", server_address).returncode == 0
+    (tmp_path / "p" / "copy.ilp").write_bytes((tmp_path / "p" / "dinofeat.ilp").read_bytes())
+    result = dinofeat("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", server_address)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"dinofeat: error: {tmp_path / 'p'} holds 2 ilastik projects (copy.ilp, dinofeat.ilp); "
+                                     f"name one: --batch {tmp_path / 'p' / 'copy.ilp'}.")
+    named = dinofeat("ilastik", "--batch", str(tmp_path / "p" / "dinofeat.ilp"), str(crops[1][0]), "--server", server_address)
+    assert named.returncode == 0, named.stderr
+    assert f"--project={tmp_path / 'p' / 'dinofeat.ilp'} " in named.stdout
+
+
+def test_the_printed_headless_command_keeps_paths_with_spaces_whole_and_names_results_after_the_image(tmp_path):
+    from dinofeat_client.ilastik.headless import headless_command
+
+    folder = tmp_path / "my project"
+    command = shlex.split(headless_command(folder / "dinofeat.ilp", [folder / "new 01" / "features.h5"]))
+    assert command[:3] == ["./run_ilastik.sh", "--headless", f"--project={folder / 'dinofeat.ilp'}"]
+    assert "--output_filename_format={dataset_dir}_{result_type}.h5" in command  # {dataset_dir} is .../new 01
+    assert command[-2:] == ["--raw_data", f"{folder / 'new 01' / 'features.h5'}/features"]
+
+
+def test_a_labelled_project_without_ilastik_says_ilastik_trains_on_its_first_run_and_how_to_store_it(crops, server_address, tmp_path):
+    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]), "--set", "classical",
+                      "--server", server_address)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-2]
+    assert line.startswith("ilastik will train the classifier from the labels on its first run")
+    assert f"./run_ilastik.sh --headless --project={tmp_path / 'p' / 'dinofeat.ilp'} --retrain --readonly=false" in line
+    with h5py.File(tmp_path / "p" / "dinofeat.ilp", "r") as f:
+        assert "PixelClassification/ClassifierForests" not in f
+
+
+def test_a_missing_ilastik_launcher_is_refused_before_any_feature_is_computed(crops, tmp_path):
+    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]),
+                      "--ilastik", str(tmp_path / "nowhere" / "run_ilastik.sh"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"dinofeat: error: --ilastik names {tmp_path / 'nowhere' / 'run_ilastik.sh'}, which is not "
+                                     "an executable file; give the path of run_ilastik.sh in the folder ilastik was unpacked to.")
+    assert not (tmp_path / "p").exists()
+
+
+def test_ilastik_without_labels_has_nothing_to_train(crops, tmp_path):
+    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--ilastik", "run_ilastik.sh")
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("dinofeat: error: --ilastik trains the project's classifier from the scribbles; give them "
+                                     "with --labels too.")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_failed_ilastik_training_says_why_and_leaves_the_project_without_a_classifier(crops, server_address, tmp_path):
+    fake = tmp_path / "run_ilastik.sh"
+    fake.write_text("#!/bin/sh\necho 'Opening Project'\necho 'ERROR: the forest caught fire' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]), "--set", "classical",
+                      "--ilastik", str(fake), "--server", server_address)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dinofeat: error: ilastik could not train the classifier of {tmp_path / 'p' / 'dinofeat.ilp'} (exit code 3: ERROR: "
+        "the forest caught fire); the project is unchanged and ilastik will train from its labels on its first run.")
+    with h5py.File(tmp_path / "p" / "dinofeat.ilp", "r") as f:
+        assert "PixelClassification/ClassifierForests" not in f and "PixelClassification/LabelSets/labels000/block0000" in f
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["dinofeat.ilp", "dinofeat_ilastik.json", "dinofeat_space.json", "img0"]

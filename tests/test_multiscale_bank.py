@@ -95,3 +95,26 @@ def test_an_image_smaller_than_the_largest_scale_is_mirrored_not_refused(shape):
     image = np.random.default_rng(5).integers(0, 255, shape, dtype=np.uint8)
     features = FEATURE_SETS["multiscale"].compute(image)
     assert features.shape == (63, *shape) and np.isfinite(features).all()
+
+
+
+def test_a_16_bit_image_using_a_sliver_of_its_range_keeps_every_channel_of_its_8_bit_twin(isb_three_phase):
+    """256 of 65536 grey values (intensities 0.015-0.019): every channel is the 8-bit image's, scaled
+    (the structure tensor quadratically), to float32 precision; nothing collapses to rounding noise."""
+    import tifffile
+
+    image = tifffile.imread(isb_three_phase / "image.tif")[:256, :256]
+    eight = FEATURE_SETS["multiscale"].compute(image)
+    sixteen = FEATURE_SETS["multiscale"].compute((1000 + image.astype(np.uint16)).astype(np.uint16))
+    ratio = 255 / 65535
+    for name, a, b in zip(multiscale_channel_names(), eight, sixteen):
+        expected = a * ratio + 1000 / 65535 if name.startswith("gaussian") else a * (ratio**2 if "structure" in name else ratio)
+        assert np.linalg.norm(b - expected) <= 1e-3 * np.linalg.norm(expected), name
+
+
+def test_strips_are_as_tall_as_256_mb_allows_so_a_wide_halo_is_computed_once():
+    from dinofeat_server.engine.strips import strip_rows
+
+    assert strip_rows(512, 512, 63, multiscale_halo()) == 512  # a 512 x 512 image: one strip
+    assert strip_rows(300, 512, 63, multiscale_halo()) == 512  # never more than the image needs (whole chunks)
+    assert strip_rows(4096, 4096, 63, multiscale_halo()) == 256  # wide images: the chunk row, bounded memory

@@ -68,7 +68,7 @@ def test_applying_a_model_with_another_feature_set_fails_clearly(isb_three_phase
     result = dinofeat("apply", str(tmp_path / "m.dfm"), image, "-o", str(tmp_path / "out.tif"), "--set", "hybrid",
                       "--server", server_address)
     assert result.returncode == 1
-    assert "the model was trained on 'classical' features, not 'hybrid'; apply it with --set classical" in result.stderr
+    assert "the model was trained on 'multiscale' features, not 'hybrid'; apply it with --set multiscale" in result.stderr
     assert not (tmp_path / "out.tif").exists()
 
 

@@ -94,6 +94,6 @@ def test_images_over_4_mib_upload_in_pieces_and_only_once(client):
 
 
 def test_unknown_feature_set_is_refused_with_the_known_ones(client, image, tmp_path):
-    with pytest.raises(DinofeatError, match="unknown feature set 'nope'; choose one of classical"):
+    with pytest.raises(DinofeatError, match="unknown feature set 'nope'; choose one of multiscale, classical, ilastik"):
         client.fetch_features(image, tmp_path / "x.h5", feature_set="nope")
     assert not (tmp_path / "x.h5").exists()

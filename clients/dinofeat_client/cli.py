@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import __version__
 from .client import FeatureClient, Transfer
 from .errors import DinofeatError
+from .feature_sets import SETS
 import h5py
 import numpy as np
 
@@ -115,9 +116,14 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
 
 
 def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
-    with connect(args) as client:
-        for info in client.feature_sets():
-            print(f"{info.name:<12} {info.channels_per_image_channel:>4} channels  {info.description}")
+    """The sets --server offers; without --server this dinofeat's own list (feature_sets.py): no server, no torch."""
+    if args.server:
+        with connect(args) as client:
+            listed = [(s.name, s.channels_per_image_channel, s.description) for s in client.feature_sets()]
+    else:
+        listed = [(s.name, s.channels, s.description) for s in SETS]
+    for name, channels, description in listed:
+        print(f"{name:<12} {channels:>4} channels  {description}")
 
 
 def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -131,6 +137,7 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
     print(f"dinofeat server {status.version} on {status.device}\n"
           f"  requests          {status.running} running on {status.workers} workers, {status.queued} waiting "
           f"(queue {status.queue_length}); {status.finished} finished, {status.cancelled} cancelled, {status.refused} refused\n"
+          f"  threads           {status.threads_per_worker} per worker (torch, BLAS/OpenMP, random forest)\n"
           f"  loaded models     {', '.join(status.loaded_models) or 'none'}\n"
           f"  device memory     {memory}\n"
           f"  result cache      {cache}\n"
@@ -438,22 +445,31 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
-    from .ilastik.provider import QUANTISATIONS, IlastikSpec, batch_features, build_project, headless_command
+    import shlex
+
+    from .ilastik.provider import (QUANTISATIONS, IlastikSpec, batch_features, build_project, find_project, headless_command,
+                                   launcher_from, store_classifier, training_command)
 
     if bool(args.output) == bool(args.batch):
         raise DinofeatError("give -o FOLDER for a new project, or --batch PROJECT for new images of an existing one.")
-    images = [(p, check_image(read_image(p))) for p in args.images]
-    folder = Path(args.output or args.batch)
     if args.batch:
+        folder, project, state = find_project(Path(args.batch))  # refuses a foreign or damaged .ilp before writing anything
+        launcher = launcher_from(args.ilastik)
+        images = [(p, check_image(read_image(p))) for p in args.images]
         with connect(args) as client:
             files = batch_features(client, folder, images, progress=bars)
         bars.close()
         print("wrote " + ", ".join(str(f) for f in files))
-        projects = sorted(folder.glob("*.ilp"))
-        if projects:
-            relative = [f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f for f in files]
-            print("predict them with the trained project:\n  " + headless_command(projects[0], relative))
+        if project:
+            if not state.labelled and not state.classifier:
+                print(f"{project.name} has no labels yet: label in ilastik (Training) and save the project before predicting.")
+            elif not state.classifier:
+                print(f"{project.name} stores no classifier, so ilastik trains one from its labels at the start of each run "
+                      f"(to store one: {training_command(project, launcher)})")
+            print("predict them with the trained project:\n  " + headless_command(project, files, launcher))
         return
+    folder = Path(args.output)
+    images = [(p, check_image(read_image(p))) for p in args.images]
     if args.quantise not in QUANTISATIONS:
         raise DinofeatError(f"unknown quantisation {args.quantise!r}; choose one of {', '.join(QUANTISATIONS)}.")
     scribbles = None
@@ -461,9 +477,13 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         if len(args.labels) != len(images):
             raise DinofeatError(f"give one scribble file per image ({len(images)} images, {len(args.labels)} scribble files).")
         scribbles = [check_labels(read_image(p), image) for p, (_, image) in zip(args.labels, images)]
+    if args.ilastik and not scribbles:
+        raise DinofeatError("--ilastik trains the project's classifier from the scribbles; give them with --labels too.")
+    launcher = launcher_from(args.ilastik) if scribbles else None  # checked before the features are computed
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (ILASTIK_PCA if args.set != "classical" else 0), args.quantise)
+    deep = any(known.name == args.set and known.deep for known in SETS)  # filter banks need no PCA
+    spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (ILASTIK_PCA if deep else 0), args.quantise)
     try:
         with connect(args) as client:
             project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)
@@ -472,8 +492,18 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
             folder.rmdir()  # a failed first run leaves no empty project folder behind
         raise
     bars.close()
-    print(f"wrote {project} with {len(files)} lane(s): {', '.join(f.name for f in files)}")
-    print(f"open it in ilastik (Pixel Classification); new images: dinofeat ilastik --batch {folder} IMAGE...")
+    print(f"wrote {project} with {len(files)} lane(s): {', '.join(str(f.relative_to(folder)) for f in files)}")
+    if launcher:
+        if bars.enabled:
+            say("dinofeat: ilastik (headless) is training the classifier from the labels...")
+        seconds = store_classifier(project, launcher)
+        print(f"stored the classifier ilastik trained from the labels in {project.name} ({seconds:.0f} s): "
+              "headless runs predict without retraining")
+    elif scribbles:
+        print(f"ilastik will train the classifier from the labels on its first run, and in every headless run until one is "
+              f"stored; to store it, save the project in ilastik or run {training_command(project, None)} (or give "
+              "dinofeat --ilastik PATH/run_ilastik.sh)")
+    print(f"open it in ilastik (Pixel Classification); new images: dinofeat ilastik --batch {shlex.quote(str(folder))} IMAGE...")
 
 
 def command_score(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -526,7 +556,9 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "max_upload_mb": (float, "size of one uploaded image in MiB"),
                "max_streams_per_client": (int, "concurrent requests of one client"),
                "queue_length": (int, "requests waiting for a worker before new ones are refused"),
-               "workers": (int, "requests computed at once"), "max_request_seconds": (float, "longest a request may run"),
+               "workers": (int, "requests computed at once"),
+               "threads": (int, "threads of each worker: torch, BLAS/OpenMP, the random forest (default: cores / workers)"),
+               "max_request_seconds": (float, "longest a request may run"),
                "image_store_gb": (float, "memory for uploaded images"),
                "memory_gb": (float, "memory target: tiles of deep features are sized to fit it"),
                "max_output_gb": (float, "size of one result, checked before any work"),
@@ -645,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
     p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
 
     p = commands.add_parser("train", parents=[remote, deep, classifier], help="train a classifier and save it as a model file")
@@ -653,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="training images")
     p.add_argument("--labels", nargs="+", required=True, help="one label image per training image, same order")
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
 
     p = commands.add_parser("apply", parents=[remote, pictures, batch], help="apply a saved model file to images")
     p.set_defaults(run=command_apply)
@@ -706,8 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", help="class names, in ascending scribble value")
     p.add_argument("--quantise", default="float32", help="float32 (default), uint16 or uint8: smaller files, same classes")
     p.add_argument("--name", default="dinofeat", help="project file name (default dinofeat.ilp)")
-    p.add_argument("--batch", metavar="PROJECT", help="add feature files for new images to this existing project folder "
-                   "(its feature set and space); instead of -o")
+    p.add_argument("--batch", metavar="PROJECT", help="add feature files for new images to this existing project (its folder "
+                   "or its .ilp; its feature set and space); instead of -o")
+    p.add_argument("--ilastik", metavar="RUN_ILASTIK", help="ilastik's run_ilastik.sh (default $DINOFEAT_ILASTIK): with --labels, "
+                   "real ilastik trains the classifier once and stores it in the project, so headless runs predict without "
+                   "retraining; with --batch, the printed command uses it")
 
     p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
     p.set_defaults(run=command_score)
@@ -738,22 +773,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.set_defaults(run=command_demo)
     p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `dinofeat ARGV`; its exit status. Run as the program (no `argv`: the `dinofeat` command, `python -m
+    dinofeat_client.cli`), the process ends as soon as the command has finished (see end_process)."""
     args = build_parser().parse_args(argv)
     bars = ProgressBars(enabled=not getattr(args, "quiet", False), terminal=sys.stderr.isatty(),
                         every_s=progress_seconds())
     status = run_command(args, bars)
-    if getattr(args, "ends_at_once", False):
-        # Commands that start Java (Fiji): every output is written and closed by now; TWS's idle worker
-        # threads would keep a normal interpreter exit waiting, or abort it while Java shuts down.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    if argv is None or getattr(args, "ends_at_once", False):
+        end_process(status)
     return status
+
+
+def end_process(status: int) -> None:
+    """End the process now with `status`, without the interpreter's teardown. Every command has written and
+    closed its outputs (and stopped its embedded server) when it returns; what is left is freeing module by
+    module what torch and scikit-learn loaded, about 0.5-1 s on a small CPU. Commands that start Java (Fiji)
+    need it too: TWS's idle worker threads would keep a normal exit waiting, or abort it while Java shuts down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def run_command(args: argparse.Namespace, bars: ProgressBars) -> int:

@@ -207,7 +207,7 @@ class FeatureClient:
         return self.receive(self.stub.ComputeFeatures(request), target, missing is not None, progress)
 
     @retried
-    def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "classical",
+    def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "multiscale",
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
                 pca: int = 0, normalise: str = "none", classifier: str = "random_forest") -> tuple[Path, Path | None]:
@@ -240,7 +240,7 @@ class FeatureClient:
         return output, (transfer.path if probabilities else None)
 
     @retried
-    def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path, feature_set: str = "classical",
+    def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path, feature_set: str = "multiscale",
               classifier: str = "random_forest", trees: int = 0, seed: int = 0, progress: Progress | None = None,
               backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0, normalise: str = "none") -> pb.ModelSummary:
         """Train a classifier on the labelled pixels of `images` and save the model file to `output`."""

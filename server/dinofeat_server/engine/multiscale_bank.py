@@ -50,7 +50,10 @@ def multiscale_features(images: torch.Tensor, sigmas: tuple[float, ...] = MULTIS
     scales, pairs = len(sigmas), list(combinations(range(len(sigmas)), 2))
     out = images.new_empty(n, c, len(PER_SCALE) * scales + len(pairs), h, w)
     per_scale = out[:, :, : len(PER_SCALE) * scales].unflatten(2, (scales, len(PER_SCALE)))
-    per_scale[:, :, :, 0] = gaussian_blur_bank(images, list(sigmas))
+    # Filters see the intensities less their mean, added back to the Gaussians only (every other channel
+    # ignores an offset): a 16-bit image using a sliver of its range keeps float32's precision.
+    offset = images.mean(dim=(-2, -1), keepdim=True)
+    per_scale[:, :, :, 0] = gaussian_blur_bank(images - offset, list(sigmas))
     products = images.new_empty(n * c, scales, 3, h, w)  # gx^2, gy^2, gx gy of each scale
     for k in range(scales):
         gx, gy, xx, yy, xy = derivatives(per_scale[:, :, k, 0]).unbind(2)
@@ -70,6 +73,7 @@ def multiscale_features(images: torch.Tensor, sigmas: tuple[float, ...] = MULTIS
     del tensor
     for k, (i, j) in enumerate(pairs):
         torch.sub(per_scale[:, :, i, 0], per_scale[:, :, j, 0], out=out[:, :, len(PER_SCALE) * scales + k])
+    per_scale[:, :, :, 0] += offset[:, :, None]
     return out
 
 

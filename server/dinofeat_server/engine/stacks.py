@@ -39,7 +39,7 @@ from .postprocess import PCA_BLOCK_ROWS, l2_per_pixel, principal_axes
 from .progress import Advance, run_to_end
 from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
 from .space import FeatureSpace, channel_scaling, dtype_range, input_range
-from .strips import STRIP_ROWS, feature_strips
+from .strips import feature_strips, strip_rows
 from .tiles import Tile
 from .weights import official_config
 
@@ -185,15 +185,15 @@ class ClassicalSet(FeatureSet):
 
     def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
                models: Models | None = None, check: Check = no_check, space: FeatureSpace | None = None,
-               rows: int = STRIP_ROWS) -> Iterator[Block]:
-        """Strips of `rows` rows across the whole width (the bank is exact in strips)."""
+               rows: int = 0) -> Iterator[Block]:
+        """Strips of `rows` rows across the whole width (the bank is exact in strips; 0: `strip_rows`)."""
+        rows = rows or strip_rows(plane.shape[0], plane.shape[1], len(self.channel_names(image_channels(plane))), self.halo)
         image = space.normalised_input(plane) if space else plane.astype(np.float32)
         for y0, block in self.bank_strips(image, device, check, rows):
             block = space.scaled(block, 0) if space else block
             yield y0, 0, (l2_per_pixel(torch.from_numpy(block)).numpy() if options.normalise == "l2" else block)
 
-    def bank_strips(self, image: np.ndarray, device: torch.device, check: Check = no_check,
-                    rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    def bank_strips(self, image: np.ndarray, device: torch.device, check: Check, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """The bank of a plane already in [0, 1], in strips of `rows` rows."""
         tensor = bank_input(image, device)
         with torch.inference_mode():

@@ -15,7 +15,18 @@ import torch
 from .filters import mirror_pad
 
 STRIP_ROWS = 256
-"""Rows per strip: one row of (1, 256, 256) HDF5 chunks."""
+"""Rows per strip at least, and the unit of strip heights: one row of (1, 256, 256) HDF5 chunks."""
+STRIP_BYTES = 256 << 20
+"""A strip's bank output (halo included) may take this much; taller strips repeat less halo."""
+
+
+def strip_rows(height: int, width: int, channels: int, halo: int, budget: int = STRIP_BYTES) -> int:
+    """Rows per strip: the most whole multiples of STRIP_ROWS whose float32 output of `channels`
+    channels, with `halo` rows each side, fits `budget` bytes (at least STRIP_ROWS). A wide halo
+    computed again for every strip can cost more than the strip itself."""
+    per_row = width * channels * 4
+    fitting = (budget // per_row - 2 * halo) // STRIP_ROWS * STRIP_ROWS
+    return max(STRIP_ROWS, min(fitting, -(-height // STRIP_ROWS) * STRIP_ROWS))
 
 
 def feature_strips(

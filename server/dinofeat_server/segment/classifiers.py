@@ -3,7 +3,8 @@
 Labels: 0 = unlabelled, any other value = a class. Class maps keep the user's own values
 (85 / 170 / 255 stay 85 / 170 / 255); probabilities come per class, in ascending class value.
 Classifiers, all with classes balanced by their label counts:
-- random_forest: Trainable-Weka-like, 200 trees;
+- random_forest: 200 trees of depth at most 10 (deeper trees fit the noise of sparse scribbles: on the
+  declared tuning cases of bench/cases.py depth 10 beat unlimited depth, and it predicts faster);
 - logistic: the paper's choice for deep features (features standardised first);
 - gradient_boosting: scikit-learn's histogram gradient boosting.
 """
@@ -19,6 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 DEFAULT_TREES = 200
+FOREST_DEPTH = 10
 CLASSIFIERS = ("random_forest", "logistic", "gradient_boosting")
 PREDICTION_PIXELS = 1 << 18
 """Pixels predicted at a time, bounding the classifier's temporary memory."""
@@ -45,10 +47,12 @@ def labelled_pixels(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return features[:, mask].T, labels[mask]
 
 
-def make_classifier(kind: str = "random_forest", trees: int = DEFAULT_TREES, seed: int = 0) -> ClassifierMixin:
-    """An untrained classifier of `kind` with balanced class weights."""
+def make_classifier(kind: str = "random_forest", trees: int = DEFAULT_TREES, seed: int = 0, *, threads: int = -1) -> ClassifierMixin:
+    """An untrained classifier of `kind` with balanced class weights; a forest grows and predicts on
+    `threads` threads (-1: every core; the server passes its threads per worker)."""
     if kind == "random_forest":
-        return RandomForestClassifier(n_estimators=trees or DEFAULT_TREES, class_weight="balanced", n_jobs=-1, random_state=seed)
+        return RandomForestClassifier(n_estimators=trees or DEFAULT_TREES, max_depth=FOREST_DEPTH, class_weight="balanced",
+                                      n_jobs=threads, random_state=seed)
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed))
     if kind == "gradient_boosting":
@@ -57,11 +61,11 @@ def make_classifier(kind: str = "random_forest", trees: int = DEFAULT_TREES, see
 
 
 def train_classifier(samples: np.ndarray, classes: np.ndarray, kind: str = "random_forest", trees: int = DEFAULT_TREES,
-                     seed: int = 0) -> ClassifierMixin:
-    """Fit a classifier on labelled pixels (N, C) with their class values (N,)."""
+                     seed: int = 0, *, threads: int = -1) -> ClassifierMixin:
+    """Fit a classifier on labelled pixels (N, C) with their class values (N,) (a forest on `threads` threads)."""
     if len(np.unique(classes)) < 2:
         raise DinofeatError("the labels hold fewer than two classes; label at least two.")
-    return make_classifier(kind, trees, seed).fit(samples, classes)
+    return make_classifier(kind, trees, seed, threads=threads).fit(samples, classes)
 
 
 def class_values(classifier: ClassifierMixin) -> list[int]:

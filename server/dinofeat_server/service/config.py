@@ -7,6 +7,7 @@
     token_file = "tokens.txt"     max_streams_per_client = 4  # concurrent streams of one client
     tls_cert = "server.pem"       queue_length = 64           # requests waiting for a worker
     tls_key = "server.key"        workers = 2                 # requests computed at once
+                                  threads = 4                 # threads of each worker (default: cores / workers)
     cache_dir = "/scratch/cache"  max_request_seconds = 3600  # longest a request may run
     cache_gb = 50                 image_store_gb = 8          # uploaded images held in memory
                                   memory_gb = 3               # the server's memory target (tiles fit it)
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +30,20 @@ BASE_BYTES = 1 << 30
 MIN_TILE_BUDGET = 128 << 20
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the system has one (taskset, cpusets),
+    else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def default_threads(workers: int) -> int:
+    """Threads per worker when none are configured: the cores shared out, so workers x threads <= cores
+    (at least one thread each)."""
+    return max(available_cores() // workers, 1)
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """What one server accepts; requests beyond it get INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
@@ -38,6 +54,9 @@ class ServerLimits:
     max_streams_per_client: int = 8
     queue_length: int = 64
     workers: int = 2
+    threads: int | None = None
+    """Threads of each worker: torch's intra-op threads, BLAS/OpenMP pools and the forest's jobs
+    (None: default_threads(workers), so that workers x threads <= the cores)."""
     max_request_seconds: float = 6 * 3600
     image_store_gb: float = 4
     memory_gb: float = 3
@@ -47,12 +66,19 @@ class ServerLimits:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
+            if field.name == "threads" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise DinofeatError(f"the limit {field.name} must be a positive number, not {value!r}.")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * (1 << 20))
+
+    @property
+    def worker_threads(self) -> int:
+        """The threads each worker computes with: `threads`, or the cores shared out between the workers."""
+        return self.threads or default_threads(self.workers)
 
     @property
     def tile_budget_bytes(self) -> int:

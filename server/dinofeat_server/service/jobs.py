@@ -6,11 +6,12 @@ knows about gRPC beyond the message types.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from ..engine.stacks import (
 )
 from ..segment.classifiers import (
     DEFAULT_TREES,
+    FOREST_DEPTH,
     check_training_size,
     class_probabilities,
     class_values,
@@ -51,10 +53,16 @@ from ..segment.fewshot import (
     to_grid,
     volume_support_slices,
 )
-from ..segment.model_file import TrainedModel, model_bytes
 from ..segment.unsupervised import analysis_labeller, strided_pixels
 from .result_cache import ResultCache
 from .streaming import Cancelled, dataset_messages, only_chunks, progress_message
+
+if TYPE_CHECKING:
+    from sklearn.base import ClassifierMixin
+
+    from ..segment.model_file import TrainedModel
+# segment.model_file is imported only where a model file is written (train_work): it loads skops, which
+# scans scikit-learn at import (about a second on a small CPU) and which `dinofeat segment` never needs.
 
 
 def cancel_check(cancelled: threading.Event):
@@ -249,11 +257,23 @@ class BlockPasses:
             yield item
 
 
+def classifier_depth(kind: str) -> dict:
+    """The depth limit a classifier of `kind` was grown with, for its metadata."""
+    return {"max_depth": FOREST_DEPTH} if kind == "random_forest" else {}
+
+
+Trained = tuple["ClassifierMixin", dict]
+"""A trained classifier and its model file's metadata: what segment.model_file.TrainedModel holds, without
+that module (segment predicts with them directly; train_work writes them as a model file)."""
+
+
 def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
                 kind: str, trees: int, seed: int, device: torch.device, check,
-                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, TrainedModel]:
+                passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None,
+                threads: int = -1) -> Generator[pb.Progress, None, Trained]:
     """Fit one space over all images, compute their features block by block, train a classifier on the
-    labelled pixels. With `passes` given, the images' blocks go through them (to predict afterwards)."""
+    labelled pixels (a forest on `threads` threads; -1: every core). With `passes` given, the images'
+    blocks go through them (to predict afterwards). Returns the classifier and its metadata."""
     space = yield from fitted_space(images, fset, options, models, device, check, like)
     channels = len(fset.channel_names(image_channels(images[0]), options, models))
     samples, classes = [], []
@@ -271,22 +291,23 @@ def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: Featur
             classes.append(c)
     yield pb.Progress(stage="training", done=0, total=1)
     samples, classes = np.concatenate(samples), np.concatenate(classes)
-    classifier = train_classifier(samples, classes, kind, trees, seed)
+    classifier = train_classifier(samples, classes, kind, trees, seed, threads=threads)
     yield pb.Progress(stage="training", done=1, total=1)
-    return TrainedModel(classifier, {
+    return classifier, {
         "feature_set": fset.name, "options": asdict(options), "feature_spec": fset.spec(options), "channels": channels,
         "feature_space": space.to_dict(),
         "class_values": class_values(classifier), "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed,
-                                                                  "class_weight": "balanced"},
+                                                                  "class_weight": "balanced", **classifier_depth(kind)},
         "labelled_pixels": int(len(classes)), "training_images": [image_sha256(i) for i in images],
         "dinofeat_version": __version__,
-    })
+    }
 
 
-def probability_messages(model: TrainedModel, image: np.ndarray, blocks_in: Iterator[pb.Progress | Block], encoding: pb.Encoding,
+def probability_messages(trained: Trained, image: np.ndarray, blocks_in: Iterator[pb.Progress | Block], encoding: pb.Encoding,
                          key: str, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Stream the per-class probabilities of every block as the dataset "probabilities"."""
-    values = model.metadata["class_values"]
+    classifier, metadata = trained
+    values = metadata["class_values"]
     layout = feature_layout("probabilities", stack_shape(len(values), image), encoding.compression, encoding.level)
     volume = len(layout.shape) == 4
 
@@ -296,16 +317,16 @@ def probability_messages(model: TrainedModel, image: np.ndarray, blocks_in: Iter
                 yield item
                 continue
             z, y0, x0, features = item
-            block = class_probabilities(model.classifier, features)
+            block = class_probabilities(classifier, features)
             yield block_origin(volume, z, y0, x0), block[:, None] if volume else block
 
     attributes = {
         "axistags": axistags("czyx" if volume else "cyx"),
         "channel_names": [f"class_{v}" for v in values],
         "class_values": values,
-        "feature_set": model.metadata["feature_spec"],
-        "classifier": model.metadata["classifier"],
-        "labelled_pixels": model.metadata["labelled_pixels"],
+        "feature_set": metadata["feature_spec"],
+        "classifier": metadata["classifier"],
+        "labelled_pixels": metadata["labelled_pixels"],
         "dinofeat_version": __version__,
         "source_sha256": image_sha256(image),
     }
@@ -329,27 +350,31 @@ def as_stream(progress: Generator[pb.Progress, None, Result]) -> Generator[pb.Da
 
 def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
                  kind: str, trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
-                 cancelled: threading.Event, max_training_gb: float = float("inf")) -> Iterator[pb.DatasetStream]:
+                 cancelled: threading.Event, max_training_gb: float = float("inf"), threads: int = -1) -> Iterator[pb.DatasetStream]:
     """Train on the image's own labels and stream its class probabilities (features kept between the
-    two passes when small, else computed again tile by tile)."""
+    two passes when small, else computed again tile by tile); the forest uses `threads` threads."""
     check_training_size([labels], kind, trees, max_training_gb)
     check = cancel_check(cancelled)
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
     channels = len(fset.channel_names(image_channels(image), options, models))
     passes = BlockPasses(image, fset, options, models, device, check, space, channels)
-    model = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
-                                             [passes], like=space))
+    trained = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
+                                               [passes], like=space, threads=threads))
     key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
-    yield from probability_messages(model, image, passes(), encoding, key, cancelled)
+    yield from probability_messages(trained, image, passes(), encoding, key, cancelled)
 
 
 def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
                kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event,
-               max_training_gb: float = float("inf")) -> Iterator[pb.TrainReply]:
-    """Train on several images in one space and stream the model file back in pieces, then its summary."""
+               max_training_gb: float = float("inf"), threads: int = -1) -> Iterator[pb.TrainReply]:
+    """Train on several images in one space (a forest on `threads` threads) and stream the model file back
+    in pieces, then its summary."""
+    from ..segment.model_file import TrainedModel, model_bytes
+
     check_training_size(labels, kind, trees, max_training_gb)
-    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled))
-    model = yield from relayed(training, lambda message: pb.TrainReply(progress=message))
+    training = train_model(images, labels, fset, options, models, kind, trees, seed, device, cancel_check(cancelled),
+                           threads=threads)
+    model = TrainedModel(*(yield from relayed(training, lambda message: pb.TrainReply(progress=message))))
     data = model_bytes(model)
     for start in range(0, len(data), MAX_MESSAGE_BYTES):
         yield pb.TrainReply(model_piece=data[start : start + MAX_MESSAGE_BYTES])
@@ -359,16 +384,24 @@ def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: Feature
 
 
 def apply_work(model: TrainedModel, model_sha: str, image: np.ndarray, fset: FeatureSet, models: Models, encoding: pb.Encoding,
-               device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+               device: torch.device, cancelled: threading.Event, threads: int = -1) -> Iterator[pb.DatasetStream]:
     """Compute the model's feature set on a new image in the model's own space and stream the class
-    probabilities block by block."""
+    probabilities block by block (a forest predicts on `threads` threads, whatever its file says)."""
     options = FeatureOptions(**model.metadata["options"])
     check = cancel_check(cancelled)
     model.check_features(fset.name, len(fset.channel_names(image_channels(image), options, models)))
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check, model.space()))
     key = apply_result_key(model_sha, image_sha256(image))
-    yield from probability_messages(model, image, image_blocks(image, fset, options, models, device, check, space),
-                                    encoding, key, cancelled)
+    yield from probability_messages((with_threads(model.classifier, threads), model.metadata), image,
+                                    image_blocks(image, fset, options, models, device, check, space), encoding, key, cancelled)
+
+
+def with_threads(classifier: ClassifierMixin, threads: int) -> ClassifierMixin:
+    """`classifier` predicting on `threads` threads: a forest's n_jobs is the training server's, stored in
+    its model file. A shallow copy (the trees are shared), so a model held for other requests is left as it is."""
+    if "n_jobs" not in classifier.get_params(deep=False):
+        return classifier
+    return copy.copy(classifier).set_params(n_jobs=threads)
 
 
 ANALYSIS_SAMPLE_PIXELS = 100_000

@@ -23,6 +23,7 @@ from .models import ModelRegistry
 from .result_cache import ResultCache
 from .security import TokenAuthentication, server_credentials
 from .servicer import FeatureServicer
+from .threads import use_threads
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port in use must be an error, not silently shared
@@ -67,7 +68,8 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
 
     `weights` maps backbone names (or "*" for any) to local weight files. Beyond loopback the server
     needs a token file and a TLS certificate and key, unless `insecure` says otherwise. With
-    `cache_gb` > 0, feature results are kept in `cache_dir` (default: the dinofeat cache's results/)."""
+    `cache_gb` > 0, feature results are kept in `cache_dir` (default: the dinofeat cache's results/).
+    The process computes with `limits.worker_threads` threads per worker from here on (threads.py)."""
     if bool(tls_cert) != bool(tls_key):
         raise DinofeatError("TLS needs both --tls-cert and --tls-key.")
     if tls_client_ca and not tls_cert:
@@ -79,6 +81,7 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     credentials = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     check_bindable(host, port)
     chosen = pick_device(device)
+    use_threads(limits.worker_threads)
     cache = ResultCache(cache_dir or cache_root() / "results", int(cache_gb * 1e9)) if cache_gb > 0 else None
     servicer = FeatureServicer(chosen, limits, models=ModelRegistry(chosen, weights, limits.tile_budget_bytes), cache=cache)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
@@ -107,8 +110,10 @@ def serve(settings: dict, limits: ServerLimits = ServerLimits(), announce=print)
         server, bound, servicer = await start_server(**settings, limits=limits)
         protection = ", ".join(p for p, on in (("TLS", settings.get("tls_cert")), ("tokens", settings.get("token_file")),
                                                ("result cache", servicer.cache)) if on)
+        threads = limits.worker_threads
         announce(f"dinofeat server listening on {settings.get('host', '127.0.0.1')}:{bound} (device {servicer.device}; "
-                 f"{limits.workers} workers, queue {limits.queue_length}{'; ' + protection if protection else ''}); Ctrl+C stops it.")
+                 f"{limits.workers} workers x {threads} thread{'s' if threads > 1 else ''}, queue {limits.queue_length}"
+                 f"{'; ' + protection if protection else ''}); Ctrl+C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -118,6 +123,12 @@ def serve(settings: dict, limits: ServerLimits = ServerLimits(), announce=print)
         servicer.close()
 
     asyncio.run(main())
+
+
+EMBEDDED_LIMITS = ServerLimits(workers=1, memory_gb=2)
+"""The embedded server's: one worker (its client sends one request at a time) with every core's thread
+(the same rule as `dinofeat serve`), and the same tile budget as a lab server's worker (2 GB = the
+process's 1 GB and one request's 1 GB of tiles), so features are computed in the same tiles."""
 
 
 class EmbeddedServer:
@@ -132,7 +143,8 @@ class EmbeddedServer:
 
     def __enter__(self) -> str:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, self.device, weights=self.weights), self._loop)
+        future = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, self.device, weights=self.weights,
+                                                                limits=EMBEDDED_LIMITS), self._loop)
         try:
             self._server, port, self._servicer = future.result()
         except BaseException:

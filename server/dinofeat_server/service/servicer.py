@@ -9,6 +9,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -28,7 +29,6 @@ from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_se
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
-from ..segment.model_file import TrainedModel, model_from_bytes
 from .config import ServerLimits
 from .image_store import ImageStore, check_layout, image_from_bytes
 from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, image_channels, segment_work, train_work
@@ -36,6 +36,11 @@ from .models import ModelRegistry
 from .result_cache import ResultCache
 from .scheduler import FairScheduler, QueueFull
 from .streaming import messages_from_thread
+from .threads import use_threads
+
+if TYPE_CHECKING:
+    from ..segment.model_file import TrainedModel
+# segment.model_file (skops, which scans scikit-learn at import) is imported when a model file arrives.
 
 REQUEST_LOG = logging.getLogger("dinofeat.requests")
 """One JSON line per streaming call; no tokens or image contents ever go into it."""
@@ -90,6 +95,8 @@ def requested_space(text: str) -> FeatureSpace | None:
 
 def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
     """(sha256, model) of an uploaded model file's pieces, checked and unpacked within limits."""
+    from ..segment.model_file import model_from_bytes
+
     data = b"".join(pieces)
     return hashlib.sha256(data).hexdigest(), model_from_bytes(data)
 
@@ -133,7 +140,8 @@ def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
 
 
 class FeatureServicer(pb_grpc.FeatureServiceServicer):
-    """One per server: holds the uploaded images, the device and the engine's worker threads."""
+    """One per server: holds the uploaded images, the device and the engine's worker threads (one per
+    worker, each computing with `limits.worker_threads` threads, see threads.py)."""
 
     def __init__(self, device: torch.device, limits: ServerLimits = ServerLimits(), models: ModelRegistry | None = None,
                  cache: ResultCache | None = None):
@@ -145,7 +153,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.cache = cache
         self.finished = self.cancelled = self.refused = 0
         self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client)
-        self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dinofeat-engine")
+        self.threads = limits.worker_threads
+        self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dinofeat-engine",
+                                           initializer=use_threads, initargs=(self.threads,))
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -231,7 +241,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             total = torch.cuda.get_device_properties(self.device).total_memory
         return pb.StatusReply(
             version=__version__, device=str(self.device), running=self.scheduler.running, finished=self.finished,
-            queued=self.scheduler.queued, workers=self.limits.workers, queue_length=self.limits.queue_length,
+            queued=self.scheduler.queued, workers=self.limits.workers, threads_per_worker=self.threads,
+            queue_length=self.limits.queue_length,
             cancelled=self.cancelled, refused=self.refused,
             loaded_models=self.models.loaded(), device_memory_allocated_bytes=allocated, device_memory_total_bytes=total,
             cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
@@ -299,7 +310,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device,
-                       max_training_gb=self.limits.max_training_gb)
+                       max_training_gb=self.limits.max_training_gb, threads=self.threads)
         async for message in self._stream(work, context):
             yield message
 
@@ -314,7 +325,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device,
-                       max_training_gb=self.limits.max_training_gb)
+                       max_training_gb=self.limits.max_training_gb, threads=self.threads)
         async for message in self._stream(work, context):
             yield message
 
@@ -352,7 +363,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             encoding = checked_encoding(request.encoding)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(apply_work, model, request.model_sha256, image, fset, self.models, encoding, self.device)
+        work = partial(apply_work, model, request.model_sha256, image, fset, self.models, encoding, self.device, threads=self.threads)
         async for message in self._stream(work, context):
             yield message
 
