@@ -1,7 +1,7 @@
 #@ ImagePlus image
 #@ String (label="dinofeat command (full path if not on PATH)", value="dinofeat", persist=true) dinofeat
 #@ String (label="Server host:port (empty: compute on this computer)", value="", persist=true) server
-#@ String (label="Feature set", choices={"hybrid", "dinov2", "classical", "attention"}, persist=true) feature_set
+#@ String (label="Feature set", choices={"hybrid", "dinov2", "multiscale", "classical", "ilastik", "attention"}, persist=true) feature_set
 #@ String (label="Preset of the deep sets (fast: seconds on a CPU; default: minutes on a CPU, seconds on a GPU)", choices={"default", "fast", "paper", "paper_flips"}, persist=true) preset
 #@ File (label="Existing feature file (.h5/.tif; empty: compute it)", required=false, style="open") feature_file
 #@ String (label="Examples from", choices={"ROI Manager (names = classes)", "Label image"}, persist=true) examples
