@@ -44,7 +44,7 @@ def multiscale_features(images: torch.Tensor, sigmas: tuple[float, ...] = MULTIS
     """The multiscale bank of every channel of `images` (N, C, H, W) float32 -> (N, C, 63, H, W).
 
     The channel axis follows `multiscale_channel_names(sigmas)`; each filter writes into its slice of
-    the result. The structure tensors of all scales are smoothed in one batched FFT.
+    the result. Structure-tensor products are smoothed by FFT: per scale, one for both squares, one for the cross product.
     """
     n, c, h, w = images.shape
     scales, pairs = len(sigmas), list(combinations(range(len(sigmas)), 2))
