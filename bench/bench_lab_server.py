@@ -3,7 +3,9 @@ clients, each a separate process with its own connection, asking for the classic
 512x512 images (no two alike, result cache off) from a real `dinofeat serve` on loopback.
 
 Stream throughput with and without compression is bench_stream.py's figure.
-Usage: python bench/bench_lab_server.py [--size 512] [--requests 32] [--workers 2] [--clients 1 4 16]
+One server per worker count in --workers (a worker computes one request at a time with cores / workers
+threads by default), so one worker with all the threads and several with fewer are compared in one run.
+Usage: python bench/bench_lab_server.py [--size 512] [--requests 32] [--workers 1 2] [--clients 1 4 16]
        [--quick | --full] [--save]
 """
 
@@ -70,30 +72,38 @@ def load(address: str, clients: int, requests: int, size: int, seed0: int) -> di
             "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrency levels")
-    args = parse_args(parser, quick={"requests": 4, "clients": [1, 4]})
+def server_figures(workers: int, args: argparse.Namespace) -> dict:
+    """Throughput and latency of one `dinofeat serve --workers N` at every concurrency level."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "serve", "--port", str(port), "--cache-gb", "0",
-                               "--workers", str(args.workers), "--max-streams-per-client", "64"],
+                               "--workers", str(workers), "--max-streams-per-client", "64"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
         wait_until_listening(port, server)
         load(address, 1, 2, 64, 10**6)  # warm the server up
-        results = {"size": args.size, "workers": args.workers, "feature_set": "classical", "levels": []}
+        figures = {"workers": workers, "levels": []}
         for clients in args.clients:
             level = load(address, clients, args.requests, args.size, clients * 1000)
-            results["levels"].append(level)
-            print(f"{clients:>2} clients: {level['requests_per_s']:.2f} requests/s, p50 {level['p50_s']:.2f} s, "
+            figures["levels"].append(level)
+            print(f"{workers} worker(s), {clients:>2} clients: {level['requests_per_s']:.2f} requests/s, p50 {level['p50_s']:.2f} s, "
                   f"p95 {level['p95_s']:.2f} s ({level['requests']} requests of {args.size}x{args.size})")
     finally:
         server.terminate()
         server.wait()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="worker counts, one server each")
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrency levels")
+    args = parse_args(parser, quick={"requests": 4, "clients": [1, 4]})
+    results = {"size": args.size, "feature_set": "classical", "servers": []}
+    for workers in args.workers:
+        results["servers"].append(server_figures(workers, args))
     save("lab_server", results)
 
 
