@@ -15,7 +15,6 @@ one), so that a benchmark records it in that tool's column and goes on.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import tifffile
+from dinofeat_client.ilastik.headless import exported_class_map
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -171,16 +171,6 @@ def ilastik_launcher() -> Path:
     return found
 
 
-def probabilities_class_map(probabilities_file: Path, values: list[int]) -> np.ndarray:
-    """The class values of the most probable class of an ilastik probabilities export (axes from its
-    axistags; label k is the k-th of `values`), as tests/test_ilastik_real.py's class_map_of reads it."""
-    with h5py.File(probabilities_file, "r") as f:
-        data = f["exported_data"]
-        axes = [axis["key"] for axis in json.loads(data.attrs["axistags"])["axes"]]
-        probabilities = np.squeeze(np.moveaxis(data[()], axes.index("c"), 0))
-    return np.asarray(values, dtype=np.uint8)[np.argmax(probabilities, axis=0)]
-
-
 def exported(folder: Path, stem: str) -> Path:
     """The probabilities file ilastik exported for input `stem` into `folder` (its nickname adds the dataset's
     name: new-raw, new_features)."""
@@ -239,7 +229,7 @@ def ilastik_own(image: np.ndarray, scribbles: np.ndarray, work: Path) -> Outcome
     shutil.copy(folder / "raw.h5", folder / "new.h5")
     out = folder / "out"
     seconds = ilastik_headless(project, ["new.h5/raw"], folder, out)
-    return Outcome(probabilities_class_map(exported(out, "new"), class_values(scribbles)), seconds)
+    return Outcome(exported_class_map(exported(out, "new"), class_values(scribbles)), seconds)
 
 
 def ilastik_ours(image_file: Path, scribbles_file: Path, feature_set: str, work: Path) -> Outcome:
@@ -261,7 +251,7 @@ def ilastik_ours(image_file: Path, scribbles_file: Path, feature_set: str, work:
     start = time.perf_counter()
     run([str(ilastik_launcher()), *command[1:]], folder, "ilastik headless on dinofeat's project")
     headless_s = time.perf_counter() - start
-    classes = probabilities_class_map(exported(folder / "proj", "new"), class_values(tifffile.imread(scribbles_file)))
+    classes = exported_class_map(exported(folder / "proj", "new"), class_values(tifffile.imread(scribbles_file)))
     return Outcome(classes, project_s + batch_s + headless_s, {"project_s": project_s, "batch_s": batch_s, "headless_s": headless_s})
 
 

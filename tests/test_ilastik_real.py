@@ -5,7 +5,6 @@ ilastik's folder, as their ./run_ilastik.sh says (the paths in them are absolute
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import dinofeat
+from dinofeat_client.ilastik.headless import exported_class_map
 from dinofeat_client.metrics import mean_iou
 from ilastik_install import ilastik_launcher
 
@@ -31,12 +31,8 @@ def run_ilastik() -> Path:
 
 
 def class_map_of(probabilities_file: Path) -> np.ndarray:
-    """The class values of the most probable class of an ilastik probabilities export (axes from its axistags)."""
-    with h5py.File(probabilities_file, "r") as f:
-        data = f["exported_data"]
-        axes = [axis["key"] for axis in json.loads(data.attrs["axistags"])["axes"]]
-        probabilities = np.squeeze(np.moveaxis(data[()], axes.index("c"), 0))
-    return np.asarray(CLASS_VALUES)[np.argmax(probabilities, axis=0)]
+    """The class values of the most probable class of an ilastik probabilities export."""
+    return exported_class_map(probabilities_file, list(CLASS_VALUES))
 
 
 @dataclass(frozen=True)

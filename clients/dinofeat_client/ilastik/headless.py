@@ -18,6 +18,7 @@ Read from ilastik 1.4.3's sources and checked in it (tests/test_ilastik_real.py)
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from ..errors import DinofeatError
 from .project import CLASSIFIER_GROUP
@@ -101,3 +103,13 @@ def store_classifier(project: Path, launcher: Path) -> float:
     finally:
         copy.unlink(missing_ok=True)
     return time.perf_counter() - start
+
+
+def exported_class_map(probabilities_file: Path, values: list[int]) -> np.ndarray:
+    """The class values of the most probable class of an ilastik probabilities export (hdf5, dataset
+    `exported_data`, axes from its axistags); ilastik's label k is the k-th of `values`."""
+    with h5py.File(probabilities_file, "r") as f:
+        data = f["exported_data"]
+        axes = [axis["key"] for axis in json.loads(data.attrs["axistags"])["axes"]]
+        probabilities = np.squeeze(np.moveaxis(data[()], axes.index("c"), 0))
+    return np.asarray(values)[np.argmax(probabilities, axis=0)]
