@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def dinofeat(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `dinofeat` command line in a fresh process (in `cwd`, when given)."""
+def dinofeat(*args: str, timeout: float = 300, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `dinofeat` command line in a fresh process (in `cwd`, with `env` added to the environment, when given)."""
     return subprocess.run([sys.executable, "-m", "dinofeat_client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd)
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
 
 
 def free_port() -> int:

@@ -134,9 +134,10 @@ def test_labels_with_a_single_class(tmp_path, good_image, server_address):
     assert_refused(result, "1 class(es) besides 0 (unlabelled); label at least two classes", tmp_path)
 
 
-def test_output_in_a_missing_folder(tmp_path, good_image, server_address):
-    result = dinofeat("features", str(good_image), "-o", str(tmp_path / "nowhere" / "out.h5"), "--server", server_address)
-    assert_refused(result, "does not exist; create it first", tmp_path)
+def test_output_in_a_folder_that_cannot_be_created(tmp_path, good_image, server_address):
+    (tmp_path / "blocker").write_text("a file where a folder would go")  # a missing folder is created (outputs.py)
+    result = dinofeat("features", str(good_image), "-o", str(tmp_path / "blocker" / "out.h5"), "--server", server_address)
+    assert_refused(result, "is a file, not a folder; choose another path", tmp_path)
 
 
 def test_server_that_is_not_there(tmp_path, good_image):

@@ -66,7 +66,7 @@ def test_a_client_cannot_open_more_streams_than_its_limit():
     async def scenario():
         scheduler = FairScheduler(workers=4, queue_length=64, streams_per_client=2)
         order, tasks, release = await started(scheduler, "a", "a")
-        with pytest.raises(QueueFull, match="2 requests open"):
+        with pytest.raises(QueueFull, match="2 requests or uploads open"):
             async with scheduler.slot("a"):
                 pass
         async with scheduler.slot("b"):

@@ -5,10 +5,13 @@ One definition serves every command that takes several images (`apply`, `fewshot
 - each input is an image file, a folder (its image files, sorted, not recursive, hidden files aside)
   or a glob pattern (`"data/*.tif"`, expanded here when the shell did not);
 - `-o` names a folder when there are several inputs, or it is an existing folder, or it has no
-  suffix (`-o results`); the folder is created when its parent exists, and each output is named
-  after its input's stem. Otherwise (one input, `-o seg.tif`) it names the output file itself;
+  suffix (`-o results`); the folder is created (with its parents) when missing, and each output is
+  named after its input's stem. Otherwise (one input, `-o seg.tif`) it names the output file itself
+  (outputs.py holds the policy every output follows);
 - outputs in a folder that already exist are skipped unless `--overwrite`;
-- a failing image is reported and the rest go on; the command exits non-zero if any failed.
+- a failing image is reported and the rest go on; the command exits non-zero if any failed. A server
+  that stays unavailable (after the client's retries) ends the batch: the images left are not tried,
+  and the same command run again skips what is done.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DinofeatError
+from . import outputs
+from .errors import DinofeatError, ServerUnavailable
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -53,15 +57,9 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 
 def output_folder(output: str) -> Path:
-    """`-o` for several inputs: a folder, created when its parent exists."""
-    folder = Path(output)
-    if folder.exists() and not folder.is_dir():
-        raise DinofeatError(f"-o {folder} is a file, but several images need an output folder; name a folder.")
-    if not folder.exists():
-        if not folder.resolve().parent.is_dir():
-            raise DinofeatError(f"the output folder {folder} cannot be created: {folder.resolve().parent} does not exist.")
-        folder.mkdir()
-    return folder
+    """`-o` for several inputs: a folder, created (with its parents) when missing; refused in one sentence
+    when it is a file or cannot be written in (the one output policy, outputs.py)."""
+    return outputs.output_folder(output)
 
 
 def writes_to_folder(inputs: list[Path], output: str) -> bool:
@@ -76,20 +74,25 @@ class BatchReport:
     done: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    not_tried: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{len(self.done)} done"]
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped (outputs exist; --overwrite replaces them)")
         if self.failed:
-            parts.append(f"{len(self.failed)} failed: " + "; ".join(f"{p.name}: {why}" for p, why in self.failed))
+            parts.append(f"{len(self.failed)} failed: " + "; ".join(f"{p.name}: {why.rstrip('.')}" for p, why in self.failed))
+        if self.not_tried:
+            parts.append(f"{len(self.not_tried)} not tried (the server is unavailable; run the same command again "
+                         "to do them)")
         return ", ".join(parts) + "."
 
 
 def run_batch(inputs: list[Path], work: Callable[[Path], None], exists: Callable[[Path], bool],
               progress: Callable[[str, int, int], None]) -> BatchReport:
     """Call work(input) for each input whose outputs do not exist, going on after a failure (one line
-    on stderr each); `progress` hears ("images", done, total)."""
+    on stderr each; a file that cannot be read or written counts as one), but not after the server
+    became unavailable; `progress` hears ("images", done, total)."""
     report = BatchReport()
     progress("images", 0, len(inputs))
     for number, path in enumerate(inputs, 1):
@@ -99,8 +102,12 @@ def run_batch(inputs: list[Path], work: Callable[[Path], None], exists: Callable
             try:
                 work(path)
                 report.done.append(path)
-            except DinofeatError as error:
-                report.failed.append((path, str(error)))
-                print(f"dinofeat: {path}: {error}", file=sys.stderr)
+            except (DinofeatError, OSError) as error:
+                why = str(error) if isinstance(error, DinofeatError) else f"{error.strerror or error} ({error.filename or path})"
+                report.failed.append((path, why))
+                print(f"dinofeat: {path}: {why}", file=sys.stderr)
+                if isinstance(error, ServerUnavailable):
+                    report.not_tried = list(inputs[number:])
+                    break
         progress("images", number, len(inputs))
     return report

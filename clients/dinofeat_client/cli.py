@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import __version__
-from .client import FeatureClient, Transfer
+from .client import PLAINTEXT_TOKEN_FLAG, PLAINTEXT_TOKEN_VARIABLE, FeatureClient, Transfer
 from .errors import DinofeatError
 from .feature_sets import SETS
 import h5py
@@ -23,8 +23,9 @@ from .durations import spoken_duration
 from .batch import BatchReport, image_files, output_folder, run_batch, writes_to_folder
 from .imagej_tiff import write_imagej_hyperstack
 from .ilastik.provider import ILASTIK_PCA
-from .images import atomic_write, check_image, image_axes, check_labels, check_output_path, read_image, write_png, write_tiff
+from .images import check_image, image_axes, check_labels, read_image, write_png, write_tiff
 from .metrics import class_dice, class_iou, matched_to_truth
+from .outputs import atomic_result, io_failure, is_write_error, output_file, remove_quietly, tidy_on_failure, writing
 from .pictures import class_overlay, colour_names, probability_pictures
 from .sample import three_phase_sample
 from .tokens import read_tokens
@@ -101,8 +102,9 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
             raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
                                 "give the weights to that server (dinofeat serve --weights ...).")
         token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
+        insecure_token = args.insecure_token or os.environ.get(PLAINTEXT_TOKEN_VARIABLE, "").lower() in ("1", "true", "yes", "on")
         with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                           retries=args.retries, notify=say) as client:
+                           retries=args.retries, notify=say, insecure_token=insecure_token) as client:
             yield client
         return
     try:
@@ -141,7 +143,14 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"  loaded models     {', '.join(status.loaded_models) or 'none'}\n"
           f"  device memory     {memory}\n"
           f"  result cache      {cache}\n"
-          f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB)")
+          f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB); uploads in flight "
+          f"{status.upload_bytes / 1e6:.1f} MB; model files {status.model_bytes / 1e6:.1f} MB")
+    if status.clients:
+        print(f"  {'client':<20} {'open':>5} {'running':>8} {'waiting':>8} {'uploading':>10} {'finished':>9} {'cancelled':>10} "
+              f"{'refused':>8} {'stalled':>8} {'sent':>10}")
+        for row in status.clients:
+            print(f"  {row.client:<20} {row.open_calls:>5} {row.running:>8} {row.queued:>8} {row.upload_bytes / 1e6:>8.1f}MB "
+                  f"{row.finished:>9} {row.cancelled:>10} {row.refused:>8} {row.stalled:>8} {row.bytes_sent / 1e6:>8.1f}MB")
 
 
 SUFFIXES = {"h5": (".h5", ".hdf5", ".hdf"), "tiff": (".tif", ".tiff"), "png": (".png",)}
@@ -172,7 +181,7 @@ def output_format(args: argparse.Namespace) -> str:
 def hidden_features_path(output: str) -> Path:
     """Where features go before they become another file (kept there if the stream breaks, for a resume)."""
     output = Path(output)
-    return output.resolve().parent / f".{output.name}.features.h5"
+    return output.absolute().parent / f".{output.name}.features.h5"
 
 
 def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
@@ -192,12 +201,12 @@ def hidden_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressB
     try:
         yield transfer
     finally:
-        transfer.path.unlink(missing_ok=True)
+        remove_quietly(transfer.path)
 
 
 def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
-    check_output_path(args.output)
+    output_file(args.output)
     encoding = {"compression": args.compression, "level": args.level}
     if output_format(args) == "tiff":
         with hidden_features(args, image, bars, args.output, **encoding) as transfer, h5py.File(transfer.path, "r") as f:
@@ -230,7 +239,7 @@ def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
 
     image = check_image(read_image(args.image))
     labels = check_labels(read_image(args.labels), image)
-    check_output_path(args.output)
+    output_file(args.output)
     with fiji_features(args, image, bars, args.output) as features:
         values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features.path, temporary, args.seed))
     print(f"wrote {args.output} (Trainable Weka Segmentation classifier, classes {', '.join(map(str, values))}, "
@@ -241,7 +250,7 @@ def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     from .fiji import tws
 
     image = check_image(read_image(args.image))
-    check_output_path(args.output)
+    check_outputs(args.output, args.probabilities)
     if not Path(args.classifier).is_file():
         raise DinofeatError(f"cannot read {args.classifier}: no such classifier file.")
     with fiji_features(args, image, bars, args.output) as features:
@@ -252,18 +261,11 @@ def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
 
 
-def atomic_result(output: str, write):
-    """Run write(temporary path) and rename the file to `output` when it succeeded; returns write's result."""
-    result = []
-    atomic_write(Path(output), lambda temporary: result.append(write(temporary)))
-    return result[0]
-
-
 def command_arff(args: argparse.Namespace, bars: ProgressBars) -> None:
     """Features of the labelled pixels as a Weka ARFF file."""
     image = check_image(read_image(args.image))
     labels = check_labels(read_image(args.labels), image)
-    check_output_path(args.output)
+    output_file(args.output)
     with hidden_features(args, image, bars, args.output) as transfer, h5py.File(transfer.path, "r") as f:
         write_arff(f["features"], labels, args.output, relation=Path(args.image).stem)
     print(f"wrote {args.output} ({int((labels != 0).sum())} labelled pixels, {len(np.unique(labels[labels != 0]))} classes)")
@@ -281,9 +283,10 @@ def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def check_outputs(*paths: str | None) -> None:
+    """Refuse, before any upload, outputs that cannot be written (outputs.output_file; their folders are created)."""
     for path in paths:
         if path:
-            check_output_path(path)
+            output_file(path)
 
 
 def probabilities_target(args: argparse.Namespace, output: str | Path, requested: str | Path | None) -> Path | None:
@@ -322,7 +325,7 @@ def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Pat
             note = write_pictures(image, output, probabilities, written)
     finally:
         if probabilities and not keep:
-            probabilities.unlink(missing_ok=True)
+            remove_quietly(probabilities)
     print("wrote " + ", ".join(str(p) for p in written) + note)
 
 
@@ -331,7 +334,7 @@ def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
         raise DinofeatError(f"give one --labels file per image ({len(args.images)} images, {len(args.labels)} label files).")
     images = [check_image(read_image(p)) for p in args.images]
     labels = [check_labels(read_image(p), i) for p, i in zip(args.labels, images)]
-    check_output_path(args.output)
+    output_file(args.output)
     with connect(args) as client:
         summary = client.train(images, labels, args.output, args.set, args.classifier, args.trees, args.seed,
                                progress=bars, **deep_options(args))
@@ -387,14 +390,13 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
         with h5py.File(path, "r") as f:
             return f[name][()]
     finally:
-        path.unlink(missing_ok=True)
+        remove_quietly(path)
 
 
 def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
     checked_suffix(args.output, ("tiff",), "cluster")
     image = check_image(read_image(args.image))
-    check_output_path(args.output)
-    folder = Path(args.output).resolve().parent
+    folder = output_file(args.output).absolute().parent
     with connect(args) as client:
         path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", args.set, args.clusters, args.seed,
                               progress=bars, **deep_options(args))
@@ -411,8 +413,7 @@ def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     if kind == "png" and image_axes(image).startswith("z"):
         raise DinofeatError(f"a stack gives one picture per slice, which PNG cannot hold; name the output {Path(args.output).stem}.tif.")
-    check_output_path(args.output)
-    folder = Path(args.output).resolve().parent
+    folder = output_file(args.output).absolute().parent
     with connect(args) as client:
         path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", args.set, progress=bars, **deep_options(args))
     bars.close()
@@ -454,9 +455,10 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         raise DinofeatError("give -o FOLDER for a new project, or --batch PROJECT for new images of an existing one.")
     if args.batch:
         folder, project, state = find_project(Path(args.batch))  # refuses a foreign or damaged .ilp before writing anything
+        output_folder(folder)  # and a project folder this user cannot write in
         launcher = launcher_from(args.ilastik)
         images = [(p, check_image(read_image(p))) for p in args.images]
-        with connect(args) as client:
+        with connect(args) as client, writing(folder):
             files = batch_features(client, folder, images, progress=bars)
         bars.close()
         print("wrote " + ", ".join(str(f) for f in files))
@@ -481,11 +483,11 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         raise DinofeatError("--ilastik trains the project's classifier from the scribbles; give them with --labels too.")
     launcher = launcher_from(args.ilastik) if scribbles else None  # checked before the features are computed
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    output_folder(folder)
     deep = any(known.name == args.set and known.deep for known in SETS)  # filter banks need no PCA
     spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (ILASTIK_PCA if deep else 0), args.quantise)
     try:
-        with connect(args) as client:
+        with connect(args) as client, writing(folder):
             project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)
     except BaseException:
         if created and not any(folder.iterdir()):
@@ -562,13 +564,15 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "image_store_gb": (float, "memory for uploaded images"),
                "memory_gb": (float, "memory target: tiles of deep features are sized to fit it"),
                "max_output_gb": (float, "size of one result, checked before any work"),
-               "max_training_gb": (float, "size of a classifier's trees: classes x labelled pixels x trees x 8 bytes")}
+               "max_training_gb": (float, "size of a classifier's trees: classes x labelled pixels x trees x 8 bytes"),
+               "stall_seconds": (float, "a client that reads or sends nothing for this long is cut off, freeing its worker"),
+               "client_upload_gb": (float, "uploads in flight of one client (images and model files)"),
+               "models_gb": (float, "uploaded model files held in memory")}
 
 
 def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
     """Generate a sample micrograph with scribbles, then features, segmentation and a picture of it."""
-    folder = Path(args.output)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(args.output)
     sample = three_phase_sample()
     write_tiff(folder / "sample.tif", sample.image)
     write_tiff(folder / "scribbles.tif", sample.scribbles)
@@ -616,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--tls-ca", help="CA certificate that signed the server's TLS certificate (turns TLS on)")
     remote.add_argument("--tls-cert", help="client certificate, for servers that require one")
     remote.add_argument("--tls-key", help="client certificate's key")
+    remote.add_argument(PLAINTEXT_TOKEN_FLAG, action="store_true",
+                        help="send the access token even without TLS to a server on another machine, where anyone on the way "
+                             f"can read it (default: refused; use --tls-ca; also ${PLAINTEXT_TOKEN_VARIABLE}=1)")
     remote.add_argument("--retries", type=int, default=5, metavar="N",
                         help="times to try again when the server is unavailable, pausing 0.5 s, 1 s, 2 s, ... (default 5)")
     deep = deep_parser("PCA components of the deep features (0: all for dinov2, 32 for hybrid)")
@@ -800,12 +807,20 @@ def end_process(status: int) -> None:
 
 
 def run_command(args: argparse.Namespace, bars: ProgressBars) -> int:
-    """Run the chosen command; its exit status (1 with one sentence for bad input, 130 when interrupted)."""
+    """Run the chosen command; its exit status (1 with one sentence for bad input or a failed read or write, 130
+    when interrupted). Folders the command created for its outputs are removed again if it fails and they are empty."""
     try:
-        args.run(args, bars)
+        with tidy_on_failure():
+            args.run(args, bars)
     except DinofeatError as error:
         bars.close()
         print(f"dinofeat: error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as error:  # a write no write site caught (e.g. in a project's small files): one sentence
+        if not is_write_error(error):
+            raise
+        bars.close()
+        print(f"dinofeat: error: {io_failure(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         bars.close()

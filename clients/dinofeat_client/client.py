@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import itertools
 import json
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,11 +30,11 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
-from .connection import FIRST_BACKOFF_S, LONGEST_BACKOFF_S, wait_until_connected
+from .connection import FIRST_BACKOFF_S, LONGEST_BACKOFF_S, host_and_port, wait_until_connected
 from .dataset_file import DatasetFile
 from .errors import DinofeatError, ServerUnavailable
-from .images import (atomic_write, check_image, check_labels, check_output_path, image_axes, image_sha256,
-                     without_singleton_axes, write_tiff)
+from .images import check_image, check_labels, image_axes, image_sha256, without_singleton_axes, write_tiff
+from .outputs import atomic_write, output_file, remove_quietly
 from .tokens import read_credential
 from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
                    features_result_key, options_key, result_key, segment_result_key, space_key)
@@ -110,11 +112,17 @@ class FeatureClient:
     network trouble), with pauses doubling from 0.5 s to 8 s; `notify` hears about each retry.
     The first connection fails at once, in one sentence, when it cannot work (nothing listening, a
     host name that does not resolve, a TLS mismatch); other first failures are retried, announced,
-    for up to `connect_timeout_s`."""
+    for up to `connect_timeout_s`. A token is not sent in clear (without TLS) beyond this machine
+    unless `insecure_token` says so (see `plaintext_token_refusal`)."""
 
     def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 retries: int = RETRIES, notify: Callable[[str], None] = lambda message: None):
+                 retries: int = RETRIES, notify: Callable[[str], None] = lambda message: None,
+                 insecure_token: bool = False):
+        if token and not (tls_ca or tls_cert) and not insecure_token:
+            refusal = plaintext_token_refusal(address)
+            if refusal:
+                raise DinofeatError(refusal)
         self.address = address
         self.retries = retries
         self.notify = notify
@@ -192,14 +200,14 @@ class FeatureClient:
         The features are expressed in the feature space `like` (JSON, see `spaces.read_space`) when given,
         else in one fitted over `fit_images` (e.g. every image of a project) or over `image` alone."""
         image = check_image(image)
-        output = check_output_path(output)
+        output = output_file(output)
         sha = self.upload(image)
         fit_shas = [] if like else [self.upload(check_image(other)) for other in fit_images or []]  # a given space is not refitted
         options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise)
         key = features_result_key(sha, feature_set, options_key(backbone, preset, pca, normalise), compression, level,
                                   space_key(like or "", fit_shas))
         target = DatasetFile(output, key)
-        missing = target.resumable_indices()
+        missing = target.resumable_indices(self.notify)
         request = pb.ComputeFeaturesRequest(
             image_sha256=sha, feature_set=feature_set, encoding=pb.Encoding(compression=compression, level=level),
             options=options, resume=missing is not None, chunk_indices=missing or [], feature_space_json=like or "",
@@ -217,14 +225,14 @@ class FeatureClient:
         """
         image = check_image(image)
         labels = check_labels(labels, image)
-        output = check_output_path(output)
-        probabilities_path = check_output_path(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
+        output = output_file(output)
+        probabilities_path = output_file(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
         request = pb.SegmentRequest(image_sha256=self.upload(image), labels_sha256=self.upload(labels),
                                     feature_set=feature_set, trees=trees, seed=seed, classifier=classifier,
                                     options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
         key = segment_result_key(request.image_sha256, request.labels_sha256, feature_set,
                                  options_key(backbone, preset, pca, normalise), classifier, trees, seed)
-        transfer = self.receive(self.stub.Segment(request), DatasetFile(probabilities_path, key), False, progress)
+        transfer = self.receive(self.stub.Segment(request), DatasetFile(probabilities_path, key, resumable=False), False, progress)
         return self.write_class_map(transfer, output, labels.dtype, probabilities)
 
     def write_class_map(self, transfer: Transfer, output: Path, dtype: np.dtype,
@@ -236,7 +244,7 @@ class FeatureClient:
             write_tiff(output, class_map)
         finally:
             if not probabilities:
-                transfer.path.unlink(missing_ok=True)
+                remove_quietly(transfer.path)
         return output, (transfer.path if probabilities else None)
 
     @retried
@@ -246,7 +254,7 @@ class FeatureClient:
         """Train a classifier on the labelled pixels of `images` and save the model file to `output`."""
         images = [check_image(i) for i in images]
         labels = [check_labels(lab, img) for lab, img in zip(labels, images)]
-        output = check_output_path(output)
+        output = output_file(output)
         request = pb.TrainRequest(image_sha256=[self.upload(i) for i in images], labels_sha256=[self.upload(lab) for lab in labels],
                                   feature_set=feature_set, classifier=classifier, trees=trees, seed=seed,
                                   options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
@@ -275,7 +283,10 @@ class FeatureClient:
         path = Path(path)
         if not path.is_file():
             raise DinofeatError(f"cannot read {path}: no such model file.")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise DinofeatError(f"cannot read the model file {path} ({error.strerror or error}).") from None
         sha = hashlib.sha256(data).hexdigest()
         if not self.call(self.stub.HasModel, pb.HasImageRequest(sha256=sha)).present:
             pieces = (pb.ModelPiece(data=data[i : i + MAX_MESSAGE_BYTES]) for i in range(0, max(len(data), 1), MAX_MESSAGE_BYTES))
@@ -287,12 +298,12 @@ class FeatureClient:
               feature_set: str = "", progress: Progress | None = None) -> tuple[Path, Path | None]:
         """Apply a saved model file to an image: class map TIFF (and probabilities .h5 on request)."""
         image = check_image(image)
-        output = check_output_path(output)
-        probabilities_path = check_output_path(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
+        output = output_file(output)
+        probabilities_path = output_file(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
         model_sha = self.upload_model(model)
         request = pb.ApplyRequest(model_sha256=model_sha, image_sha256=self.upload(image), feature_set=feature_set)
         key = apply_result_key(model_sha, request.image_sha256)
-        transfer = self.receive(self.stub.Apply(request), DatasetFile(probabilities_path, key), False, progress)
+        transfer = self.receive(self.stub.Apply(request), DatasetFile(probabilities_path, key, resumable=False), False, progress)
         return self.write_class_map(transfer, output, np.dtype(np.uint16), probabilities)
 
     @retried
@@ -301,11 +312,11 @@ class FeatureClient:
                 pca: int = 0, normalise: str = "none") -> Path:
         """k-means labels ("kmeans"), a PCA picture ("pca") or an attention foreground ("foreground") as .h5."""
         image = check_image(image)
-        output = check_output_path(output)
+        output = output_file(output)
         request = pb.AnalyseRequest(image_sha256=self.upload(image), feature_set=feature_set, analysis=analysis, clusters=clusters,
                                     seed=seed, options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
         key = result_key(analysis, request.image_sha256, feature_set, options_key(backbone, preset, pca, normalise), clusters, seed)
-        return self.receive(self.stub.Analyse(request), DatasetFile(output, key), False, progress).path
+        return self.receive(self.stub.Analyse(request), DatasetFile(output, key, resumable=False), False, progress).path
 
     @retried
     def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
@@ -318,7 +329,7 @@ class FeatureClient:
         shows one solid object and every component otherwise; "most_confident" or "all" force either."""
         supports = [check_image(s) for s in supports]
         query = check_image(query)
-        output = check_output_path(output)
+        output = output_file(output)
         request = pb.FewShotRequest(support_sha256=[self.upload(s) for s in supports],
                                     support_mask_sha256=[self.upload(np.ascontiguousarray(without_singleton_axes(m))) for m in masks],
                                     query_sha256=self.upload(query), feature_set=feature_set, window=window, grid=grid,
@@ -326,11 +337,11 @@ class FeatureClient:
                                     options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
         key = result_key("fewshot", request.query_sha256, list(request.support_sha256), list(request.support_mask_sha256),
                          feature_set, options_key(backbone, preset, pca, normalise), window or 4, grid or 4, components)
-        return self.receive(self.stub.FewShot(request), DatasetFile(output, key), False, progress).path
+        return self.receive(self.stub.FewShot(request), DatasetFile(output, key, resumable=False), False, progress).path
 
     def receive(self, stream, target: DatasetFile, resume: bool, progress: Progress | None) -> Transfer:
-        """Write a DatasetStream into `target`; on any failure keep the partial file for a resume.
-        The server's notices go to `notify`, each once."""
+        """Write a DatasetStream into `target`; on any failure keep its partial file when it is resumable
+        (flushed: a resume finds every chunk that arrived). The server's notices go to `notify`, each once."""
         received = nbytes = expected = 0
         notices: set[str] = set()
         try:
@@ -363,10 +374,8 @@ class FeatureClient:
         except grpc.RpcError as error:
             raise rpc_error(error, self.address) from None
         finally:
-            if target.file is not None:
-                target.flush()
-                target.close()
             stream.cancel()
+            target.discard()  # after finish: nothing left to do
         raise DinofeatError("the server ended the stream early; run the same command again to resume.")
 
 
@@ -376,6 +385,42 @@ def class_map_from_probabilities(probabilities: h5py.Dataset, dtype: np.dtype) -
     if probabilities.ndim == 3:
         return values[np.argmax(probabilities[()], axis=0)]
     return np.stack([values[np.argmax(probabilities[:, z], axis=0)] for z in range(probabilities.shape[1])])
+
+
+PLAINTEXT_TOKEN_FLAG = "--insecure-token"
+PLAINTEXT_TOKEN_VARIABLE = "DINOFEAT_INSECURE_TOKEN"
+"""What lets the CLI send a token in clear beyond this machine (FeatureClient's `insecure_token`)."""
+
+
+def plaintext_token_refusal(address: str) -> str | None:
+    """Why a token must not go in clear (without TLS) to `address`, or None when it stays on this machine:
+    a loopback address (127.0.0.0/8, ::1), localhost, a Unix socket, or a name that resolves only to loopback."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return None
+    where = host_and_port(address)
+    if where is not None and is_loopback_host(*where):
+        return None
+    host = where[0] if where else address
+    return (f"refusing to send the access token in clear to {host}, which is not this machine: pass --tls-ca CA.pem "
+            f"for a server with TLS, or {PLAINTEXT_TOKEN_FLAG} (or {PLAINTEXT_TOKEN_VARIABLE}=1) to send it anyway "
+            "on a network you trust.")
+
+
+def is_loopback_host(host: str, port: int) -> bool:
+    """Whether `host` is this machine's loopback: an address in 127.0.0.0/8 or ::1, localhost, or a name
+    that resolves to nothing else (a name that does not resolve is not)."""
+    if host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        try:
+            found = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError):
+            return False
+        return bool(found) and all(is_loopback_host(a, port) for a in found)  # literal addresses: no second lookup
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def rpc_error(error: grpc.RpcError, address: str) -> DinofeatError:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import imagecodecs
@@ -15,6 +14,8 @@ import numpy as np
 import tifffile
 
 from .errors import DinofeatError
+from .outputs import atomic_write
+from .outputs import output_file as check_output_path  # noqa: F401  (the one output policy: outputs.py)
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32", "float64")
 LABEL_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32")
@@ -102,32 +103,6 @@ def image_sha256(image: np.ndarray) -> str:
     digest = hashlib.sha256(f"{image.dtype.newbyteorder('<').str}{list(image.shape)}".encode())
     digest.update(np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes())
     return digest.hexdigest()
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Refuse an output path in a missing folder before any work starts."""
-    path = Path(path)
-    folder = path.resolve().parent
-    if not folder.is_dir():
-        raise DinofeatError(f"the output folder {folder} does not exist; create it first or choose another path.")
-    return path
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call write(temporary_path) next to `path`, then rename: no half-written file under the final name."""
-    path = check_output_path(path)
-    folder = path.resolve().parent
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes private files; outputs get the usual mode
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return path
 
 
 def write_tiff(path: Path, array: np.ndarray) -> Path:

@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes", "queued", "queue_length", "workers", "cancelled", "refused", "threads_per_worker")
+    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes", "queued", "queue_length", "workers", "cancelled", "refused", "threads_per_worker", "clients", "upload_bytes", "model_bytes", "limits_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,10 @@ class StatusReply(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     THREADS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_JSON_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     running: int
@@ -46,7 +50,35 @@ class StatusReply(_message.Message):
     cancelled: int
     refused: int
     threads_per_worker: int
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., queue_length: _Optional[int] = ..., workers: _Optional[int] = ..., cancelled: _Optional[int] = ..., refused: _Optional[int] = ..., threads_per_worker: _Optional[int] = ...) -> None: ...
+    clients: _containers.RepeatedCompositeFieldContainer[ClientUse]
+    upload_bytes: int
+    model_bytes: int
+    limits_json: str
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., queue_length: _Optional[int] = ..., workers: _Optional[int] = ..., cancelled: _Optional[int] = ..., refused: _Optional[int] = ..., threads_per_worker: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientUse, _Mapping]]] = ..., upload_bytes: _Optional[int] = ..., model_bytes: _Optional[int] = ..., limits_json: _Optional[str] = ...) -> None: ...
+
+class ClientUse(_message.Message):
+    __slots__ = ("client", "open_calls", "running", "queued", "upload_bytes", "finished", "cancelled", "refused", "stalled", "bytes_sent")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    OPEN_CALLS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    STALLED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    open_calls: int
+    running: int
+    queued: int
+    upload_bytes: int
+    finished: int
+    cancelled: int
+    refused: int
+    stalled: int
+    bytes_sent: int
+    def __init__(self, client: _Optional[str] = ..., open_calls: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., upload_bytes: _Optional[int] = ..., finished: _Optional[int] = ..., cancelled: _Optional[int] = ..., refused: _Optional[int] = ..., stalled: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -4,7 +4,8 @@ A `FeatureSpace` holds everything that turns raw intensities and raw network fea
 numbers a classifier sees, fitted once per dataset (an image, a volume, or all training images):
 
 - `input_range` (low, high): intensities mapped affinely so that low -> 0 and high -> 1, from robust
-  percentiles of the data (a 12-bit camera in uint16 and float data use the full range);
+  percentiles of the data (a 12-bit camera in uint16 and float data use the full range); the mapped
+  values are kept within +-INPUT_LIMIT, so that no filter overflows float32 (see `normalised_input`);
 - `mean` (C,) and `components` (k, C): PCA of the deep features, by decreasing variance;
 - `shift` and `scale` (channels,): each output channel becomes (x - shift) / scale (a robust range for
   "minmax" and the hybrid set, mean and standard deviation for "zscore").
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,10 @@ INPUT_PERCENTILES = (0.1, 99.9)
 """Percentiles of the dataset's intensities that become 0 and 1."""
 RANGE_PERCENTILES = (0.1, 99.9)
 """Percentiles of each channel that become 0 and 1 in a robust range ("minmax", hybrid)."""
+INPUT_LIMIT = 2.0**40
+"""Largest magnitude of a normalised input: the filter banks multiply intensities by a few hundred and
+square them (structure tensor, Hessian eigenvalues), which stays far inside float32 from here, while
+intensities near the float32 maximum (3.4e38) would give inf and NaN features."""
 
 
 def encoded_array(array: np.ndarray | None) -> dict | None:
@@ -60,9 +66,21 @@ class FeatureSpace:
     scale: np.ndarray | None = None
 
     def normalised_input(self, plane: np.ndarray) -> np.ndarray:
-        """float32 intensities with the dataset's input range mapped to [0, 1] (values beyond it kept)."""
+        """float32 intensities with the dataset's input range mapped to [0, 1] (values beyond it kept, up
+        to +-INPUT_LIMIT). Computed in float32; when that overflows (intensities or a range near the
+        float32 maximum) or leaves the limit, again in float64, a block of rows at a time, and clipped."""
         low, high = self.input_range
-        return ((plane.astype(np.float32) - np.float32(low)) / np.float32(max(high - low, 1e-12))).astype(np.float32)
+        span = max(high - low, 1e-12)
+        with np.errstate(over="ignore", invalid="ignore"):
+            low32, span32 = np.float32(low), np.float32(span)
+            out = ((plane.astype(np.float32) - low32) / span32).astype(np.float32)
+            if out.size == 0 or (np.isfinite(low32) and np.isfinite(span32) and -INPUT_LIMIT <= out.min() and out.max() <= INPUT_LIMIT):
+                return out  # NaN and inf fail the comparisons
+        rows = max(1, (1 << 22) // max(1, math.prod(plane.shape[1:])))
+        for y in range(0, plane.shape[0], rows):
+            part = (plane[y : y + rows].astype(np.float64) - low) / span
+            out[y : y + rows] = np.clip(part, -INPUT_LIMIT, INPUT_LIMIT, out=part)
+        return out
 
     def deep_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight (k, C), bias (k,)) taking raw deep features to the first k output channels, or None
@@ -173,3 +191,16 @@ def dtype_range(dtype: np.dtype) -> tuple[float, float]:
     if dtype.kind in "ui":
         return 0.0, float(np.iinfo(dtype).max)
     return 0.0, 1.0
+
+
+def fixed_range(planes: list[np.ndarray]) -> tuple[float, float]:
+    """The classical sets' input range of a dataset: `dtype_range`, except for float data whose largest
+    magnitude exceeds INPUT_LIMIT (filters on it would overflow float32): that is divided by the power of
+    two that brings it within +-1 (exact, and recorded in the feature space like any range)."""
+    low, high = dtype_range(planes[0].dtype)
+    if planes[0].dtype.kind != "f":
+        return low, high
+    largest = max(max(float(p.max()), -float(p.min())) for p in planes)
+    if not largest > INPUT_LIMIT:  # NaN never reaches here (uploads are checked), but must not scale
+        return low, high
+    return 0.0, math.ldexp(1.0, math.frexp(largest)[1])

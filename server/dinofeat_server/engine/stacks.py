@@ -38,7 +38,7 @@ from .ilastik_bank import ILASTIK_SCALES, ilastik_channel_names, ilastik_feature
 from .postprocess import PCA_BLOCK_ROWS, l2_per_pixel, principal_axes
 from .progress import Advance, run_to_end
 from .sampling import SAMPLE_BYTES, SAMPLE_EDGE, pixel_stride, sample_crops, sample_pixels
-from .space import FeatureSpace, channel_scaling, dtype_range, input_range
+from .space import FeatureSpace, channel_scaling, fixed_range, input_range
 from .strips import feature_strips, strip_rows
 from .tiles import Tile
 from .weights import official_config
@@ -151,7 +151,8 @@ class NormalisedPlane:
 class ClassicalSet(FeatureSet):
     """A bank of local filters, computed exactly in strips of rows: K channels per image channel.
 
-    Its space is fixed, not fitted: integer images are divided by their type's maximum, floats kept."""
+    Its space is fixed, not fitted: integer images are divided by their type's maximum, floats kept (unless
+    they are too large for float32 filters, see space.fixed_range)."""
 
     def __init__(self, name: str, description: str, names_per_channel: tuple[str, ...], halo: int,
                  bank: Callable[[torch.Tensor], torch.Tensor], parameters: dict):
@@ -170,7 +171,7 @@ class ClassicalSet(FeatureSet):
     def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
         """The fixed input range of the planes' type; per-channel scaling ("minmax", "zscore") fitted on sample crops."""
-        space = FeatureSpace(self.identity(image_channels(planes[0]), options, models), dtype_range(planes[0].dtype))
+        space = FeatureSpace(self.identity(image_channels(planes[0]), options, models), fixed_range(planes))
         if options.normalise not in ("minmax", "zscore"):
             return space
         crops = sample_crops([p.shape[:2] for p in planes])
@@ -375,9 +376,8 @@ class HybridSet(DeepSet):
 
 def intensity_scaled(image: np.ndarray) -> np.ndarray:
     """float32 intensities: integer images divided by their type's maximum (8-bit -> [0, 1]), floats unchanged
-    (the classical set's fixed input range)."""
-    low, high = dtype_range(image.dtype)
-    return ((image.astype(np.float32) - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    unless too large for float32 filters (the classical set's fixed input range, space.fixed_range)."""
+    return FeatureSpace({}, fixed_range([image])).normalised_input(image)
 
 
 FEATURE_SETS: dict[str, FeatureSet] = {

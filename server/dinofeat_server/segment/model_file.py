@@ -37,6 +37,8 @@ TRUSTED_TYPES = {
 class TrainedModel:
     classifier: ClassifierMixin
     metadata: dict
+    unpacked_bytes: int = 0
+    """Bytes of the file's members unpacked (about the memory the model holds); 0 when not read from a file."""
 
     def space(self) -> FeatureSpace | None:
         """The feature space of the training images (None for /1 classical models: fixed, not fitted)."""
@@ -84,7 +86,8 @@ def model_from_bytes(data: bytes) -> TrainedModel:
     """Read a model file, refusing anything that is not one, holds untrusted types or unpacks too large."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            metadata = json.loads(bounded_member(archive, "metadata.json"))
+            metadata_data = bounded_member(archive, "metadata.json")
+            metadata = json.loads(metadata_data)
             classifier_data = bounded_member(archive, "classifier.skops")
     except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, OSError):
         raise DinofeatError("this is not a dinofeat model file, or it is damaged (train one with `dinofeat train`).") from None
@@ -105,4 +108,4 @@ def model_from_bytes(data: bytes) -> TrainedModel:
                             "only models written by dinofeat are accepted.")
     classifier = sio.loads(classifier_data, trusted=sorted(untrusted))
     metadata.pop("format")
-    return TrainedModel(classifier, metadata)
+    return TrainedModel(classifier, metadata, len(metadata_data) + len(classifier_data))

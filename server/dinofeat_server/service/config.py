@@ -13,6 +13,9 @@
                                   memory_gb = 3               # the server's memory target (tiles fit it)
                                   max_output_gb = 256         # bytes of one result (checked before work)
                                   max_training_gb = 4         # classes x labelled pixels x trees x 8 bytes
+                                  stall_seconds = 60          # a client that stops reading or sending is cut off
+                                  client_upload_gb = 2        # uploads in flight of one client
+                                  models_gb = 2               # uploaded model files held (unpacked size)
 """
 
 from __future__ import annotations
@@ -62,6 +65,13 @@ class ServerLimits:
     memory_gb: float = 3
     max_output_gb: float = 256
     max_training_gb: float = 4
+    stall_seconds: float = 60
+    """A stream whose client reads nothing, or an upload that sends nothing, for this long ends and frees its worker."""
+    client_upload_gb: float = 2
+    """Bytes of one client's uploads in flight (images and model files); all clients' together count
+    against image_store_gb."""
+    models_gb: float = 2
+    """Uploaded model files held, by their unpacked size (least recently used go first)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -70,6 +80,10 @@ class ServerLimits:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise DinofeatError(f"the limit {field.name} must be a positive number, not {value!r}.")
+
+    @property
+    def client_upload_bytes(self) -> int:
+        return int(self.client_upload_gb * 1e9)
 
     @property
     def max_upload_bytes(self) -> int:

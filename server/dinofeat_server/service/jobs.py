@@ -202,7 +202,7 @@ def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSe
     weights = models.weights_sha256(options.backbone) if fset.deep else ""
     key = result_key(features_result_key(image_sha256(image), fset.name, options.key(), encoding.compression, encoding.level,
                                          space_key), weights)
-    yield from only_chunks(cache.stream(key, compute), wanted)
+    yield from only_chunks(cache.stream(key, compute, cancelled), wanted)
 
 
 def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,

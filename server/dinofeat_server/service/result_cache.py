@@ -3,8 +3,9 @@
 An entry is the dataset stream itself (header, every chunk as stored, trailer), length-prefixed in
 one file named by the request's key: image sha256, feature set and options, encoding and the weights'
 checksum. Entries are written to a temporary name and renamed when complete; the least recently used
-go first when the byte budget is exceeded. Concurrent requests for one key compute it once: the
-others wait for the first and then read the entry.
+go first when the byte budget is exceeded; a result larger than the whole budget is not recorded at
+all (it would only evict everything else). Concurrent requests for one key compute it once: the
+others wait for the first and then read the entry, and a waiter whose client gives up stops waiting.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from pathlib import Path
 
 from dinofeat.v1 import feature_service_pb2 as pb
 
+from .streaming import Cancelled
+
 LENGTH = struct.Struct("<I")
+LOCK_POLL_S = 0.2
+"""How often a request waiting for another's result checks whether its own client has gone."""
 
 
 class ResultCache:
@@ -53,32 +58,57 @@ class ResultCache:
             while header := f.read(LENGTH.size):
                 yield pb.DatasetStream.FromString(f.read(LENGTH.unpack(header)[0]))
 
-    def stream(self, key: str, compute: Callable[[], Iterator[pb.DatasetStream]]) -> Iterator[pb.DatasetStream]:
+    def stream(self, key: str, compute: Callable[[], Iterator[pb.DatasetStream]],
+               cancelled: threading.Event | None = None) -> Iterator[pb.DatasetStream]:
         """The entry for `key` if there is one (first message: progress "cached"), else compute() while
-        recording it. Progress messages pass through but are not recorded."""
-        with self._lock(key):
+        recording it. Progress messages pass through but are not recorded. A result that outgrows the
+        whole budget stops being recorded (its partial file goes) but still streams to the client.
+
+        While another request computes the same key this one waits for it, until `cancelled` is set
+        (its client went away): then it raises Cancelled instead of holding its worker."""
+        lock = self._lock(key)
+        while not lock.acquire(timeout=LOCK_POLL_S):
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled()
+        try:
             recorded = self.read(key)
             if recorded is not None:
                 yield pb.DatasetStream(progress=pb.Progress(stage="cached", done=1, total=1))
                 yield from recorded
                 return
-            partial = self.path(key).with_suffix(f".{threading.get_ident()}.partial")
-            last = None
-            try:
-                with open(partial, "wb") as f:
-                    for message in compute():
-                        if message.WhichOneof("message") != "progress":
-                            data = message.SerializeToString()
-                            f.write(LENGTH.pack(len(data)) + data)
-                        if last is not None:
-                            yield last
-                        last = message
-                os.replace(partial, self.path(key))
-            finally:
-                partial.unlink(missing_ok=True)
-            self.evict()
+            last = yield from self._recorded(key, compute)
+        finally:
+            lock.release()
         if last is not None:  # held back so that a client which has the whole result sees a settled cache
             yield last
+
+    def _recorded(self, key: str, compute: Callable[[], Iterator[pb.DatasetStream]]):
+        """Relay compute()'s messages but the last (returned) while writing the entry of `key`, as long
+        as it fits in the budget."""
+        partial = self.path(key).with_suffix(f".{threading.get_ident()}.partial")
+        last, size = None, 0
+        f = open(partial, "wb")
+        try:
+            for message in compute():
+                if not f.closed and message.WhichOneof("message") != "progress":
+                    data = message.SerializeToString()
+                    size += LENGTH.size + len(data)
+                    if size > self.budget_bytes:  # larger than the whole cache: not worth keeping
+                        f.close()
+                        partial.unlink(missing_ok=True)
+                    else:
+                        f.write(LENGTH.pack(len(data)) + data)
+                if last is not None:
+                    yield last
+                last = message
+            if not f.closed:
+                f.close()
+                os.replace(partial, self.path(key))
+                self.evict()
+        finally:
+            f.close()
+            partial.unlink(missing_ok=True)
+        return last
 
     def evict(self) -> None:
         """Remove least recently used entries beyond the byte budget."""

@@ -2,8 +2,9 @@
 
 `workers` requests run at once. The others wait in one queue per client, and a freed worker goes to
 the waiting client served least recently, so a user with ten large requests waiting cannot hold back
-another user's small one. The queue has a fixed length and each client a fixed number of concurrent streams; beyond
-either the request is refused at once (RESOURCE_EXHAUSTED) instead of piling up. Lives on the event loop
+another user's small one. The queue has a fixed length and each client a fixed number of open calls
+(streams and uploads together); beyond either the request is refused at once (RESOURCE_EXHAUSTED)
+instead of piling up. Lives on the event loop
 (no locks): every method is called from the loop's thread.
 """
 
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 
 class QueueFull(Exception):
@@ -30,6 +31,7 @@ class FairScheduler:
         self.running = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()
         self._streams: dict[str, int] = {}
+        self._running: dict[str, int] = {}
         self._served: dict[str, int] = {}
         self._tickets = itertools.count()
 
@@ -37,29 +39,40 @@ class FairScheduler:
     def queued(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    @contextlib.asynccontextmanager
-    async def slot(self, client: str, timeout: float | None = None) -> AsyncIterator[None]:
-        """Hold one worker slot for `client` while the body runs; wait fairly for it first, at most
-        `timeout` seconds (TimeoutError)."""
+    def use(self) -> dict[str, tuple[int, int, int]]:
+        """Client -> (calls open, requests running, requests waiting), for every client with a call open."""
+        return {client: (streams, self._running.get(client, 0), len(self._waiting.get(client, ())))
+                for client, streams in self._streams.items()}
+
+    @contextlib.contextmanager
+    def call(self, client: str) -> Iterator[None]:
+        """Count one open call of `client` (a stream or an upload) while the body runs; refuse one beyond
+        the client's limit (QueueFull)."""
         if self._streams.get(client, 0) >= self.streams_per_client:
-            raise QueueFull(f"this client already has {self.streams_per_client} requests open, the server's limit per client; "
-                            "wait for one to finish.")
-        if self.running >= self.workers and self.queued >= self.queue_length:
-            raise QueueFull(f"the server's queue is full ({self.queue_length} requests waiting); try again in a moment.")
+            raise QueueFull(f"this client already has {self.streams_per_client} requests or uploads open, the server's limit "
+                            "per client; wait for one to finish.")
         self._streams[client] = self._streams.get(client, 0) + 1
         try:
-            async with asyncio.timeout(timeout):
-                await self._acquire(client)
-            try:
-                yield
-            finally:
-                self.running -= 1
-                self._hand_on()
+            yield
         finally:
             self._streams[client] -= 1
             if not self._streams[client]:
                 del self._streams[client]
                 self._served.pop(client, None)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, client: str, timeout: float | None = None) -> AsyncIterator[None]:
+        """Hold one worker slot for `client` while the body runs; wait fairly for it first, at most
+        `timeout` seconds (TimeoutError)."""
+        with self.call(client):
+            if self.running >= self.workers and self.queued >= self.queue_length:
+                raise QueueFull(f"the server's queue is full ({self.queue_length} requests waiting); try again in a moment.")
+            async with asyncio.timeout(timeout):
+                await self._acquire(client)
+            try:
+                yield
+            finally:
+                self._release(client)
 
     async def _acquire(self, client: str) -> None:
         if self.running < self.workers and not self._waiting:
@@ -71,8 +84,7 @@ class FairScheduler:
             await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():  # granted just as the caller went away: pass it on
-                self.running -= 1
-                self._hand_on()
+                self._release(client)
             else:
                 self._forget(client, turn)
             raise
@@ -91,7 +103,16 @@ class FairScheduler:
     def _grant(self, client: str) -> None:
         """Count a worker as taken by `client` and remember when it was served (for the turn order)."""
         self.running += 1
+        self._running[client] = self._running.get(client, 0) + 1
         self._served[client] = next(self._tickets)
+
+    def _release(self, client: str) -> None:
+        """A worker of `client` is free again: hand it on."""
+        self.running -= 1
+        self._running[client] -= 1
+        if not self._running[client]:
+            del self._running[client]
+        self._hand_on()
 
     def _forget(self, client: str, turn: asyncio.Future) -> None:
         turns = self._waiting.get(client)

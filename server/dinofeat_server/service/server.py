@@ -15,16 +15,16 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.tokens import read_tokens
 
 from ..engine.weights import cache_dir as cache_root
 from .config import ServerLimits
 from .models import ModelRegistry
 from .result_cache import ResultCache
-from .security import TokenAuthentication, server_credentials
+from .security import TokenAuthentication, check_certificate_pair, server_credentials
 from .servicer import FeatureServicer
 from .threads import use_threads
 
+LOG = logging.getLogger("dinofeat.server")
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port in use must be an error, not silently shared
     ("grpc.max_receive_message_length", 8 << 20),
@@ -77,13 +77,17 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     if not is_loopback(host) and not insecure and not (token_file and tls_cert):
         raise DinofeatError(f"serving on {host} would expose the server beyond this machine without a token and TLS; "
                             "give --token-file, --tls-cert and --tls-key, serve on 127.0.0.1, or pass --insecure on a network you trust.")
-    interceptors = [TokenAuthentication(read_tokens(token_file))] if token_file else []
+    authentication = TokenAuthentication(token_file) if token_file else None
+    interceptors = [authentication] if authentication else []
+    if tls_cert:
+        check_certificate_pair(tls_cert, tls_key)  # else gRPC's refusal reads as a port in use
     credentials = server_credentials(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     check_bindable(host, port)
     chosen = pick_device(device)
     use_threads(limits.worker_threads)
     cache = ResultCache(cache_dir or cache_root() / "results", int(cache_gb * 1e9)) if cache_gb > 0 else None
-    servicer = FeatureServicer(chosen, limits, models=ModelRegistry(chosen, weights, limits.tile_budget_bytes), cache=cache)
+    servicer = FeatureServicer(chosen, limits, models=ModelRegistry(chosen, weights, limits.tile_budget_bytes), cache=cache,
+                               authentication=authentication)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(await serving_health(), server)
@@ -118,11 +122,26 @@ def serve(settings: dict, limits: ServerLimits = ServerLimits(), announce=print)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens, servicer.authentication)
         await stop.wait()
         await server.stop(grace=5)
         servicer.close()
 
     asyncio.run(main())
+
+
+def reload_tokens(authentication: TokenAuthentication | None) -> None:
+    """SIGHUP: accept the token file's tokens from now on (calls already running keep going); an
+    unreadable or empty file keeps the tokens accepted until now."""
+    if authentication is None:
+        LOG.info("SIGHUP: this server has no token file to reload.")
+        return
+    try:
+        authentication.reload()
+    except DinofeatError as error:
+        LOG.error("SIGHUP: kept the tokens accepted until now: %s", error)
+        return
+    LOG.info("SIGHUP: reloaded %s.", authentication.token_file)
 
 
 EMBEDDED_LIMITS = ServerLimits(workers=1, memory_gb=2)

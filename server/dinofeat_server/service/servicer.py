@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,14 +31,17 @@ from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_se
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
+from .checks import check_grid, checked_seed
 from .config import ServerLimits
-from .image_store import ImageStore, check_layout, image_from_bytes
+from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
 from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, image_channels, segment_work, train_work
 from .models import ModelRegistry
 from .result_cache import ResultCache
 from .scheduler import FairScheduler, QueueFull
+from .security import TokenAuthentication, client_identity
 from .streaming import messages_from_thread
 from .threads import use_threads
+from .usage import Usage
 
 if TYPE_CHECKING:
     from ..segment.model_file import TrainedModel
@@ -45,7 +50,10 @@ if TYPE_CHECKING:
 REQUEST_LOG = logging.getLogger("dinofeat.requests")
 """One JSON line per streaming call; no tokens or image contents ever go into it."""
 MAX_MODEL_BYTES = 512 << 20
-MAX_MODELS = 32
+
+
+class Stalled(Exception):
+    """The client read nothing, or sent nothing, for the server's stall_seconds."""
 
 
 def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
@@ -101,14 +109,6 @@ def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
     return hashlib.sha256(data).hexdigest(), model_from_bytes(data)
 
 
-def client_of(context: grpc.aio.ServicerContext) -> str:
-    """Who a request belongs to, for fair queueing: its token (hashed) when it has one, else its connection."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return "token:" + hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()[:16]
-    return context.peer()
-
-
 def checked_classifier(kind: str, trees: int) -> str:
     kind = kind or "random_forest"
     if kind not in CLASSIFIERS:
@@ -144,14 +144,16 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     worker, each computing with `limits.worker_threads` threads, see threads.py)."""
 
     def __init__(self, device: torch.device, limits: ServerLimits = ServerLimits(), models: ModelRegistry | None = None,
-                 cache: ResultCache | None = None):
+                 cache: ResultCache | None = None, authentication: TokenAuthentication | None = None):
         self.device = device
         self.limits = limits
-        self.store = ImageStore(int(limits.image_store_gb * 1e9))
+        self.authentication = authentication
+        self.store = ImageStore(int(limits.image_store_gb * 1e9), limits.client_upload_bytes)
         self.models = models or ModelRegistry(device)
-        self.trained_models: dict[str, TrainedModel] = {}
+        self.trained_models = ContentStore(int(limits.models_gb * 1e9), size_of=lambda model: model.unpacked_bytes)
         self.cache = cache
         self.finished = self.cancelled = self.refused = 0
+        self.usage = Usage()
         self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client)
         self.threads = limits.worker_threads
         self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dinofeat-engine",
@@ -160,38 +162,77 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        return client_identity(self.authentication, context.invocation_metadata(), context.peer())
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, client: str, error: Exception) -> None:
+        """End a call that does not fit this server's limits now (RESOURCE_EXHAUSTED), counting it."""
+        self.refused += 1
+        self.usage.of(client).refused += 1
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    async def _send(self, context: grpc.aio.ServicerContext, message) -> None:
+        """Write one message, or raise Stalled when the client has read nothing for stall_seconds."""
+        try:
+            await asyncio.wait_for(context.write(message), self.limits.stall_seconds)
+        except TimeoutError:
+            raise Stalled() from None
+
+    async def _received(self, request_iterator):
+        """An upload's messages, each due within stall_seconds of the one before (else Stalled)."""
+        messages = aiter(request_iterator)
+        while True:
+            try:
+                yield await asyncio.wait_for(anext(messages), self.limits.stall_seconds)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise Stalled() from None
+
+    async def _stalled(self, context: grpc.aio.ServicerContext, client: str, what: str) -> None:
+        self.usage.of(client).stalled += 1
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the client {what} nothing for {self.limits.stall_seconds:g} s (this server's stall_seconds), "
+                            "so the server ended the call to free its worker; try again and keep the connection busy.")
+
     def _seconds_allowed(self, context: grpc.aio.ServicerContext) -> float:
         """The server's longest request, or less when the client's own deadline comes first."""
         remaining = context.time_remaining()
         return min(self.limits.max_request_seconds, remaining) if remaining is not None else self.limits.max_request_seconds
 
-    async def _stream(self, work, context):
-        """Wait for a fair turn, then relay the work's messages. Bad input found while working ends the
-        call as INVALID_ARGUMENT, a full queue as RESOURCE_EXHAUSTED, running too long as DEADLINE_EXCEEDED.
+    async def _stream(self, work, context) -> None:
+        """Wait for a fair turn, then send the work's messages. Bad input found while working ends the
+        call as INVALID_ARGUMENT, a full queue as RESOURCE_EXHAUSTED, running too long or a client that
+        stops reading as DEADLINE_EXCEEDED; the worker is free again only once its thread has stopped.
 
         Every call leaves one structured log line: client, method, seconds, bytes sent, outcome."""
-        started, sent, outcome, delivered = time.perf_counter(), 0, "ok", False
+        started, outcome = time.perf_counter(), "abandoned"
         peer = context.peer()  # now: asking a cancelled call's context for its peer crashes grpc (SIGSEGV)
-        client, allowed = client_of(context), self._seconds_allowed(context)
+        client, allowed = self._client(context), self._seconds_allowed(context)
+        totals = self.usage.of(client)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + allowed
+        sent, delivered = 0, False
         try:
             async with self.scheduler.slot(client, allowed):
-                async for message in messages_from_thread(work, self.executor, max(deadline - loop.time(), 0)):
-                    kind = message.WhichOneof("message")
-                    if kind == "chunk":
-                        sent += len(message.chunk.data)
-                    elif kind == "model_piece":
-                        sent += len(message.model_piece)
-                    delivered = kind in ("trailer", "summary")  # the client may hang up once it has the end
-                    yield message
+                messages = messages_from_thread(work, self.executor, max(deadline - loop.time(), 0))
+                async with contextlib.aclosing(messages):
+                    async for message in messages:
+                        kind = message.WhichOneof("message")
+                        size = len(message.chunk.data) if kind == "chunk" else len(message.model_piece) if kind == "model_piece" else 0
+                        delivered = kind in ("trailer", "summary")  # the client may hang up once it has the end
+                        await self._send(context, message)
+                        sent += size
+                        totals.bytes_sent += size
         except DinofeatError as error:
             outcome = "invalid_argument"
             await self._fail(context, error)
         except QueueFull as error:
             outcome = "resource_exhausted"
-            self.refused += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            await self._refuse(context, client, error)
+        except Stalled:
+            outcome = "stalled"
+            await self._stalled(context, client, "read")
         except TimeoutError:
             outcome = "deadline_exceeded"
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -201,11 +242,17 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             if not delivered:
                 outcome = "cancelled"
                 self.cancelled += 1
+                totals.cancelled += 1
             raise
         except Exception:
             outcome = "error"
             raise
+        else:
+            delivered = True
         finally:
+            if delivered and outcome in ("abandoned", "ok"):
+                outcome = "ok"
+                totals.finished += 1
             self.finished += 1
             REQUEST_LOG.info(json.dumps({"peer": peer, "client": client, "method": getattr(work, "func", work).__name__,
                                          "seconds": round(time.perf_counter() - started, 3), "bytes": sent, "outcome": outcome}))
@@ -246,40 +293,64 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             cancelled=self.cancelled, refused=self.refused,
             loaded_models=self.models.loaded(), device_memory_allocated_bytes=allocated, device_memory_total_bytes=total,
             cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
-            images_held=len(self.store), image_bytes=self.store.used_bytes())
+            images_held=len(self.store), image_bytes=self.store.used_bytes(),
+            clients=self.usage.report(self.scheduler.use(), self.store.in_flight()),
+            upload_bytes=sum(self.store.in_flight().values()), model_bytes=self.trained_models.used_bytes(),
+            limits_json=json.dumps(dataclasses.asdict(self.limits)))
 
     async def HasImage(self, request, context):
         return pb.HasImageReply(present=request.sha256 in self.store)
 
     async def UploadImage(self, request_iterator, context):
-        header = None
-        pieces: list[bytes] = []
-        received = 0
+        """Receive an image into memory reserved for it (the client's share of the image store), with
+        no gap longer than stall_seconds; converting and hashing run off the event loop."""
+        client = self._client(context)
         try:
-            async for message in request_iterator:
-                if message.WhichOneof("part") == "header":
-                    header = message.header
-                    layout = header.layout
-                    expected = check_layout(layout.dtype, tuple(layout.shape), layout.axes, self.limits.max_pixels)
-                    if expected > self.limits.max_upload_bytes:
-                        raise DinofeatError(f"the image is {expected / 2**20:.0f} MiB, more than this server's upload limit of "
-                                            f"{self.limits.max_upload_mb:.0f} MiB; send a smaller image or tile it.")
-                    continue
-                if header is None:
-                    raise DinofeatError("an upload must start with its header (layout and sha256).")
-                received += len(message.data)
-                if received > expected:
-                    raise DinofeatError(f"the upload sent more than the {expected} bytes its layout announces.")
-                pieces.append(message.data)
-            if header is None:
-                raise DinofeatError("the upload was empty; send a header and the image bytes.")
-            if received != expected:
-                raise DinofeatError(f"the upload sent {received} bytes but its layout needs {expected}.")
-            image = image_from_bytes(b"".join(pieces), layout.dtype, tuple(layout.shape), layout.axes, header.sha256)
+            with self.scheduler.call(client), self.store.reservation(client) as reserve:
+                async with asyncio.timeout(self._seconds_allowed(context)):
+                    layout, sha256, data = await self._image_upload(request_iterator, reserve)
+                image = await asyncio.get_running_loop().run_in_executor(
+                    None, image_from_bytes, data, layout.dtype, tuple(layout.shape), layout.axes, sha256)
         except DinofeatError as error:
             await self._fail(context, error)
-        self.store.put(header.sha256, image)
-        return pb.UploadImageReply(sha256=header.sha256, bytes_received=received)
+        except (QueueFull, OverBudget) as error:
+            await self._refuse(context, client, error)
+        except Stalled:
+            await self._stalled(context, client, "sent")
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the upload ran out of time (this server's max_request_seconds, "
+                                "or the client's deadline); send a smaller image or use a faster connection.")
+        self.store.put(sha256, image)
+        return pb.UploadImageReply(sha256=sha256, bytes_received=len(data))
+
+    async def _image_upload(self, request_iterator, reserve) -> tuple[pb.ImageLayout, str, bytearray]:
+        """(layout, sha256, bytes) of an upload: the header first, then exactly the bytes it announces,
+        written into one buffer reserved at the header."""
+        header, data, received = None, bytearray(), 0
+        async for message in self._received(request_iterator):
+            if message.WhichOneof("part") == "header":
+                if header is not None:
+                    raise DinofeatError("an upload has one header; send the layout once, then the bytes.")
+                header = message.header
+                layout = header.layout
+                expected = check_layout(layout.dtype, tuple(layout.shape), layout.axes, self.limits.max_pixels)
+                if expected > self.limits.max_upload_bytes:
+                    raise DinofeatError(f"the image is {expected / 2**20:.0f} MiB, more than this server's upload limit of "
+                                        f"{self.limits.max_upload_mb:.0f} MiB; send a smaller image or tile it.")
+                reserve(expected)
+                data = bytearray(expected)
+                continue
+            if header is None:
+                raise DinofeatError("an upload must start with its header (layout and sha256).")
+            if received + len(message.data) > expected:
+                raise DinofeatError(f"the upload sent more than the {expected} bytes its layout announces.")
+            data[received:received + len(message.data)] = message.data
+            received += len(message.data)
+        if header is None:
+            raise DinofeatError("the upload was empty; send a header and the image bytes.")
+        if received != expected:
+            raise DinofeatError(f"the upload sent {received} bytes but its layout needs {expected}.")
+        return header.layout, header.sha256, data
 
     async def ComputeFeatures(self, request, context):
         try:
@@ -297,8 +368,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         key = space_key(request.feature_space_json, list(request.fit_image_sha256))
         work = partial(feature_stream, self.cache, image, fset, options, self.models, encoding, wanted, self.device,
                        like=like, fit_images=fit_images or None, space_key=key)
-        async for message in self._stream(work, context):
-            yield message
+        await self._stream(work, context)
 
     async def Segment(self, request, context):
         try:
@@ -307,12 +377,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             fset, options = self._requested_features(request, [image])
             encoding = checked_encoding(request.encoding)
             kind = checked_classifier(request.classifier, request.trees)
+            seed = checked_seed(request.seed)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, request.seed, encoding, self.device,
+        work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, seed, encoding, self.device,
                        max_training_gb=self.limits.max_training_gb, threads=self.threads)
-        async for message in self._stream(work, context):
-            yield message
+        await self._stream(work, context)
 
     async def Train(self, request, context):
         try:
@@ -322,31 +392,42 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             labels = [check_labels(self._image(sha, "label image"), image) for sha, image in zip(request.labels_sha256, images)]
             fset, options = self._requested_features(request, images)
             kind = checked_classifier(request.classifier, request.trees)
+            seed = checked_seed(request.seed)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, request.seed, self.device,
+        work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, seed, self.device,
                        max_training_gb=self.limits.max_training_gb, threads=self.threads)
-        async for message in self._stream(work, context):
-            yield message
+        await self._stream(work, context)
 
     async def HasModel(self, request, context):
         return pb.HasImageReply(present=request.sha256 in self.trained_models)
 
     async def UploadModel(self, request_iterator, context):
-        pieces, size = [], 0
+        """Receive a model file (counted against the client's uploads in flight, no gap longer than
+        stall_seconds); joining, hashing and unpacking within limits run off the event loop."""
+        client = self._client(context)
+        pieces = []
         try:
-            async for piece in request_iterator:
-                size += len(piece.data)
-                if size > MAX_MODEL_BYTES:
-                    raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
-                pieces.append(piece.data)
-            # joining, hashing and unpacking are CPU work: off the event loop
-            sha, model = await asyncio.get_running_loop().run_in_executor(None, read_model_file, pieces)
+            with self.scheduler.call(client), self.store.reservation(client) as reserve:
+                async with asyncio.timeout(self._seconds_allowed(context)):
+                    size = 0
+                    async for piece in self._received(request_iterator):
+                        size += len(piece.data)
+                        if size > MAX_MODEL_BYTES:
+                            raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
+                        reserve(len(piece.data))
+                        pieces.append(piece.data)
+                sha, model = await asyncio.get_running_loop().run_in_executor(None, read_model_file, pieces)
         except DinofeatError as error:
             await self._fail(context, error)
-        self.trained_models[sha] = model
-        while len(self.trained_models) > MAX_MODELS:
-            self.trained_models.pop(next(iter(self.trained_models)))
+        except (QueueFull, OverBudget) as error:
+            await self._refuse(context, client, error)
+        except Stalled:
+            await self._stalled(context, client, "sent")
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the model upload ran out of time (this server's "
+                                "max_request_seconds, or the client's deadline).")
+        self.trained_models.put(sha, model)
         return pb.UploadModelReply(sha256=sha)
 
     async def Apply(self, request, context):
@@ -364,8 +445,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(apply_work, model, request.model_sha256, image, fset, self.models, encoding, self.device, threads=self.threads)
-        async for message in self._stream(work, context):
-            yield message
+        await self._stream(work, context)
 
     async def Analyse(self, request, context):
         try:
@@ -375,11 +455,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 raise DinofeatError(f"unknown analysis {request.analysis!r}; choose one of {', '.join(ANALYSES)}.")
             if request.analysis == "kmeans" and not 2 <= request.clusters <= 256:
                 raise DinofeatError(f"k-means needs between 2 and 256 clusters, not {request.clusters}.")
+            seed = checked_seed(request.seed)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(analyse_work, image, fset, options, self.models, request.analysis, request.clusters, request.seed, self.device)
-        async for message in self._stream(work, context):
-            yield message
+        work = partial(analyse_work, image, fset, options, self.models, request.analysis, request.clusters, seed, self.device)
+        await self._stream(work, context)
 
     async def FewShot(self, request, context):
         try:
@@ -393,12 +473,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             if not (1 <= window <= 64 and 1 <= grid <= 64):
                 raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
             components = checked_components(request.components)
+            check_grid(grid, window, supports)
         except DinofeatError as error:
             await self._fail(context, error)
         work = partial(fewshot_work, supports, masks, query, fset, options, self.models, window, grid,
                        components, self.device)
-        async for message in self._stream(work, context):
-            yield message
+        await self._stream(work, context)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -95,8 +95,9 @@ async def messages_from_thread(
     """Run the generator `work(cancelled)` in `executor`, yielding its messages on the event loop.
 
     Exceptions raised by the work are re-raised here; leaving the iteration early (the client
-    cancelled, or `seconds` passed: TimeoutError) sets `cancelled`, and the worker stops at its next
-    message.
+    cancelled or stalled, or `seconds` passed: TimeoutError) sets `cancelled`, and the worker stops at
+    its next message. Closing the iteration waits for the worker thread to stop, so a worker counted
+    free is free (close it with contextlib.aclosing, not by dropping it).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(QUEUE_LENGTH)
@@ -130,7 +131,7 @@ async def messages_from_thread(
         finally:
             messages.close()  # runs the work's own clean-up (partial cache entries, locks) at once
 
-    loop.run_in_executor(executor, run)
+    worker = loop.run_in_executor(executor, run)
     deadline = None if seconds is None else loop.time() + seconds
     try:
         while True:
@@ -142,3 +143,4 @@ async def messages_from_thread(
             yield item
     finally:
         cancelled.set()
+        await asyncio.wait([worker])
