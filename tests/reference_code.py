@@ -135,12 +135,19 @@ def hr_dv2_featuriser(name: str, state: dict[str, torch.Tensor], flips: bool):
     with local_hub():
         net = reference.HighResDV2(name, 4, pca_dim=-1, dtype=torch.float32)
     net.dinov2.load_state_dict(state)
+    return with_paper_views(net, flips).eval()
+
+
+def with_paper_views(net, flips: bool):
+    """`net` (a HighResDV2) set to the paper featuriser's views: the 17 shifts, or with `flips` the 68
+    views `combine_transforms` makes of them and the reference's flips. Returns `net`."""
+    reference = hr_dv2()
     transforms, inverses = reference.tr.get_shift_transforms([1, 2], "Moore")
     if flips:
         flip, unflip = reference.tr.get_flip_transforms()
         transforms, inverses = reference.tr.combine_transforms(transforms, flip, inverses, unflip)
     net.set_transforms(transforms, inverses)
-    return net.eval()
+    return net
 
 
 def hr_dv2_features(net, grey: np.ndarray) -> torch.Tensor:

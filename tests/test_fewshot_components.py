@@ -1,5 +1,8 @@
 """Few-shot post-processing chosen from the support masks: one solid object keeps the most confident
-component of each query's prediction, networks and scattered particles keep every component."""
+component of each query's prediction, networks and scattered particles keep every component.
+
+Also: support masks (and images) saved with a length-1 axis, as ImageJ saves one image, are used as
+2-D; a mask that still differs from its image is refused in one sentence (labels: test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, dinofeat
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.errors import DinofeatError
+from dinofeat_client.images import check_image
 from dinofeat_server.segment.fewshot import keeps_one_component, most_confident_component, one_solid_object, solidity
 
 EM = SHARED_DATA / "em_membranes"
@@ -108,3 +112,34 @@ def test_the_isb_matrix_keeps_its_most_confident_component(isb_three_phase, serv
     print("ISB matrix", scores)
     assert scores["kept"] == "most_confident"
     assert scores["auto"] >= 0.9
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 30), (40, 30, 1)])
+def test_an_image_with_a_length_one_axis_is_a_2d_image(shape):
+    assert check_image(np.zeros(shape, np.uint8)).shape == (40, 30)
+
+
+def few_shot_with_mask(tmp_path: Path, server_address: str, mask: np.ndarray):
+    """Run `dinofeat fewshot` on a 40x40 image with itself as the support and `mask` (saved as is) as its mask."""
+    tifffile.imwrite(tmp_path / "image.tif", (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    assert tifffile.imread(tmp_path / "mask.tif").shape == mask.shape
+    (tmp_path / "out").mkdir()
+    return dinofeat("fewshot", str(tmp_path / "image.tif"), "--support", str(tmp_path / "image.tif"), "--support-mask",
+                    str(tmp_path / "mask.tif"), "-o", str(tmp_path / "out"), "--set", "classical", "--quiet",
+                    "--server", server_address)
+
+
+def test_a_support_mask_saved_as_y_x_1_is_used(tmp_path, server_address):
+    mask = np.zeros((40, 40, 1), np.uint8)
+    mask[10:30, 10:30] = 255
+    result = few_shot_with_mask(tmp_path, server_address, mask)
+    assert result.returncode == 0, result.stderr
+    assert tifffile.imread(tmp_path / "out" / "image_mask.tif").shape == (40, 40)
+
+
+def test_a_support_mask_that_still_differs_after_dropping_length_one_axes_is_refused(tmp_path, server_address):
+    result = few_shot_with_mask(tmp_path, server_address, np.ones((1, 30, 40), np.uint8))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the support mask has shape (30, 40) but its image has (40, 40); they must match pixel for pixel." in result.stderr
+    assert not list((tmp_path / "out").iterdir())
