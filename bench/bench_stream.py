@@ -44,8 +44,7 @@ class PrecomputedServicer(FeatureServicer):
         blocks = (((0, y, 0), self.stack[:, y : y + rows]) for y in range(0, self.stack.shape[1], rows))
         work = partial(dataset_messages, layout, {"channel_names": [f"c{i}" for i in range(len(self.stack))]}, key, blocks,
                        stage="features")
-        async for message in self._stream(lambda cancelled: work(cancelled), context):
-            yield message
+        await self._stream(lambda cancelled: work(cancelled), context)
 
 
 def serve_precomputed(stack: np.ndarray, port_queue) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "bench").glob("bench_*.py"))
 NAMES = [Path(path).stem.removeprefix("bench_") for path in BENCHES]
-STAMP = ".installed-server,dev"
+STAMP = ".installed-" + re.search(r"^  setup (\S+)$", (ROOT / "dev").read_text(), re.M).group(1)
+"""The install stamp ./dev bench looks for: with it, the linked environment is taken as set up (never reinstalled)."""
 
 
 def dev(*args: str, venv: Path | None = None, cwd: Path = ROOT, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
@@ -107,12 +109,23 @@ def test_full_and_save_reach_the_script_and_save_needs_full(echo_venv: Path):
     assert odd.returncode == 2 and len(odd.stderr.splitlines()) == 1
 
 
-def test_a_full_run_goes_on_after_a_failure_and_lists_it(echo_venv: Path):
-    done = dev("bench", venv=echo_venv)
+SLOW = ["lab_server", "peers", "pixel_classification", "reference"]
+
+
+def test_a_run_of_all_goes_on_after_a_failure_and_lists_it(echo_venv: Path):
+    done = dev("bench", "--full", venv=echo_venv)
     assert done.returncode == 1
-    assert [line.split(" | ")[0] for line in done.stdout.splitlines()] == [f"{path} --quick" for path in BENCHES]
+    assert [line.split(" | ")[0] for line in done.stdout.splitlines()] == [f"{path} --full" for path in BENCHES]
     last = done.stderr.splitlines()[-1]
     assert last.startswith(f"dev: {len(BENCHES)} benchmarks in ") and last.endswith("these failed: bench/bench_deep.py.")
+
+
+def test_all_at_quick_sizes_leave_out_the_slow_comparisons_and_name_them(echo_venv: Path):
+    done = dev("bench", venv=echo_venv)
+    quick = [path for path in BENCHES if Path(path).stem.removeprefix("bench_") not in SLOW]
+    assert [line.split(" | ")[0] for line in done.stdout.splitlines()] == [f"{path} --quick" for path in quick]
+    assert done.stderr.splitlines()[-2] == (f"dev: left out at quick sizes (minutes each): {', '.join(SLOW)}; "
+                                            "run one with ./dev bench NAME, or all with --full.")
 
 
 def test_a_relative_results_folder_is_taken_from_the_callers_folder(echo_venv: Path, tmp_path: Path):

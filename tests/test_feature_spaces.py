@@ -271,10 +271,12 @@ def test_progress_counts_the_space_fit_then_tiles_and_views(deep_server_address,
     with FeatureClient(deep_server_address) as client:
         client.fetch_features(two_images[0], tmp_path / "d.h5", "dinov2", preset="default", pca=4,
                               progress=lambda stage, done, total: seen.setdefault(stage, []).append((done, total)))
-    assert seen["fitting the feature space"][-1] == (1, 1)  # one sample crop covers this small image
+    fit = seen["fitting the feature space"]  # one sample crop covers this small image: its 9 views, one by one on a CPU
+    assert fit[0] == (0, 9) and fit[-1] == (9, 9) and len({done for done, _ in fit}) == 10
     assert seen["tiles"][0] == (0, 1) and seen["tiles"][-1] == (1, 1)
     views = seen["views"]
-    assert views[-1] == (9, 9) and [done for done, _ in views] == sorted(done for done, _ in views)
+    assert views[0] == (0, 9) and views[-1] == (9, 9) and [done for done, _ in views] == sorted(done for done, _ in views)
+    assert len({done for done, _ in views}) == 10
     assert list(seen).index("fitting the feature space") < list(seen).index("views")
 
 

@@ -9,6 +9,7 @@ sets use a tiny random-weight DINOv2 of the real architecture ($DINOFEAT_WEIGHTS
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -91,3 +92,67 @@ def test_readme_block_runs_as_written(block, walk):
         command = ["bash", "-e", "-o", "pipefail", "-c", block.text]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"README {block.name} failed:\n{block.text}\n{result.stdout}\n{result.stderr}"
+
+
+# Commands the READMEs show but do not run as blocks (the synopsis, inline `dinofeat ...` spans): each must
+# name a real command, options that command has, and values its choices (and the feature sets) accept.
+OPTION = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)(?:[ =]([^\s\[\]]+))?")
+DOCUMENTS = (README, ROOT / "fiji_macros" / "README.md")
+
+
+def documented_commands(text: str) -> list[str]:
+    """Every inline `dinofeat ...` span, and every line of a fenced block that starts with `dinofeat `
+    (with its continuation lines: "[..." or after a trailing backslash; comments removed)."""
+    inline = [" ".join(span.split()) for span in re.findall(r"`(dinofeat [^`]+)`", text)]
+    shown: list[list[str]] = []
+    for block in readme_blocks(text):
+        continuing = False
+        for line in block.text.splitlines():
+            words = line.split("  #", 1)[0].strip()
+            if words.startswith("dinofeat "):
+                shown.append([words])
+            elif continuing and (words.startswith("[") or shown[-1][-1].endswith("\\")):
+                shown[-1].append(words)
+            else:
+                continuing = False
+                continue
+            continuing = True
+    return inline + [" ".join(part.rstrip("\\ ") for part in parts) for parts in shown]
+
+
+@functools.cache
+def dinofeat_parser():
+    from dinofeat_client.cli import build_parser
+
+    return build_parser()
+
+
+def command_parser(words: list[str]):
+    """The argparse parser of `dinofeat WORDS...` (a subcommand, or fiji's train/apply), and the words left."""
+    import argparse
+
+    parser = dinofeat_parser()
+    while words:
+        subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = words[0].split("|")[0]
+        if not subcommands or name not in subcommands[0].choices:
+            break
+        parser, words = subcommands[0].choices[name], words[1:]
+    return parser, words
+
+
+@pytest.mark.parametrize("command", [c for d in DOCUMENTS for c in documented_commands(d.read_text(encoding="utf-8"))])
+def test_every_documented_command_names_options_and_values_that_exist(command):
+    from dinofeat_client.feature_sets import SETS
+
+    parser, rest = command_parser(command.split()[1:])
+    assert parser.prog != "dinofeat", f"{command!r}: no such dinofeat command"
+    for option, value in OPTION.findall(" ".join(rest)):
+        action = parser._option_string_actions.get(option)
+        assert action is not None, f"{command!r}: `{parser.prog}` has no option {option}"
+        placeholder = not value or value.isupper() or value == "..."  # IMAGE, K, "[--set ...]"
+        alternatives = [] if placeholder else [v.strip("'\"") for v in value.split("|")]
+        if action.choices is not None and not isinstance(action.choices, range):
+            assert all(v in action.choices for v in alternatives), f"{command!r}: {option} takes {sorted(action.choices)}"
+        if option == "--set":
+            assert all(v in {s.name for s in SETS} for v in alternatives), f"{command!r}: no such feature set"

@@ -26,7 +26,7 @@ from .ilastik.provider import ILASTIK_PCA
 from .images import check_image, image_axes, check_labels, read_image, write_png, write_tiff
 from .metrics import class_dice, class_iou, matched_to_truth
 from .outputs import atomic_result, io_failure, is_write_error, output_file, remove_quietly, tidy_on_failure, writing
-from .pictures import class_overlay, colour_names, probability_pictures
+from .pictures import class_overlay, colour_names, drawable, probability_pictures
 from .sample import three_phase_sample
 from .tokens import read_tokens
 from .weka_arff import write_arff
@@ -47,23 +47,27 @@ class ProgressBars:
         self.every_s = every_s
         self.bars: dict[str, tqdm] = {}
         self.started: dict[str, tuple[float, float]] = {}  # stage -> (start, last line)
+        self.last_heard = time.monotonic()  # a stage first heard midway began when the message before it came
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
+        began, self.last_heard = self.last_heard, time.monotonic()
         if not self.terminal:
-            self.log_line(stage, done, total)
+            self.log_line(stage, done, total, began)
             return
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>13}", unit="", leave=False, dynamic_ncols=True)
+            if done:
+                bar.start_t -= self.last_heard - began
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    def log_line(self, stage: str, done: int, total: int) -> None:
+    def log_line(self, stage: str, done: int, total: int, began: float) -> None:
         now = time.monotonic()
-        start, last = self.started.setdefault(stage, (now, now))
+        start, last = self.started.setdefault(stage, (began if done else now, now))
         if now - last < self.every_s or done == 0:
             return
         self.started[stage] = (start, now)
@@ -205,6 +209,8 @@ def hidden_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressB
 
 
 def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if args.dask or Path(args.output).suffix.lower() == ".zarr":
+        return zarr_features(args, bars)
     image = check_image(read_image(args.image))
     output_file(args.output)
     encoding = {"compression": args.compression, "level": args.level}
@@ -216,6 +222,33 @@ def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
         written = transfer.path
     resumed = "" if transfer.chunks_received == transfer.chunk_count else f" (resumed: {transfer.chunks_received} of {transfer.chunk_count} chunks fetched now)"
     print(f"wrote {written}{resumed}")
+
+
+def zarr_features(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """features -o OUT.zarr: OME-Zarr computed in this process, or as one Dask task per slice on the workers of
+    --dask (which read the volume from the same path); needs dinofeat[server,volumes] (imported only here)."""
+    if Path(args.output).suffix.lower() != ".zarr":
+        raise DinofeatError(f"--dask writes OME-Zarr; name the output {Path(args.output).stem}.zarr.")
+    if args.server:
+        raise DinofeatError("a .zarr output is computed in this process or on Dask workers (--dask), not by --server; "
+                            "leave out --server, or write .h5.")
+    try:
+        import json
+
+        from dinofeat_server.engine.space import FeatureSpace
+        from dinofeat_server.engine.stacks import FeatureOptions
+        from dinofeat_server.volumes import dask_client, features_to_zarr
+    except ImportError:
+        raise DinofeatError("OME-Zarr outputs and --dask need dinofeat[server,volumes] here (torch, dask, distributed, "
+                            "zarr, ome-zarr).") from None
+    like = FeatureSpace.from_dict(json.loads(read_space(args.like))) if args.like else None
+    weights = {args.backbone: args.weights} if args.weights else None
+    with dask_client(args.dask, args.dask_workers) if args.dask else contextlib.nullcontext() as client:
+        written = features_to_zarr(args.image, args.output, args.set, options=FeatureOptions(**deep_options(args)),
+                                   device=args.device, weights=weights, client=client, like=like,
+                                   overwrite=args.overwrite, progress=bars)
+    bars.close()
+    print(f"wrote {written}")
 
 
 def fiji_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str):
@@ -298,13 +331,7 @@ def probabilities_target(args: argparse.Namespace, output: str | Path, requested
 
 def write_pictures(image: np.ndarray, output: Path, probabilities: Path | None, written: list[Path]) -> str:
     """The overlay and probability maps beside `output` (appended to `written`); returns what to add to the report."""
-    class_map = read_image(output)
-    z, note = None, ""
-    if image_axes(image).startswith("z"):
-        depth = image.shape[0]
-        z = depth // 2
-        image, class_map = image[z], class_map[z]
-        note = f" (pictures of the middle slice, z = {z} of 0..{depth - 1})"
+    image, class_map, z, note = drawable(image, read_image(output))
     written.append(write_png(output.with_suffix(".overlay.png"), class_overlay(image, class_map)))
     if probabilities:
         with h5py.File(probabilities, "r") as f:
@@ -402,10 +429,11 @@ def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
                               progress=bars, **deep_options(args))
     bars.close()
     labels = take_dataset(path, "labels")[0]
-    written = [write_tiff(Path(args.output), labels)]
-    if args.pictures and labels.ndim == 2:
-        written.append(write_png(Path(args.output).with_suffix(".overlay.png"), class_overlay(image, labels)))
-    print(f"wrote {', '.join(str(p) for p in written)} ({args.clusters} clusters, labels 1..{args.clusters})")
+    written, note = [write_tiff(Path(args.output), labels)], ""
+    if args.pictures:
+        plane, classes, _, note = drawable(image, labels)
+        written.append(write_png(Path(args.output).with_suffix(".overlay.png"), class_overlay(plane, classes)))
+    print(f"wrote {', '.join(str(p) for p in written)} ({args.clusters} clusters, labels 1..{args.clusters}){note}")
 
 
 def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -435,10 +463,11 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
             result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", args.set, args.window, args.grid,
                                      "all" if args.all_components else args.components, progress=bars, **deep_options(args))
             mask = (take_dataset(result, "fewshot")[0] > 0.5).astype(np.uint8) * 255
-            written = [write_tiff(folder / f"{path.stem}_mask.tif", mask)]
-            if args.pictures and mask.ndim == 2:
-                written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(query, mask)))
-            print("wrote " + ", ".join(str(p) for p in written))
+            written, note = [write_tiff(folder / f"{path.stem}_mask.tif", mask)], ""
+            if args.pictures:
+                plane, classes, _, note = drawable(query, mask)
+                written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(plane, classes)))
+            print("wrote " + ", ".join(str(p) for p in written) + note)
 
         report = run_batch(queries, work, lambda path: not args.overwrite and (folder / f"{path.stem}_mask.tif").exists(), bars)
     bars.close()
@@ -448,8 +477,8 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
 def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
     import shlex
 
-    from .ilastik.provider import (QUANTISATIONS, IlastikSpec, batch_features, build_project, find_project, headless_command,
-                                   launcher_from, store_classifier, training_command)
+    from .ilastik.provider import (FEATURE_FILE, QUANTISATIONS, IlastikSpec, batch_features, build_project, find_project,
+                                   headless_command, launcher_from, store_classifier, training_command)
 
     if bool(args.output) == bool(args.batch):
         raise DinofeatError("give -o FOLDER for a new project, or --batch PROJECT for new images of an existing one.")
@@ -457,18 +486,31 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         folder, project, state = find_project(Path(args.batch))  # refuses a foreign or damaged .ilp before writing anything
         output_folder(folder)  # and a project folder this user cannot write in
         launcher = launcher_from(args.ilastik)
-        images = [(p, check_image(read_image(p))) for p in args.images]
+        inputs = image_files(args.images)  # files, folders and globs, as every command with several images
+
+        def feature_file(path: Path) -> Path:
+            return folder / Path(path).stem / FEATURE_FILE
+
+        def within_batch(stage: str, done: int, total: int) -> None:
+            if stage != "images":  # run_batch counts the images
+                bars(stage, done, total)
+
         with connect(args) as client, writing(folder):
-            files = batch_features(client, folder, images, progress=bars)
+            report = run_batch(inputs, lambda path: batch_features(client, folder, [(str(path), check_image(read_image(path)))],
+                                                                  progress=within_batch),
+                               lambda path: not args.overwrite and feature_file(path).exists(), bars)
         bars.close()
-        print("wrote " + ", ".join(str(f) for f in files))
-        if project:
+        files = [feature_file(path) for path in inputs if feature_file(path).exists() and path not in dict(report.failed)]
+        if report.done:
+            print("wrote " + ", ".join(str(feature_file(path)) for path in report.done))
+        if project and files:
             if not state.labelled and not state.classifier:
                 print(f"{project.name} has no labels yet: label in ilastik (Training) and save the project before predicting.")
             elif not state.classifier:
                 print(f"{project.name} stores no classifier, so ilastik trains one from its labels at the start of each run "
                       f"(to store one: {training_command(project, launcher)})")
             print("predict them with the trained project:\n  " + headless_command(project, files, launcher))
+        finish_batch(report, len(inputs))
         return
     folder = Path(args.output)
     images = [(p, check_image(read_image(p))) for p in args.images]
@@ -635,9 +677,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("features", parents=[remote, deep], help="compute a feature stack and write it as HDF5")
     p.set_defaults(run=command_features)
     p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
-    p.add_argument("-o", "--output", required=True, help="the file to write: .h5, or .tif for an ImageJ hyperstack")
+    p.add_argument("-o", "--output", required=True, help="the file to write: .h5, .tif for an ImageJ hyperstack, or .zarr for "
+                   "OME-Zarr (computed here or with --dask; needs dinofeat[server,volumes])")
     p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
                    "the output's suffix names it (.h5 / .tif), and must agree with this")
+    p.add_argument("--dask", metavar="ADDRESS", help="compute a volume (TIFF stack, OME-Zarr or HDF5 on storage the workers "
+                   "share) as Dask tasks on the scheduler at ADDRESS (tcp://HOST:8786, tls://...), or 'local' for a "
+                   "local cluster; writes -o OUT.zarr")
+    p.add_argument("--dask-workers", type=int, default=0, metavar="N", help="workers of --dask local, one thread each "
+                   "(default: one per CPU core)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that is not a dinofeat "
+                   "feature store")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
     p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5) "
                    "or model (.dfm), so they compare with it (default: fit a space on this image)")
@@ -718,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("pca", parents=[remote, deep], help="3-component PCA picture of the features")
     p.set_defaults(run=command_pca)
     p.add_argument("image")
-    p.add_argument("-o", "--output", required=True, help="PNG picture to write")
+    p.add_argument("-o", "--output", required=True, help="picture to write: .png, or .tif (one RGB picture per slice of a stack)")
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
     p = commands.add_parser("fewshot", parents=[remote, deep, pictures, batch], help="segment queries from support images and masks")
@@ -750,6 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ilastik", metavar="RUN_ILASTIK", help="ilastik's run_ilastik.sh (default $DINOFEAT_ILASTIK): with --labels, "
                    "real ilastik trains the classifier once and stores it in the project, so headless runs predict without "
                    "retraining; with --batch, the printed command uses it")
+    p.add_argument("--overwrite", action="store_true", help="with --batch: compute feature files again for images that have one "
+                   "(default: skip those images)")
 
     p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
     p.set_defaults(run=command_score)

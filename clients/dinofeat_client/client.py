@@ -258,13 +258,17 @@ class FeatureClient:
         request = pb.TrainRequest(image_sha256=[self.upload(i) for i in images], labels_sha256=[self.upload(lab) for lab in labels],
                                   feature_set=feature_set, classifier=classifier, trees=trees, seed=seed,
                                   options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
-        pieces, summary = [], None
+        pieces, summary, notices = [], None, set()
         stream = self.stub.Train(request)
         try:
             for reply in stream:
                 kind = reply.WhichOneof("message")
-                if kind == "progress" and progress:
-                    progress(reply.progress.stage, reply.progress.done, reply.progress.total)
+                if kind == "progress":
+                    if reply.progress.notice and reply.progress.notice not in notices:  # a long computation's estimate, once
+                        notices.add(reply.progress.notice)
+                        self.notify(reply.progress.notice)
+                    if progress:
+                        progress(reply.progress.stage, reply.progress.done, reply.progress.total)
                 elif kind == "model_piece":
                     pieces.append(reply.model_piece)
                 elif kind == "summary":

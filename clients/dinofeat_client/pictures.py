@@ -29,6 +29,17 @@ def class_overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.45)
     return np.concatenate([overlay, legend_band([int(v) for v in values], overlay.shape[1])])
 
 
+def drawable(image: np.ndarray, class_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None, str]:
+    """What a picture of a class map can show: a 2-D image and its map as they are, or a stack's
+    middle slice, with that slice's z and a note for the user saying so ("" and None for 2-D).
+    Every command's --pictures draws stacks this way, rather than writing nothing."""
+    if class_map.ndim == 2:
+        return image, class_map, None, ""
+    depth = class_map.shape[0]
+    z = depth // 2
+    return image[z], class_map[z], z, f" (pictures of the middle slice, z = {z} of 0..{depth - 1})"
+
+
 def colour_names(values: list[int]) -> str:
     """"85 red, 170 green, ..." for the classes of `class_overlay`, in its order."""
     names = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta", "lime", "pink")

@@ -87,12 +87,13 @@ def fetch_features(dinofeat, server, image_path, output, feature_set="hybrid", o
         builder.environment().put("DINOFEAT_PROGRESS_SECONDS", "1")
     process = builder.start()
     reader = BufferedReader(InputStreamReader(process.getInputStream()))
-    lines = []
+    lines, last = [], None
     line = reader.readLine()
     while line is not None:
         seen = progress_of_line(line)
         if seen is not None:
             progress(*seen)
+            last = seen
         else:
             lines.append(line)
             if not line.startswith(("wrote ", "dinofeat: error: ")):
@@ -100,6 +101,8 @@ def fetch_features(dinofeat, server, image_path, output, feature_set="hybrid", o
         line = reader.readLine()
     if process.waitFor() != 0:
         raise RuntimeError(lines[-1] if lines else "dinofeat failed without a message")
+    if last is not None and last[1] < last[2]:  # progress lines come at most once a second: the last may fall short
+        progress(last[0], last[2], last[2])
     return output
 
 

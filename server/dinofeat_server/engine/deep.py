@@ -72,6 +72,10 @@ def estimated_bytes(height: int, width: int, channels: int, model: DinoVisionTra
     return activations + full_resolution + 16 * height * width * 4  # input, guide and upsampling weights
 
 
+MOST_VIEWS_PER_BATCH = {False: 1, True: 8}
+"""Views computed in one batch at most, on a CPU (False) and a GPU (True)."""
+
+
 class DeepExtractor:
     """A loaded DINOv2 model on one device, computing full-resolution features tile by tile within a memory budget."""
 
@@ -85,7 +89,8 @@ class DeepExtractor:
 
     def plan(self, height: int, width: int, spec: ViewSpec, channels: int) -> tuple[int, int]:
         """(tile edge, views per batch) such that one tile and the blender's accumulators fit the
-        budget: the whole image if it fits, else the largest tile that does.
+        budget: the whole image if it fits, else the largest tile that does. On a CPU one view at a
+        time (batching gains nothing there, and progress comes view by view).
 
         Tiles are never smaller than four overlaps plus a stride; a budget below what such a tile
         needs is exceeded rather than refused."""
@@ -95,7 +100,7 @@ class DeepExtractor:
                 return tile
             return tile + TileBlender.most_bytes(channels, tile_plan(height, width, edge, align=spec.stride), width, CELL)
 
-        batch = min(spec.view_count(), 8)
+        batch = min(spec.view_count(), MOST_VIEWS_PER_BATCH[self.device.type == "cuda"])
         while batch > 1 and needed(max(height, width), batch) > self.budget_bytes:
             batch //= 2
         edge = max(height, width)
@@ -124,8 +129,8 @@ class DeepExtractor:
             return ""
         name = next((n for n, p in PRESETS.items() if p == spec), f"{spec.view_count()} views at stride {spec.stride}")
         sentence = f"this {height}x{width} image takes about {spoken_duration(seconds)} on this server's CPU with preset {name!r}"
-        if spec != PRESETS["fast"]:
-            sentence += f"; --preset fast takes about {spoken_duration(self.expected_seconds(tiles, PRESETS['fast']))}"
+        if spec != PRESETS["fast"]:  # a ratio of the ViT's operations: fast's other costs (upsampling, writing) weigh more
+            sentence += f"; --preset fast needs about {seconds / self.expected_seconds(tiles, PRESETS['fast']):.0f}x fewer operations"
         return sentence + " (a GPU server takes seconds)."
 
     def check_size(self, height: int, width: int) -> None:
@@ -173,6 +178,8 @@ class DeepExtractor:
             for place, tile in enumerate(row):
                 check()
                 steps = self.tile_steps(image, tile, spec, what, batch, affine, check)
+                if views > 1:
+                    yield Advance("views", done * views, total * views)  # the tile's views start now, not at its first batch
                 while True:
                     try:
                         views_done = next(steps)

@@ -306,17 +306,25 @@ class DeepSet(FeatureSet):
         crops = sample_crops([p.shape[:2] for p in planes], min(edge, SAMPLE_EDGE))
         per_crop = max(1, SAMPLE_BYTES // (4 * channels) // len(crops))
         deep, classical = [], []
-        yield Advance("fitting the feature space", 0, len(crops))
+        views = spec.view_count()  # progress counts views, so a one-crop fit of a many-view preset moves too
+        yield Advance("fitting the feature space", 0, len(crops) * views)
         for number, (z, crop) in enumerate(crops):
             check()
             plane = NormalisedPlane(planes[z], space)
             extractor.check_size(*plane.shape[:2])
-            features = extractor.tile_features(plane, crop, spec, self.what, batch, None, check).numpy()
+            steps = extractor.tile_steps(plane, crop, spec, self.what, batch, None, check)
+            while True:
+                try:
+                    views_done = next(steps)
+                except StopIteration as finished:
+                    features = finished.value.numpy()
+                    break
+                yield Advance("fitting the feature space", number * views + views_done, len(crops) * views)
             stride = pixel_stride(crop, per_crop)
             deep.append(sample_pixels(features, stride))
             if self.with_classical:
                 classical.append(sample_pixels(CLASSICAL.crop(plane, crop, device), stride))
-            yield Advance("fitting the feature space", number + 1, len(crops))
+            yield Advance("fitting the feature space", (number + 1) * views, len(crops) * views)
         return np.concatenate(deep), (np.concatenate(classical) if classical else None)
 
     def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,

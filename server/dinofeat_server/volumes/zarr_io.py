@@ -1,0 +1,145 @@
+"""Feature stacks as OME-Zarr (NGFF 0.4 on Zarr v2): what Fiji (n5-zarr, MoBIE, BigDataViewer) and napari open.
+
+Layout of `OUT.zarr` (a folder):
+    .zattrs      "multiscales" (NGFF 0.4: axes c, z, y, x, or c, y, x for a 2-D image, one level "0" at scale 1),
+                 "omero" (one channel per feature, its "label" the channel name: what viewers show),
+                 "dinofeat" (what an HDF5 feature file's attributes hold: channel_names, feature_set, backbone,
+                 weights_sha256, feature_space as JSON, dinofeat_version, source, source_shape, source_dtype,
+                 and "complete": true once every slice is written)
+    0/           the features, float32, (C, Z, Y, X) or (C, Y, X): the axis order of the HDF5 output.
+
+Chunks are (1, 1, 256, 256) (or (1, 256, 256)), the HDF5 output's chunks: the engine yields blocks on
+256 x 256 bounds and one task writes one slice, so a task writes only whole chunks of its own and no two
+tasks ever touch one chunk. Compression: zlib level 1 (Fiji's Java Zarr readers decode zlib without a
+native library; blosc needs one). A store is built under a hidden name beside the output and renamed to
+it when complete, so a half-written store never carries the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+from dinofeat_client.errors import DinofeatError
+from dinofeat_client.wire import CHUNK_EDGE
+
+from ..engine.space import FeatureSpace
+
+LEVEL = "0"
+"""The path of the full-resolution array inside the group."""
+ZARR_SUFFIX = ".zarr"
+
+
+def chunks_of(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One channel (and one slice) by a 256 x 256 tile: (1, 1, 256, 256) or (1, 256, 256), clipped to the shape."""
+    return (1,) * (len(shape) - 2) + tuple(min(CHUNK_EDGE, s) for s in shape[-2:])
+
+
+def axes_of(volume: bool) -> list[dict]:
+    spatial = ["z", "y", "x"] if volume else ["y", "x"]
+    return [{"name": "c", "type": "channel"}] + [{"name": name, "type": "space"} for name in spatial]
+
+
+def is_feature_store(path: Path) -> bool:
+    """Whether `path` is an OME-Zarr feature store that dinofeat wrote (complete or not)."""
+    attrs = path / ".zattrs"
+    try:
+        return "dinofeat" in json.loads(attrs.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def checked_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output store's path: named .zarr; when it exists, a dinofeat feature store or an empty folder is
+    replaced, anything else only with `overwrite`. Its folder is created and must take new files."""
+    from dinofeat_client.outputs import output_folder
+
+    path = Path(output)
+    if path.suffix.lower() != ZARR_SUFFIX:
+        raise DinofeatError(f"OME-Zarr outputs are folders named .zarr, not {path.name!r}; name the output {path.stem}.zarr.")
+    if path.exists() and not overwrite:
+        empty = path.is_dir() and not any(path.iterdir())
+        if not empty and not (path.is_dir() and is_feature_store(path)):
+            what = "a folder that is not a dinofeat feature store" if path.is_dir() else "a file"
+            raise DinofeatError(f"the output {path} exists and is {what}; choose another name, or pass --overwrite to replace it.")
+    output_folder(path.absolute().parent)
+    return path
+
+
+def partial_path(output: Path) -> Path:
+    """Where the store is built before it takes the output's name (beside it, so the rename stays on one file system)."""
+    return output.absolute().parent / f".{output.name}.partial"
+
+
+def create_feature_store(path: Path, shape: tuple[int, ...], channel_names: list[str], attributes: dict) -> None:
+    """An empty store (no chunks yet) for float32 features of `shape` (C, Z, Y, X) or (C, Y, X), with its metadata."""
+    import numcodecs
+    import zarr
+    from ome_zarr.format import FormatV04
+
+    with warnings.catch_warnings():  # ome_zarr.writer's import warns of its own deprecated Scaler, which we do not use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.writer import write_multiscales_metadata
+
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array(LEVEL, shape=shape, chunks=chunks_of(shape), dtype="float32", fill_value=0.0,
+                       compressors=numcodecs.Zlib(level=1), chunk_key_encoding={"name": "v2", "separator": "/"})
+    scale = [1.0] * len(shape)
+    channels = [{"label": name, "color": "FFFFFF", "active": i == 0,
+                 "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}} for i, name in enumerate(channel_names)]
+    write_multiscales_metadata(group, [{"path": LEVEL, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+                               fmt=FormatV04(), axes=axes_of(len(shape) == 4), name="features",
+                               metadata={"omero": {"channels": channels}})
+    group.attrs["dinofeat"] = {**attributes, "complete": False}
+
+
+def open_level(path: Path):
+    """The full-resolution array of a store, for writing."""
+    import zarr
+
+    return zarr.open_array(str(path / LEVEL), mode="r+", zarr_format=2)
+
+
+def write_block(array, z: int | None, y0: int, x0: int, block: np.ndarray) -> None:
+    """Write a (C, rows, columns) block of slice z (None: a 2-D image) at (y0, x0) into `open_level`'s array: whole
+    chunks only, when blocks lie on 256 x 256 bounds, as the engine's do."""
+    window = (slice(y0, y0 + block.shape[1]), slice(x0, x0 + block.shape[2]))
+    array[(slice(None), z, *window) if z is not None else (slice(None), *window)] = block
+
+
+def finish_store(partial: Path, output: Path) -> Path:
+    """Mark the store complete and give it the output's name, replacing what was there (checked_output allowed it)."""
+    import zarr
+
+    group = zarr.open_group(str(partial), mode="r+", zarr_format=2)
+    group.attrs["dinofeat"] = {**group.attrs["dinofeat"], "complete": True}
+    if output.exists() or output.is_symlink():
+        old = output.absolute().parent / f".{output.name}.replaced"
+        if old.exists():
+            shutil.rmtree(old)
+        output.rename(old)
+        partial.rename(output)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        partial.rename(output)
+    return output
+
+
+def open_features(path: str | os.PathLike) -> tuple[object, list[str], FeatureSpace]:
+    """(the zarr array (C, Z, Y, X) or (C, Y, X), channel names, feature space) of a complete feature store."""
+    import zarr
+
+    path = Path(path)
+    if not is_feature_store(path):
+        raise DinofeatError(f"{path} is not a dinofeat OME-Zarr feature store.")
+    group = zarr.open_group(str(path), mode="r")
+    meta = group.attrs["dinofeat"]
+    if not meta.get("complete"):
+        raise DinofeatError(f"{path} is incomplete (its computation stopped); compute the features again.")
+    return group[LEVEL], list(meta["channel_names"]), FeatureSpace.from_dict(meta["feature_space"])
