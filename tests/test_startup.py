@@ -50,3 +50,18 @@ def test_segmenting_with_an_embedded_server_loads_no_model_file_format(isb_three
     assert output == f"wrote {tmp_path / 'seg.tif'}"
     assert "skops" not in loaded
     assert {"torch", "sklearn", "dinofeat_server"} <= set(loaded)
+
+
+def test_the_server_has_openmp_threads_sleep_rather_than_spin_unless_told_otherwise():
+    """libgomp's threads spin after each parallel region by default; on a busy machine they take the cores
+    the work needs (the default bank: 2-5 s at 2 threads instead of 0.2 s). The server sets the passive
+    policy before torch loads libgomp, and keeps a value the user set."""
+    import os
+
+    code = "import os, dinofeat_server, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = environment if given is None else {**environment, "OMP_WAIT_POLICY": given}
+        result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected

@@ -16,9 +16,10 @@ GAUSSIAN_TRUNCATE = 4.0
 """Gaussian kernels reach this many standard deviations each side (scipy.ndimage's default)."""
 
 
-def mirror_indices(length: int, pad: int, device: torch.device) -> torch.Tensor:
-    """Indices into a length-`length` axis padded by `pad` each side with mirror reflection."""
-    index = torch.arange(-pad, length + pad, device=device)
+def mirror_indices(length: int, pad: int, device: torch.device, after: int | None = None) -> torch.Tensor:
+    """Indices into a length-`length` axis padded by `pad` before and `after` (default `pad`) after, with
+    mirror reflection."""
+    index = torch.arange(-pad, length + (pad if after is None else after), device=device)
     if length == 1:
         return torch.zeros_like(index)
     period = 2 * (length - 1)
@@ -28,12 +29,17 @@ def mirror_indices(length: int, pad: int, device: torch.device) -> torch.Tensor:
 
 def mirror_pad(x: torch.Tensor, pad_y: int, pad_x: int) -> torch.Tensor:
     """Pad the last two axes by mirror reflection; unlike F.pad alone, any width works on any size."""
-    if pad_y < x.shape[-2] and pad_x < x.shape[-1]:
-        return F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="reflect")
-    if pad_y:
-        x = x.index_select(-2, mirror_indices(x.shape[-2], pad_y, x.device))
-    if pad_x:
-        x = x.index_select(-1, mirror_indices(x.shape[-1], pad_x, x.device))
+    return mirror_pad_sides(x, pad_y, pad_y, pad_x, pad_x)
+
+
+def mirror_pad_sides(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """`mirror_pad` with its own width on each side of the last two axes."""
+    if max(top, bottom) < x.shape[-2] and max(left, right) < x.shape[-1]:
+        return F.pad(x, (left, right, top, bottom), mode="reflect")
+    if top or bottom:
+        x = x.index_select(-2, mirror_indices(x.shape[-2], top, x.device, bottom))
+    if left or right:
+        x = x.index_select(-1, mirror_indices(x.shape[-1], left, x.device, right))
     return x
 
 
@@ -60,34 +66,104 @@ def centred_kernel_spectrum(kernel: torch.Tensor, length: int, onesided: bool) -
     return spectrum.to(torch.complex64)
 
 
-def odd_borders(padded: torch.Tensor, pad_y: int, pad_x: int) -> torch.Tensor:
-    """Negate the mirrored borders of `padded` in place (corners twice): the extension of a quantity that
-    changes sign under reflection, such as the product of the x and y derivatives."""
-    for border in (padded[..., :pad_y, :], padded[..., padded.shape[-2] - pad_y :, :],
-                   padded[..., :, :pad_x], padded[..., :, padded.shape[-1] - pad_x :]):
+def odd_borders(padded: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """Negate in place every sample of `padded` outside the (height, width) image at (top, left) (corners
+    twice): the extension of a quantity that changes sign under reflection, such as the product of the x
+    and y derivatives."""
+    for border in (padded[..., :top, :], padded[..., top + height :, :], padded[..., :, :left], padded[..., :, left + width :]):
         border.neg_()
     return padded
 
 
-def gaussian_blur_bank(image: torch.Tensor, sigmas: list[float], odd: bool = False) -> torch.Tensor:
-    """Blur each channel of `image` (N, C, H, W) at every sigma (pixels): (N, C, S, H, W).
+def padded_for_fft(image: torch.Tensor, radius: int, odd: bool = False) -> torch.Tensor:
+    """`image` (..., H, W) mirrored by `radius` samples each side and on to a fast FFT size (bottom and
+    right). A circular convolution of radius at most `radius` on it equals the mirrored one on the window
+    [radius, radius + H) x [radius, radius + W): the samples beyond the padding are never reached from
+    there (they are mirrored too, rather than zeros, only to save a fill). `odd`: the samples outside the
+    image change sign (see `odd_borders`)."""
+    h, w = image.shape[-2:]
+    hp, wp = fft_size(h + 2 * radius), fft_size(w + 2 * radius)
+    padded = mirror_pad_sides(image, radius, hp - h - radius, radius, wp - w - radius)
+    return odd_borders(padded, radius, radius, h, w) if odd else padded
 
-    One FFT of the mirror-padded image (zero-filled to a fast FFT size) serves all scales; the padding covers the widest kernel, so
-    the circular convolution equals scipy's gaussian_filter(mode="mirror") up to float rounding.
+
+def gaussian_spectrum(sigma: float, length: int, device: torch.device, dtype: type = float) -> torch.Tensor:
+    """The DFT over a circular axis of `length` samples of scipy's truncated Gaussian of `sigma` pixels centred
+    on sample 0: real, the kernel being symmetric; float32, or complex64 with `dtype` complex (cheaper to
+    multiply a spectrum by)."""
+    kernel = gaussian_kernel1d(sigma, gaussian_radius(sigma))
+    spectrum = centred_kernel_spectrum(kernel, length, onesided=False)
+    return (spectrum.real.contiguous() if dtype is float else spectrum.real.to(torch.complex64)).to(device)
+
+
+def gaussian_blur_bank(image: torch.Tensor, sigmas: list[float], odd: bool = False, margin: int = 0) -> torch.Tensor:
+    """Blur each channel of `image` (N, C, H, W) at every sigma (pixels): (N, C, S, H + 2 margin, W + 2 margin).
+
+    One FFT of the mirror-padded image serves all scales, and each inverse FFT two of them: a Gaussian's
+    spectrum is real and even, so spectrum x (G_a + i G_b) transforms back to blur_a + i blur_b exactly
+    (complex FFTs: torch's real-to-complex pair costs about twice as much on a CPU). The padding covers the
+    widest kernel, so the circular convolution equals scipy's gaussian_filter(mode="mirror") up to float
+    rounding. `margin`: that many mirrored samples around the image too (what finite differences need).
     `odd`: the borders are mirrored with their sign changed (see `odd_borders`).
     """
     n, c, h, w = image.shape
-    radius = max(gaussian_radius(s) for s in sigmas)
-    padded = mirror_pad(image, radius, radius)
-    padded = odd_borders(padded, radius, radius) if odd else padded
-    padded = F.pad(padded, (0, fft_size(padded.shape[-1]) - padded.shape[-1], 0, fft_size(padded.shape[-2]) - padded.shape[-2]))
-    hp, wp = padded.shape[-2:]
-    spectrum = torch.fft.rfft2(padded)
-    blurs = []
-    for sigma in sigmas:
-        blurred = torch.fft.irfft2(spectrum * gaussian_transfer(sigma, hp, wp).to(image.device), s=(hp, wp))
-        blurs.append(blurred[..., radius : radius + h, radius : radius + w])
-    return torch.stack(blurs, dim=2)
+    radius = max(gaussian_radius(s) for s in sigmas) + margin
+    spectrum = torch.fft.fft2(padded_for_fft(image, radius, odd).to(torch.complex64))
+    hp, wp = spectrum.shape[-2:]
+    out = image.new_empty(n, c, len(sigmas), h + 2 * margin, w + 2 * margin)
+    rows, columns = slice(radius - margin, radius + h + margin), slice(radius - margin, radius + w + margin)
+    for k in range(0, len(sigmas), 2):
+        pair = sigmas[k : k + 2]
+        transfers = [gaussian_spectrum(s, hp, image.device)[:, None] * gaussian_spectrum(s, wp, image.device)[None, :] for s in pair]
+        transfer = torch.complex(transfers[0], transfers[1]) if len(pair) == 2 else transfers[0]
+        blurred = torch.fft.ifft2(spectrum * transfer)[..., rows, columns]
+        out[:, :, k] = blurred.real
+        if len(pair) == 2:
+            out[:, :, k + 1] = blurred.imag
+    return out
+
+
+def gaussian_blur_two(first: torch.Tensor, second: torch.Tensor | None, sigma: float,
+                      odd: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`first` and `second` (..., H, W) blurred at one sigma like `gaussian_blur_bank`, with one complex FFT
+    and one inverse for both: `first` the real part, `second` (or nothing) the imaginary part."""
+    h, w = first.shape[-2:]
+    radius = gaussian_radius(sigma)
+    padded = padded_for_fft(first, radius, odd)
+    padded = padded.to(torch.complex64) if second is None else torch.complex(padded, padded_for_fft(second, radius, odd))
+    spectrum = torch.fft.fft2(padded)
+    del padded
+    hp, wp = spectrum.shape[-2:]
+    spectrum.mul_(gaussian_spectrum(sigma, hp, first.device, complex)[:, None]).mul_(gaussian_spectrum(sigma, wp, first.device, complex))
+    blurred = torch.fft.ifft2(spectrum)[..., radius : radius + h, radius : radius + w]
+    return blurred.real, (blurred.imag if second is not None else None)
+
+
+def mirror_parity(length: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where `positions` on an axis of `length` samples mirrored without repeating the edge (as `mirror_pad`)
+    read from, and the sign (float32 +1 or -1) of a quantity odd under each reflection there."""
+    if length == 1:
+        return torch.zeros_like(positions), torch.ones(positions.shape, device=positions.device)
+    period = 2 * (length - 1)
+    index = torch.remainder(positions, period)
+    reflected = index >= length
+    return torch.where(reflected, period - index, index), torch.where(reflected, -1.0, 1.0)
+
+
+def cubic_upsampling(length: int, factor: int, count: int, device: torch.device) -> torch.Tensor:
+    """(length, count) float32 matrix taking samples at positions factor * (j - 1), j < count, to every
+    position 0 .. length - 1 by cubic convolution (Keys, a = -0.5: exact for quadratics). Needs
+    count >= (length - 1) // factor + 4."""
+    position = torch.arange(length, dtype=torch.float64) / factor
+    below = torch.floor(position)
+    t = position - below
+    matrix = torch.zeros(length, count, dtype=torch.float64)
+    rows = torch.arange(length)
+    for tap in (-1, 0, 1, 2):
+        x = (t - tap).abs()
+        weight = torch.where(x <= 1, (1.5 * x - 2.5) * x * x + 1, ((-0.5 * x + 2.5) * x - 4) * x + 2)
+        matrix[rows, (below + tap + 1).long()] += weight
+    return matrix.to(torch.float32).to(device)
 
 
 def fft_size(length: int) -> int:
@@ -103,33 +179,19 @@ def fft_size(length: int) -> int:
         size += 1
 
 
-def gaussian_transfer(sigma: float, height: int, width: int) -> torch.Tensor:
-    """The (height, width // 2 + 1) rfft2 transfer function of scipy's truncated Gaussian of `sigma` pixels."""
-    kernel = gaussian_kernel1d(sigma, gaussian_radius(sigma))
-    return (centred_kernel_spectrum(kernel, height, onesided=False)[:, None]
-            * centred_kernel_spectrum(kernel, width, onesided=True)[None, :])
-
-
-def gaussian_blur_each(images: torch.Tensor, sigmas: list[float], odd: bool = False) -> torch.Tensor:
-    """Blur channel k of `images` (N, K, H, W) at sigmas[k] (pixels), like scipy's gaussian_filter(mode="mirror").
-
-    Channels of one sigma share one FFT padded for their own kernel (one padding for all would make
-    every small kernel pay for the widest; direct convolution is slower than FFT from sigma 1 on a CPU).
-    """
-    out = torch.empty_like(images)
-    for sigma in sorted(set(sigmas)):
-        channels = [k for k, s in enumerate(sigmas) if s == sigma]
-        out[:, channels] = gaussian_blur_bank(images[:, channels], [sigma], odd)[:, :, 0]
-    return out
-
-
 def symmetric_eigenvalues(xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor, larger: torch.Tensor,
                           smaller: torch.Tensor) -> None:
     """Eigenvalues of the symmetric 2 x 2 matrices [[xx, xy], [xy, yy]] into `larger` and `smaller`."""
-    half_trace = (xx + yy) / 2.0
-    root = torch.hypot((xx - yy) / 2.0, xy)
+    half_trace = torch.add(xx, yy).mul_(0.5)
+    half_difference = torch.sub(xx, yy)
+    root = torch.addcmul(xy * xy, half_difference, half_difference, value=0.25).sqrt_()  # cheaper than torch.hypot
     torch.add(half_trace, root, out=larger)
     torch.sub(half_trace, root, out=smaller)
+
+
+def magnitude(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sqrt(x^2 + y^2) into `out` (what torch.hypot computes, about twice as fast on a CPU)."""
+    return torch.sqrt(torch.addcmul(x * x, y, y), out=out)
 
 
 def derivatives(image: torch.Tensor) -> torch.Tensor:
@@ -138,18 +200,21 @@ def derivatives(image: torch.Tensor) -> torch.Tensor:
     Along the third axis: d/dx, d/dy (3x3 Sobel divided by 8, so intensity change per pixel), then
     d2/dx2, d2/dy2 ([1, -2, 1]) and d2/dxdy ([-1, 0, 1] x [-1, 0, 1] / 4): central differences.
     """
-    p = mirror_pad(image, 1, 1)
+    return torch.stack(differences(mirror_pad(image, 1, 1)), dim=2)
+
+
+def differences(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`derivatives` of the (..., H, W) image whose one-sample mirrored border `p` (..., H + 2, W + 2) is:
+    d/dx, d/dy, d2/dx2, d2/dy2 and d2/dxdy, each (..., H, W)."""
     centre = p[..., 1:-1, 1:-1]
-    smooth_y = p[..., :-2, :] + 2.0 * p[..., 1:-1, :] + p[..., 2:, :]  # (H, W + 2)
-    smooth_x = p[..., :, :-2] + 2.0 * p[..., :, 1:-1] + p[..., :, 2:]  # (H + 2, W)
     diff_x = p[..., :, 2:] - p[..., :, :-2]  # (H + 2, W)
-    return torch.stack([
-        (smooth_y[..., 2:] - smooth_y[..., :-2]) / 8.0,
-        (smooth_x[..., 2:, :] - smooth_x[..., :-2, :]) / 8.0,
-        p[..., 1:-1, 2:] - 2.0 * centre + p[..., 1:-1, :-2],
-        p[..., 2:, 1:-1] - 2.0 * centre + p[..., :-2, 1:-1],
-        (diff_x[..., 2:, :] - diff_x[..., :-2, :]) / 4.0,
-    ], dim=2)
+    diff_y = p[..., 2:, :] - p[..., :-2, :]  # (H, W + 2)
+    gx = torch.add(diff_x[..., :-2, :], diff_x[..., 2:, :]).add_(diff_x[..., 1:-1, :], alpha=2.0).mul_(0.125)
+    gy = torch.add(diff_y[..., :-2], diff_y[..., 2:]).add_(diff_y[..., 1:-1], alpha=2.0).mul_(0.125)
+    xx = torch.add(p[..., 1:-1, 2:], p[..., 1:-1, :-2]).sub_(centre, alpha=2.0)
+    yy = torch.add(p[..., 2:, 1:-1], p[..., :-2, 1:-1]).sub_(centre, alpha=2.0)
+    xy = torch.sub(diff_x[..., 2:, :], diff_x[..., :-2, :]).mul_(0.25)
+    return gx, gy, xx, yy, xy
 
 
 def sorting_network(n: int) -> list[tuple[int, int]]:

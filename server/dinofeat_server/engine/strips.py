@@ -38,9 +38,12 @@ def feature_strips(
     """Yield (first_row, bank(images)[..., first_row:first_row + rows, :]) for each strip.
 
     `bank` maps (N, C, H, W) to (..., H, W) and must depend on at most `halo` rows around each pixel,
-    mirroring the input at its borders.
+    mirroring the input at its borders. An image of at most `rows` rows is one strip, computed whole.
     """
     height = images.shape[-2]
+    if rows >= height:  # one strip: the bank mirrors the borders itself, so no halo rows to compute and crop
+        yield 0, bank(images)
+        return
     padded = mirror_pad(images, halo, 0)
     for y0 in range(0, height, rows):
         y1 = min(y0 + rows, height)
