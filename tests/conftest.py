@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,17 @@ def tiny_weights(tmp_path_factory) -> Path:
 def deep_server_address(tiny_weights) -> str:
     """A `dinofeat serve` process whose dinov2_vits14 is the tiny model."""
     yield from running_server("--weights", f"dinov2_vits14={tiny_weights}")
+
+
+def noise(seed: int, size: int) -> np.ndarray:
+    """A size x size uint8 image of uniform noise, the same for the same seed."""
+    return (np.random.default_rng(seed).random((size, size)) * 255).astype(np.uint8)
+
+
+def wait_for(condition, seconds: float = 60, what: str = "the condition") -> None:
+    """Poll `condition` every 50 ms; fail the test when it has not held within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {seconds} s")
+        time.sleep(0.05)

@@ -13,23 +13,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, dinofeat
+from conftest import ServerProcess, dinofeat, noise, wait_for
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.images import image_sha256, write_tiff
-
-
-def noise(seed: int, size: int) -> np.ndarray:
-    return (np.random.default_rng(seed).random((size, size)) * 255).astype(np.uint8)
-
-
-def wait_for(condition, seconds: float = 60, what: str = "the condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {seconds} s")
-        time.sleep(0.05)
 
 
 def token_file(folder: Path, lines: list[str]) -> Path:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -404,9 +404,10 @@ def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     finish_batch(report, len(inputs))
 
 
-def finish_batch(report: BatchReport, total: int) -> None:
-    """Print the batch's summary; any failure makes the command fail (exit status 1)."""
+def finish_batch(report: BatchReport, total: int, then: Callable[[], None] = lambda: None) -> None:
+    """Print the batch's summary (and what `then` prints); any failure makes the command fail (exit status 1)."""
     print(report.summary())
+    then()
     if report.failed:
         raise DinofeatError(f"{len(report.failed)} of {total} images failed (see above).")
 
@@ -503,14 +504,18 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
         files = [feature_file(path) for path in inputs if feature_file(path).exists() and path not in dict(report.failed)]
         if report.done:
             print("wrote " + ", ".join(str(feature_file(path)) for path in report.done))
-        if project and files:
+
+        def hints() -> None:  # after the summary: the command to copy comes last
+            if not (project and files):
+                return
             if not state.labelled and not state.classifier:
                 print(f"{project.name} has no labels yet: label in ilastik (Training) and save the project before predicting.")
             elif not state.classifier:
                 print(f"{project.name} stores no classifier, so ilastik trains one from its labels at the start of each run "
                       f"(to store one: {training_command(project, launcher)})")
             print("predict them with the trained project:\n  " + headless_command(project, files, launcher))
-        finish_batch(report, len(inputs))
+
+        finish_batch(report, len(inputs), hints)
         return
     folder = Path(args.output)
     images = [(p, check_image(read_image(p))) for p in args.images]

@@ -301,16 +301,16 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     async def HasImage(self, request, context):
         return pb.HasImageReply(present=request.sha256 in self.store)
 
-    async def UploadImage(self, request_iterator, context):
-        """Receive an image into memory reserved for it (the client's share of the image store), with
-        no gap longer than stall_seconds; converting and hashing run off the event loop."""
+    @contextlib.asynccontextmanager
+    async def _upload(self, context: grpc.aio.ServicerContext, what: str):
+        """The body receives an upload of `what` and yields `reserve(n)`: the upload counts as one call of
+        its client, reserves memory as it grows (the client's share of the image store), and may take
+        max_request_seconds in all; every failure ends the call with one sentence."""
         client = self._client(context)
         try:
             with self.scheduler.call(client), self.store.reservation(client) as reserve:
                 async with asyncio.timeout(self._seconds_allowed(context)):
-                    layout, sha256, data = await self._image_upload(request_iterator, reserve)
-                image = await asyncio.get_running_loop().run_in_executor(
-                    None, image_from_bytes, data, layout.dtype, tuple(layout.shape), layout.axes, sha256)
+                    yield reserve
         except DinofeatError as error:
             await self._fail(context, error)
         except (QueueFull, OverBudget) as error:
@@ -318,8 +318,16 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         except Stalled:
             await self._stalled(context, client, "sent")
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the upload ran out of time (this server's max_request_seconds, "
-                                "or the client's deadline); send a smaller image or use a faster connection.")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the {what} ran out of time (this server's "
+                                "max_request_seconds, or the client's deadline); send less or use a faster connection.")
+
+    async def UploadImage(self, request_iterator, context):
+        """Receive an image into memory reserved for it, with no gap longer than stall_seconds; converting
+        and hashing run off the event loop."""
+        async with self._upload(context, "upload") as reserve:
+            layout, sha256, data = await self._image_upload(request_iterator, reserve)
+            image = await asyncio.get_running_loop().run_in_executor(
+                None, image_from_bytes, data, layout.dtype, tuple(layout.shape), layout.axes, sha256)
         self.store.put(sha256, image)
         return pb.UploadImageReply(sha256=sha256, bytes_received=len(data))
 
@@ -403,30 +411,17 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return pb.HasImageReply(present=request.sha256 in self.trained_models)
 
     async def UploadModel(self, request_iterator, context):
-        """Receive a model file (counted against the client's uploads in flight, no gap longer than
-        stall_seconds); joining, hashing and unpacking within limits run off the event loop."""
-        client = self._client(context)
-        pieces = []
-        try:
-            with self.scheduler.call(client), self.store.reservation(client) as reserve:
-                async with asyncio.timeout(self._seconds_allowed(context)):
-                    size = 0
-                    async for piece in self._received(request_iterator):
-                        size += len(piece.data)
-                        if size > MAX_MODEL_BYTES:
-                            raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
-                        reserve(len(piece.data))
-                        pieces.append(piece.data)
-                sha, model = await asyncio.get_running_loop().run_in_executor(None, read_model_file, pieces)
-        except DinofeatError as error:
-            await self._fail(context, error)
-        except (QueueFull, OverBudget) as error:
-            await self._refuse(context, client, error)
-        except Stalled:
-            await self._stalled(context, client, "sent")
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the model upload ran out of time (this server's "
-                                "max_request_seconds, or the client's deadline).")
+        """Receive a model file (counted like an image upload); joining, hashing and unpacking within
+        limits run off the event loop."""
+        async with self._upload(context, "model upload") as reserve:
+            pieces, size = [], 0
+            async for piece in self._received(request_iterator):
+                size += len(piece.data)
+                if size > MAX_MODEL_BYTES:
+                    raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
+                reserve(len(piece.data))
+                pieces.append(piece.data)
+            sha, model = await asyncio.get_running_loop().run_in_executor(None, read_model_file, pieces)
         self.trained_models.put(sha, model)
         return pb.UploadModelReply(sha256=sha)
 
