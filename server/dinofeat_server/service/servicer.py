@@ -263,6 +263,13 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             raise DinofeatError(f"the server holds no {what} with sha256 {sha256[:12]}...; upload it first.")
         return image
 
+    async def _checked_labels(self, shas: list[str], images: list[np.ndarray]) -> list[np.ndarray]:
+        """The label images of `images`, checked (their classes counted) off the event loop: a large label
+        image takes seconds."""
+        labels = [self._image(sha, "label image") for sha in shas]
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [check_labels(lab, image) for lab, image in zip(labels, images)])
+
     def _feature_set(self, name: str) -> FeatureSet:
         return feature_set(name or "classical")
 
@@ -381,7 +388,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     async def Segment(self, request, context):
         try:
             image = self._image(request.image_sha256)
-            labels = check_labels(self._image(request.labels_sha256, "label image"), image)
+            labels = (await self._checked_labels([request.labels_sha256], [image]))[0]
             fset, options = self._requested_features(request, [image])
             encoding = checked_encoding(request.encoding)
             kind = checked_classifier(request.classifier, request.trees)
@@ -397,7 +404,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             if not request.image_sha256 or len(request.image_sha256) != len(request.labels_sha256):
                 raise DinofeatError("give one label image per training image.")
             images = [self._image(sha) for sha in request.image_sha256]
-            labels = [check_labels(self._image(sha, "label image"), image) for sha, image in zip(request.labels_sha256, images)]
+            labels = await self._checked_labels(request.labels_sha256, images)
             fset, options = self._requested_features(request, images)
             kind = checked_classifier(request.classifier, request.trees)
             seed = checked_seed(request.seed)
