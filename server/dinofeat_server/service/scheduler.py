@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 
 
 class QueueFull(Exception):
-    """No room for the request: the queue is full or the client has too many streams open."""
+    """No room for the request: the queue is full or the client has too many calls (streams and uploads) open."""
 
 
 class FairScheduler:
@@ -30,7 +30,7 @@ class FairScheduler:
         self.streams_per_client = streams_per_client
         self.running = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()
-        self._streams: dict[str, int] = {}
+        self._calls: dict[str, int] = {}
         self._running: dict[str, int] = {}
         self._served: dict[str, int] = {}
         self._tickets = itertools.count()
@@ -41,23 +41,23 @@ class FairScheduler:
 
     def use(self) -> dict[str, tuple[int, int, int]]:
         """Client -> (calls open, requests running, requests waiting), for every client with a call open."""
-        return {client: (streams, self._running.get(client, 0), len(self._waiting.get(client, ())))
-                for client, streams in self._streams.items()}
+        return {client: (calls, self._running.get(client, 0), len(self._waiting.get(client, ())))
+                for client, calls in self._calls.items()}
 
     @contextlib.contextmanager
     def call(self, client: str) -> Iterator[None]:
         """Count one open call of `client` (a stream or an upload) while the body runs; refuse one beyond
         the client's limit (QueueFull)."""
-        if self._streams.get(client, 0) >= self.streams_per_client:
+        if self._calls.get(client, 0) >= self.streams_per_client:
             raise QueueFull(f"this client already has {self.streams_per_client} requests or uploads open, the server's limit "
                             "per client; wait for one to finish.")
-        self._streams[client] = self._streams.get(client, 0) + 1
+        self._calls[client] = self._calls.get(client, 0) + 1
         try:
             yield
         finally:
-            self._streams[client] -= 1
-            if not self._streams[client]:
-                del self._streams[client]
+            self._calls[client] -= 1
+            if not self._calls[client]:
+                del self._calls[client]
                 self._served.pop(client, None)
 
     @contextlib.asynccontextmanager
