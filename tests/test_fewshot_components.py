@@ -141,5 +141,7 @@ def test_a_support_mask_saved_as_y_x_1_is_used(tmp_path, server_address):
 def test_a_support_mask_that_still_differs_after_dropping_length_one_axes_is_refused(tmp_path, server_address):
     result = few_shot_with_mask(tmp_path, server_address, np.ones((1, 30, 40), np.uint8))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "the support mask has shape (30, 40) but its image has (40, 40); they must match pixel for pixel." in result.stderr
+    assert result.stderr.count("\n") == 1  # once, before any query, naming the file and its shape as saved
+    assert (f"the support mask {tmp_path / 'mask.tif'} has shape (1, 30, 40) ((30, 40) without its length-1 axes) but its image "
+            "has (40, 40); they must match pixel for pixel.") in result.stderr
     assert not list((tmp_path / "out").iterdir())

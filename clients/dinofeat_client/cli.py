@@ -23,7 +23,7 @@ from .durations import spoken_duration
 from .batch import BatchReport, image_files, output_folder, run_batch, writes_to_folder
 from .imagej_tiff import write_imagej_hyperstack
 from .ilastik.provider import ILASTIK_PCA
-from .images import check_image, image_axes, check_labels, read_image, write_png, write_tiff
+from .images import check_image, check_labels, check_mask, image_axes, read_image, write_png, write_tiff
 from .metrics import class_dice, class_iou, matched_to_truth
 from .outputs import atomic_result, io_failure, is_write_error, output_file, remove_quietly, tidy_on_failure, writing
 from .pictures import class_overlay, colour_names, drawable, probability_pictures
@@ -455,7 +455,7 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
     if len(args.support) != len(args.support_mask):
         raise DinofeatError("give one --support-mask per --support image.")
     supports = [check_image(read_image(p)) for p in args.support]
-    masks = [read_image(p) for p in args.support_mask]
+    masks = [check_mask(read_image(p), support, f"the support mask {p}") for p, support in zip(args.support_mask, supports)]
     queries = image_files(args.queries)
     folder = output_folder(args.output)
     with connect(args) as client:

@@ -98,6 +98,17 @@ def check_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(labels)
 
 
+def check_mask(mask: np.ndarray, image: np.ndarray, name: str = "the support mask") -> np.ndarray:
+    """A support mask (length-1 axes dropped): one value per pixel of its image, some of it non-zero."""
+    spatial, squeezed = spatial_shape(image), without_singleton_axes(mask)
+    if squeezed.shape != spatial:
+        saved = f"{mask.shape} ({squeezed.shape} without its length-1 axes)" if squeezed.shape != mask.shape else f"{mask.shape}"
+        raise DinofeatError(f"{name} has shape {saved} but its image has {spatial}; they must match pixel for pixel.")
+    if not squeezed.any():
+        raise DinofeatError(f"{name} is empty; mark the object in every support image.")
+    return squeezed
+
+
 def image_sha256(image: np.ndarray) -> str:
     """Content address of an array: sha256 over its dtype, shape and little-endian samples."""
     digest = hashlib.sha256(f"{image.dtype.newbyteorder('<').str}{list(image.shape)}".encode())

@@ -21,7 +21,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_labels, spatial_shape
+from dinofeat_client.images import check_labels, check_mask, spatial_shape
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL, space_key
 
 from ..engine.deep import preset
@@ -116,16 +116,6 @@ def checked_classifier(kind: str, trees: int) -> str:
     if not 0 <= trees <= 5000:
         raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {trees}.")
     return kind
-
-
-def check_mask(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """A support mask: one value per pixel of its image, some of it non-zero."""
-    spatial = spatial_shape(image)
-    if mask.shape != spatial:
-        raise DinofeatError(f"the support mask has shape {mask.shape} but its image has {spatial}; they must match pixel for pixel.")
-    if not mask.any():
-        raise DinofeatError("a support mask is empty; mark the object in every support image.")
-    return mask
 
 
 def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
