@@ -283,6 +283,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         if self.device.type == "cuda":
             allocated = torch.cuda.memory_allocated(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
+        uploads = self.store.in_flight()  # one snapshot: the per-client rows and the total agree
         return pb.StatusReply(
             version=__version__, device=str(self.device), running=self.scheduler.running, finished=self.finished,
             queued=self.scheduler.queued, workers=self.limits.workers, threads_per_worker=self.threads,
@@ -291,8 +292,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             loaded_models=self.models.loaded(), device_memory_allocated_bytes=allocated, device_memory_total_bytes=total,
             cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
             images_held=len(self.store), image_bytes=self.store.used_bytes(),
-            clients=self.usage.report(self.scheduler.use(), self.store.in_flight()),
-            upload_bytes=sum(self.store.in_flight().values()), model_bytes=self.trained_models.used_bytes(),
+            clients=self.usage.report(self.scheduler.use(), uploads),
+            upload_bytes=sum(uploads.values()), model_bytes=self.trained_models.used_bytes(),
             limits_json=json.dumps(dataclasses.asdict(self.limits)))
 
     async def HasImage(self, request, context):
