@@ -16,9 +16,12 @@ Thread budget: every process runs with 2 threads (OMP_NUM_THREADS=2, MKL/OpenBLA
 counts, LOKY_MAX_CPU_COUNT=2, LAZYFLOW_THREADS=2 for ilastik, JAVA_TOOL_OPTIONS=-XX:ActiveProcessorCount=2
 for the JVMs), and each process is pinned to 2 cores where the machine has more (see peers.py). Times are
 process wall times (start-up included), the median of --repeats runs, the tools alternating within each
-repeat; mIoU is the median over the repeats.
+repeat (TWS runs once, see below); mIoU is the mean over the repeats. ilastik does not seed its forest, so its mIoU moves from run to run
+(by 0.003-0.007 on these cases): its cells give mean ± standard deviation, and one repeat is not enough to
+compare them (the default is 3). TWS is seeded (the same mIoU every run), so it runs once and its time is
+that run's.
 
-Usage: python bench/bench_peers.py [--set multiscale] [--repeats 1] [--cases NAME ...] [--quick | --full] [--save]
+Usage: python bench/bench_peers.py [--set multiscale] [--repeats 3] [--cases NAME ...] [--quick | --full] [--save]
 Quick: ISB-3 only.
 """
 
@@ -49,22 +52,23 @@ def columns(feature_set: str) -> list[peers.Column]:
     return [
         peers.Column("TWS own", lambda i, work: peers.tws_own(i.image_file, i.scribbles_file, work)),
         peers.Column("TWS ours", lambda i, work: peers.tws_ours(i.image_file, i.scribbles_file, feature_set, work), feature_set),
-        peers.Column("ilastik own", lambda i, work: peers.ilastik_own(i.image, i.scribbles, work)),
-        peers.Column("ilastik ours", lambda i, work: peers.ilastik_ours(i.image_file, i.scribbles_file, feature_set, work), feature_set),
+        peers.Column("ilastik own", lambda i, work: peers.ilastik_own(i.image, i.scribbles, work), seeded=False),
+        peers.Column("ilastik ours", lambda i, work: peers.ilastik_ours(i.image_file, i.scribbles_file, feature_set, work), feature_set,
+                     seeded=False),
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="multiscale", help="dinofeat feature set of the 'ours' columns")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each tool per case; times are the median")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool per case; times are the median")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES, metavar="CASE", help=f"default: {', '.join(CASES)}")
     args = parse_args(parser, quick={"cases": ["isb_three_phase"], "repeats": 1})
     began = time.perf_counter()
     chosen = [(name, split_of(name), loader(name)) for name in CASES if name in args.cases]
     tools = columns(args.set)
     with tempfile.TemporaryDirectory(prefix="bench_peers.") as folder:
-        rows = peers.measure(tools, chosen, args.repeats, Path(folder), mean_iou)
+        rows = peers.measure(tools, chosen, args.repeats, Path(folder), mean_iou, only_unseeded_repeat=True)
     names = [c.name for c in tools]
     print()
     print(f"Inside the peers: their own features against dinofeat's `{args.set}`, {args.repeats} repeat(s), "

@@ -83,7 +83,7 @@ def dinofeat_column(feature_set: str) -> peers.Column:
 
 
 def ilastik_column() -> peers.Column:
-    return peers.Column("ilastik", lambda inputs, work: peers.ilastik_own(inputs.image, inputs.scribbles, work))
+    return peers.Column("ilastik", lambda inputs, work: peers.ilastik_own(inputs.image, inputs.scribbles, work), seeded=False)
 
 
 def all_cases() -> list[tuple[str, str, object]]:

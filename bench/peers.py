@@ -330,6 +330,9 @@ class Column:
     name: str
     run: Callable[[Inputs, Path], Outcome]
     feature_set: str | None = None
+    seeded: bool = True
+    """Whether the tool's forest is seeded (the same mIoU every run); an unseeded one (ilastik's) varies from run to
+    run, so its cell gives the spread over the repeats too."""
     everywhere: dict | None = field(default=None, repr=False)  # {"failed"|"skipped": message} for every case
 
 
@@ -344,9 +347,10 @@ def dinofeat_sets() -> list[str] | None:
 
 
 def measure(columns: list[Column], cases: list[tuple[str, str, Callable]], repeats: int, work: Path,
-            miou: Callable[[np.ndarray, np.ndarray], float]) -> dict[str, dict]:
-    """Every column on every case (name, split, loader returning a cases.Case), `repeats` times, the columns
-    alternating within each repeat so that machine noise hits all alike. Returns case -> {"split", "tools":
+            miou: Callable[[np.ndarray, np.ndarray], float], only_unseeded_repeat: bool = False) -> dict[str, dict]:
+    """Every column on every case (name, split, loader returning a cases.Case), `repeats` times (seeded columns
+    once with `only_unseeded_repeat`: their mIoU cannot change), the columns alternating within each repeat so
+    that machine noise hits all alike. Returns case -> {"split", "tools":
     column -> cell}, a cell being {"miou", "seconds" (medians), "mious", "times", ["parts"]} or {"failed": why}
     or {"skipped": why}. Prints one line per case as it goes."""
     known = dinofeat_sets() if any(c.feature_set for c in columns) else None
@@ -359,9 +363,9 @@ def measure(columns: list[Column], cases: list[tuple[str, str, Callable]], repea
         inputs = Inputs(name, split, case.image, case.scribbles, case.truth, image_file, scribbles_file, folder)
         runs: dict[str, list[Outcome]] = {c.name: [] for c in columns}
         cells: dict[str, dict] = {}
-        for _ in range(repeats):
+        for repeat in range(repeats):
             for column in columns:
-                if column.everywhere or column.name in cells:
+                if column.everywhere or column.name in cells or (repeat and column.seeded and only_unseeded_repeat):
                     continue
                 try:
                     runs[column.name].append(column.run(inputs, folder))
@@ -379,16 +383,24 @@ def measure(columns: list[Column], cases: list[tuple[str, str, Callable]], repea
             elif column.name in cells:
                 row[column.name] = cells[column.name]
             else:
-                mious = [miou(o.classes, case.truth) for o in done]
-                times = [o.seconds for o in done]
-                row[column.name] = {"miou": statistics.median(mious), "seconds": statistics.median(times),
-                                    "mious": mious, "times": times}
+                row[column.name] = cell_of([miou(o.classes, case.truth) for o in done], [o.seconds for o in done],
+                                           column.seeded)
                 if done[0].parts:
                     row[column.name]["parts"] = {k: statistics.median(o.parts[k] for o in done) for k in done[0].parts}
         rows[name] = {"split": split, "tools": row}
         print(f"{name} ({split}): " + "; ".join(f"{k} {describe(v)}" for k, v in row.items()), flush=True)
         shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def cell_of(mious: list[float], times: list[float], seeded: bool) -> dict:
+    """A table cell of a column's runs on one case: mIoU (the mean; of a seeded tool every run gives the same,
+    of an unseeded one the mean is what a user gets on average) with its standard deviation where the forest is
+    unseeded, and the median wall time."""
+    cell = {"miou": statistics.mean(mious), "seconds": statistics.median(times), "mious": mious, "times": times}
+    if not seeded and len(mious) > 1:
+        cell["miou_sd"] = statistics.stdev(mious)
+    return cell
 
 
 def describe(cell: dict) -> str:
@@ -398,7 +410,10 @@ def describe(cell: dict) -> str:
 
 
 def miou_text(cell: dict) -> str:
-    return f"{cell['miou']:.3f}" if "miou" in cell else next(iter(cell))
+    """'0.643' for one run or a seeded tool, '0.643 ± 0.003' (mean ± standard deviation) for an unseeded one."""
+    if "miou" not in cell:
+        return next(iter(cell))
+    return f"{cell['miou']:.3f} ± {cell['miou_sd']:.3f}" if "miou_sd" in cell else f"{cell['miou']:.3f}"
 
 
 def time_text(cell: dict) -> str:
