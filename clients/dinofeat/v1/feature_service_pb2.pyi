@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes", "queued", "queue_length", "workers", "cancelled", "refused", "threads_per_worker", "clients", "upload_bytes", "model_bytes", "limits_json")
+    __slots__ = ("version", "device", "running", "finished", "loaded_models", "device_memory_allocated_bytes", "device_memory_total_bytes", "cache_bytes", "cache_budget_bytes", "images_held", "image_bytes", "queued", "queue_length", "workers", "cancelled", "refused", "threads_per_worker", "clients", "upload_bytes", "model_bytes", "limits_json", "devices")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class StatusReply(_message.Message):
     UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     running: int
@@ -54,7 +55,30 @@ class StatusReply(_message.Message):
     upload_bytes: int
     model_bytes: int
     limits_json: str
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., queue_length: _Optional[int] = ..., workers: _Optional[int] = ..., cancelled: _Optional[int] = ..., refused: _Optional[int] = ..., threads_per_worker: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientUse, _Mapping]]] = ..., upload_bytes: _Optional[int] = ..., model_bytes: _Optional[int] = ..., limits_json: _Optional[str] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceUse]
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., running: _Optional[int] = ..., finished: _Optional[int] = ..., loaded_models: _Optional[_Iterable[str]] = ..., device_memory_allocated_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., images_held: _Optional[int] = ..., image_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., queue_length: _Optional[int] = ..., workers: _Optional[int] = ..., cancelled: _Optional[int] = ..., refused: _Optional[int] = ..., threads_per_worker: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientUse, _Mapping]]] = ..., upload_bytes: _Optional[int] = ..., model_bytes: _Optional[int] = ..., limits_json: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceUse, _Mapping]]] = ...) -> None: ...
+
+class DeviceUse(_message.Message):
+    __slots__ = ("device", "workers", "busy", "tiles", "lent_tiles", "busy_seconds", "loaded_models", "memory_allocated_bytes", "memory_total_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
+    LENT_TILES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    workers: int
+    busy: int
+    tiles: int
+    lent_tiles: int
+    busy_seconds: float
+    loaded_models: _containers.RepeatedScalarFieldContainer[str]
+    memory_allocated_bytes: int
+    memory_total_bytes: int
+    def __init__(self, device: _Optional[str] = ..., workers: _Optional[int] = ..., busy: _Optional[int] = ..., tiles: _Optional[int] = ..., lent_tiles: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., loaded_models: _Optional[_Iterable[str]] = ..., memory_allocated_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ...) -> None: ...
 
 class ClientUse(_message.Message):
     __slots__ = ("client", "open_calls", "running", "queued", "upload_bytes", "finished", "cancelled", "refused", "stalled", "bytes_sent")

@@ -9,12 +9,19 @@ Images larger than the memory budget are cut into overlapping tiles (see `tiles.
 tokens are mapped into the dataset's feature space before upsampling, blended with linear ramps, and
 released in strips of rows as soon as they are final, so memory depends on the tile size and the
 number of output channels, not on the image size.
+
+Tiles ahead of the one being blended may go to spare workers (`SpareWorkers`: idle compute slots of a
+server, perhaps on other devices), one tile per worker at a time; results are blended in the plan's
+order, so the features equal those of one worker computing every tile itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -24,7 +31,8 @@ from dinofeat_client.durations import spoken_duration
 
 from .backbone import DinoVisionTransformer, forward_flops, imagenet_normalised, token_grid
 from .progress import Advance, run_to_end
-from .tiles import TILE_OVERLAP, Tile, TileBlender, tile_plan, tile_rows
+from .lending import in_plan_order
+from .tiles import TILE_OVERLAP, Tile, TileBlender, blend_order, tile_plan, tile_rows
 from .views import Affine, TileOrigin, ViewSpec, view_steps
 
 PRESETS: dict[str, ViewSpec] = {
@@ -76,6 +84,28 @@ MOST_VIEWS_PER_BATCH = {False: 1, True: 8}
 """Views computed in one batch at most, on a CPU (False) and a GPU (True)."""
 
 
+Lent = TypeVar("Lent")
+
+
+class SpareWorkers(Protocol):
+    """Idle workers that one computation may borrow for one tile at a time, never waiting for one.
+
+    A server passes this (service/device_pool.py); the engine knows nothing else of servers."""
+
+    count: int
+    """Workers that could be lent at once at most: tile results held ahead are bounded by it."""
+
+    def lend(self, work: Callable[[DeepExtractor], Lent]) -> Future[Lent] | None:
+        """Start `work(extractor)` on an idle worker (the same model on that worker's device) and return its
+        future, or None at once when no worker is idle or another request waits for one. The worker goes
+        back when `work` ends."""
+        ...
+
+    def computed_here(self) -> None:
+        """Count one tile computed by the borrowing computation's own worker (for the server's status)."""
+        ...
+
+
 class DeepExtractor:
     """A loaded DINOv2 model on one device, computing full-resolution features tile by tile within a memory budget."""
 
@@ -83,6 +113,13 @@ class DeepExtractor:
         self.model = model.to(device).eval()
         self.device = device
         self.budget_bytes = budget_bytes
+        self.spare: SpareWorkers | None = None
+
+    def lending(self, spare: SpareWorkers | None) -> DeepExtractor:
+        """This extractor (the same loaded model), computing tiles ahead on `spare` workers while they are idle."""
+        helped = copy.copy(self)
+        helped.spare = spare
+        return helped
 
     def channels(self, what: str) -> int:
         return self.model.config.heads if what == "attention" else self.model.config.dim
@@ -169,28 +206,49 @@ class DeepExtractor:
         self.check_size(height, width)
         channels = self.channels(what) if affine is None else affine[0].shape[0]
         edge, batch = self.plan(height, width, spec, channels)
-        plan = tile_rows(tile_plan(height, width, edge, align=spec.stride))
+        order = blend_order(tile_rows(tile_plan(height, width, edge, align=spec.stride)), height, width)
+        tiles = [tile for tile, _, _ in order]
         blender = TileBlender(channels, height, width, CELL)
-        done, total, views = 0, sum(len(row) for row in plan), spec.view_count()
-        yield Advance("tiles", 0, total, self.time_notice([tile for row in plan for tile in row], spec, height, width))
-        for number, row in enumerate(plan):
-            until_row = plan[number + 1][0].y0 if number + 1 < len(plan) else height
-            for place, tile in enumerate(row):
-                check()
-                steps = self.tile_steps(image, tile, spec, what, batch, affine, check)
-                if views > 1:
-                    yield Advance("views", done * views, total * views)  # the tile's views start now, not at its first batch
-                while True:
-                    try:
-                        views_done = next(steps)
-                    except StopIteration as finished:
-                        blender.add(tile, finished.value)
-                        break
-                    if views > 1:
-                        yield Advance("views", done * views + views_done, total * views)
-                done += 1
-                yield Advance("tiles", done, total)
-                yield from blender.finished(until_row, row[place + 1].x0 if place + 1 < len(row) else width)
+        yield Advance("tiles", 0, len(tiles), self.time_notice(tiles, spec, height, width))
+        releases = iter(order)
+        done = 0
+        for item in self.computed_tiles(image, tiles, spec, what, batch, affine, check):
+            if isinstance(item, Advance):
+                yield item
+                continue
+            tile, until_row, until_column = next(releases)
+            blender.add(tile, item)
+            done += 1
+            yield Advance("tiles", done, len(tiles))
+            yield from blender.finished(until_row, until_column)
+
+    def computed_tiles(self, image: np.ndarray, tiles: list[Tile], spec: ViewSpec, what: str, batch: int, affine: Affine,
+                       check: Callable[[], None]) -> Iterator[Advance | torch.Tensor]:
+        """Each tile's (k, h, w) features in the plan's order, with view progress between them: tiles ahead go to
+        spare workers while one is idle (`lending.in_plan_order`); without spare workers, tile after tile."""
+        spare, views = self.spare, spec.view_count()
+
+        def here(number: int) -> Iterator[Advance | torch.Tensor]:
+            check()
+            steps = self.tile_steps(image, tiles[number], spec, what, batch, affine, check)
+            views_done = 0
+            while True:
+                if views > 1:  # the tile's views start now, not at its first batch
+                    yield Advance("views", number * views + views_done, len(tiles) * views)
+                try:
+                    views_done = next(steps)
+                except StopIteration as finished:
+                    if spare is not None:
+                        spare.computed_here()
+                    yield finished.value
+                    return
+
+        def lend(number: int) -> Future[list[torch.Tensor]] | None:
+            tile = tiles[number]
+            return spare.lend(lambda extractor: [extractor.tile_features(image, tile, spec, what, batch, affine, check)])
+
+        return in_plan_order(len(tiles), here, lend if spare is not None else None, spare.count if spare is not None else 0,
+                             lambda output: isinstance(output, Advance))
 
     def features(self, image: np.ndarray, spec: ViewSpec, what: str = "tokens",
                  check: Callable[[], None] = lambda: None, affine: Affine = None) -> torch.Tensor:

@@ -57,6 +57,17 @@ def tile_rows(tiles: list[Tile]) -> list[list[Tile]]:
     return [rows[y0] for y0 in sorted(rows)]
 
 
+def blend_order(rows: list[list[Tile]], height: int, width: int) -> list[tuple[Tile, int, int]]:
+    """The tiles of `rows` in blending order, each with the row and column up to which accumulators are
+    final once it is added: where the next row of tiles starts, and where the next tile of its row starts."""
+    order = []
+    for number, row in enumerate(rows):
+        until_row = rows[number + 1][0].y0 if number + 1 < len(rows) else height
+        for place, tile in enumerate(row):
+            order.append((tile, until_row, row[place + 1].x0 if place + 1 < len(row) else width))
+    return order
+
+
 def blend_ramp(length: int, start: int, total: int, overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """1-D weights of a tile: rising over `overlap` pixels where it has a neighbour before, falling after."""
     ramp = torch.ones(length)

@@ -4,10 +4,10 @@
     host = "0.0.0.0"              max_pixels = 268435456      # samples per image (Z*Y*X*C)
     port = 50051                  max_channels = 2048         # feature channels per result
     device = "cuda"               max_upload_mb = 2048        # bytes of one uploaded image
-    token_file = "tokens.txt"     max_streams_per_client = 4  # concurrent streams of one client
-    tls_cert = "server.pem"       queue_length = 64           # requests waiting for a worker
-    tls_key = "server.key"        workers = 2                 # requests computed at once
-                                  threads = 4                 # threads of each worker (default: cores / workers)
+    # devices = "all"             max_streams_per_client = 4  # concurrent streams of one client
+    token_file = "tokens.txt"     queue_length = 64           # requests waiting for a worker
+    tls_cert = "server.pem"       workers = 2                 # compute slots on each device
+    tls_key = "server.key"        threads = 4                 # threads of each worker (default: cores / all workers)
     cache_dir = "/scratch/cache"  max_request_seconds = 3600  # longest a request may run
     cache_gb = 50                 image_store_gb = 8          # uploaded images held in memory
                                   memory_gb = 3               # the server's memory target (tiles fit it)
@@ -16,6 +16,14 @@
                                   stall_seconds = 60          # a client that stops reading or sending is cut off
                                   client_upload_gb = 2        # uploads in flight of one client
                                   models_gb = 2               # uploaded model files held (unpacked size)
+
+Devices and workers: `device` is one device (auto, cpu, cuda[:N]); `devices` makes a pool of several
+("all": every CUDA GPU, else the CPU; "cuda:0,cuda:1"; "cpu"), with one loaded model per (backbone,
+device). Give one of the two (a flag replaces the file's either). A worker is one compute slot on one
+device: `workers` slots on each device, so workers x devices requests run at once, and one device
+behaves exactly as a server without a pool. Each worker computes with `threads` threads, by default
+the cores shared out between all workers (cores // (workers x devices), at least 1). A running request
+may borrow idle workers for its tiles or slices while no other request waits (device_pool.py).
 """
 
 from __future__ import annotations
@@ -57,9 +65,10 @@ class ServerLimits:
     max_streams_per_client: int = 8
     queue_length: int = 64
     workers: int = 2
+    """Compute slots on each device (workers x devices requests run at once)."""
     threads: int | None = None
     """Threads of each worker: torch's intra-op threads, BLAS/OpenMP pools and the forest's jobs
-    (None: default_threads(workers), so that workers x threads <= the cores)."""
+    (None: default_threads(workers x devices), so that all workers' threads <= the cores)."""
     max_request_seconds: float = 6 * 3600
     image_store_gb: float = 4
     memory_gb: float = 3
@@ -91,19 +100,28 @@ class ServerLimits:
 
     @property
     def worker_threads(self) -> int:
-        """The threads each worker computes with: `threads`, or the cores shared out between the workers."""
-        return self.threads or default_threads(self.workers)
+        """The threads each worker of a one-device server computes with (see threads_per_worker)."""
+        return self.threads_per_worker(1)
+
+    def threads_per_worker(self, devices: int) -> int:
+        """The threads each worker computes with on `devices` devices: `threads`, or the cores shared out
+        between all workers (workers x devices)."""
+        return self.threads or default_threads(self.workers * devices)
 
     @property
     def tile_budget_bytes(self) -> int:
-        """Memory the tiles of one request may use: the memory target less the process's base, shared
-        by the workers (each computes one request at a time)."""
-        return max(int((self.memory_gb * (1 << 30) - BASE_BYTES) / self.workers), MIN_TILE_BUDGET)
+        """Memory the tiles of one request may use on a one-device server (see tile_budget)."""
+        return self.tile_budget(1)
+
+    def tile_budget(self, devices: int) -> int:
+        """Memory the tiles of one request may use: the memory target less the process's base, shared by
+        all workers (workers x devices; each computes one request or one lent tile at a time)."""
+        return max(int((self.memory_gb * (1 << 30) - BASE_BYTES) / (self.workers * devices)), MIN_TILE_BUDGET)
 
 
-SERVER_KEYS = {"host": str, "port": int, "device": str, "insecure": bool, "token_file": str, "tls_cert": str,
+SERVER_KEYS = {"host": str, "port": int, "device": str, "devices": str, "insecure": bool, "token_file": str, "tls_cert": str,
                "tls_key": str, "tls_client_ca": str, "cache_dir": str, "cache_gb": float, "weights": dict}
-"""Keys of the [server] table and their types (weights: backbone name -> file)."""
+"""Keys of the [server] table and their types (weights: backbone name -> file; device or devices, not both)."""
 LIMIT_KEYS = {field.name: float if field.type == "float" else int for field in fields(ServerLimits)}
 
 
@@ -120,6 +138,8 @@ def read_config(path: str | Path) -> tuple[dict, ServerLimits]:
     if unknown:
         raise DinofeatError(f"{path}: unknown table [{sorted(unknown)[0]}]; the configuration has [server] and [limits].")
     settings = checked_table(path, "server", document.get("server", {}), SERVER_KEYS)
+    if "device" in settings and "devices" in settings:
+        raise DinofeatError(f"{path}: [server] has both device and devices; keep device for one device or devices for a pool.")
     limits = checked_table(path, "limits", document.get("limits", {}), LIMIT_KEYS)
     return settings, ServerLimits(**limits)
 
@@ -140,10 +160,18 @@ SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 50051, "device": "auto", "insecur
 
 def serve_settings(config: str | Path | None, flags: dict, limit_flags: dict) -> tuple[dict, ServerLimits]:
     """start_server's settings and the limits: built-in defaults, then the config file, then the flags
-    given on the command line (None means not given). Weights from both are merged, flags winning."""
+    given on the command line (None means not given). Weights from both are merged, flags winning; a
+    --device or --devices flag replaces the file's device or devices, and giving both flags is refused."""
     settings, limits = read_config(config) if config else ({}, ServerLimits())
-    weights = {**settings.get("weights", {}), **(flags.pop("weights", None) or {})}
-    merged = {**SERVE_DEFAULTS, **settings, **{k: v for k, v in flags.items() if v is not None}, "weights": weights}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "device" in given and "devices" in given:
+        raise DinofeatError("give --device (one device) or --devices (a pool of them), not both.")
+    if "device" in given or "devices" in given:
+        settings = {k: v for k, v in settings.items() if k not in ("device", "devices")}
+    weights = {**settings.get("weights", {}), **(given.pop("weights", None) or {})}
+    merged = {**SERVE_DEFAULTS, **settings, **given, "weights": weights}
+    if "devices" in merged:
+        del merged["device"]
     chosen = {**{f.name: getattr(limits, f.name) for f in fields(ServerLimits)},
               **{k: v for k, v in limit_flags.items() if v is not None}}
     return merged, ServerLimits(**chosen)

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import threading
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,7 @@ from dinofeat_client.wire import (
     segment_result_key,
 )
 
+from ..engine.lending import in_plan_order
 from ..engine.progress import Advance
 from ..engine.space import FeatureSpace
 from ..engine.stacks import (
@@ -54,6 +56,7 @@ from ..segment.fewshot import (
     volume_support_slices,
 )
 from ..segment.unsupervised import analysis_labeller, strided_pixels
+from .device_pool import WorkerModels
 from .result_cache import ResultCache
 from .streaming import Cancelled, dataset_messages, only_chunks, progress_message
 
@@ -129,19 +132,44 @@ Block = tuple[int, int, int, np.ndarray]
 
 def image_blocks(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
                  check, space: FeatureSpace, prefix: str = "") -> Iterator[pb.Progress | Block]:
-    """Every block of every slice of `image` in `space`, with progress (tiles for deep sets, rows otherwise)."""
+    """Every block of every slice of `image` in `space`, in slice order, with progress (tiles for deep sets,
+    rows otherwise). On a pool, slices ahead go whole to idle workers (see lent_slice and
+    engine/lending.py), never the last one left; at most spare_count + 2 slices are held."""
     slices = slices_of(image)
-    for z, plane in enumerate(slices):
+
+    def here(z: int, models: Models = models, device: torch.device = device) -> Iterator[pb.Progress | Block]:
         label = f"{prefix}slice {z + 1}/{len(slices)}: " if len(slices) > 1 else prefix
-        rows = plane.shape[0]
-        for item in fset.blocks(plane, device, options, models, check, space):
-            if isinstance(item, Advance):
-                yield progress_of(item, label)
-            else:
-                y0, x0, block = item
-                if not fset.deep:
-                    yield pb.Progress(stage=f"{label}rows", done=y0 + block.shape[1], total=rows)
-                yield z, y0, x0, block
+        return slice_blocks(slices[z], z, fset, options, models, device, check, space, label)
+
+    lend = lent_slice(image, fset, options, models, here)
+    most_ahead = models.spare_count if lend is not None else 0
+    return in_plan_order(len(slices), here, lend, most_ahead, lambda item: isinstance(item, pb.Progress))
+
+
+def slice_blocks(plane: np.ndarray, z: int, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+                 check, space: FeatureSpace, label: str) -> Iterator[pb.Progress | Block]:
+    """The blocks of slice `z` with progress labelled `label`."""
+    rows = plane.shape[0]
+    for item in fset.blocks(plane, device, options, models, check, space):
+        if isinstance(item, Advance):
+            yield progress_of(item, label)
+        else:
+            y0, x0, block = item
+            if not fset.deep:
+                yield pb.Progress(stage=f"{label}rows", done=y0 + block.shape[1], total=rows)
+            yield z, y0, x0, block
+
+
+def lent_slice(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+               here: Callable[..., Iterator]) -> Callable[[int], Future[list]] | None:
+    """On a pool with idle workers to lend (`models` a WorkerModels), a function starting slice z on an idle
+    worker (its items, computed whole: None when none is idle); None for one slice, no pool, or slices whose
+    features exceed one worker's memory budget (their tiles are lent instead)."""
+    if not isinstance(models, WorkerModels) or not models.spare_count or not image_axes(image).startswith("z") or len(image) < 2:
+        return None
+    if stack_bytes(image[0], len(fset.channel_names(image_channels(image), options, models))) > models.budget_bytes:
+        return None
+    return lambda z: models.lend(lambda device, lent: list(here(z, lent, device)))
 
 
 def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, options: FeatureOptions,

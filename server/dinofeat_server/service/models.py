@@ -12,7 +12,7 @@ from ..engine.weights import check_backbone, file_sha256, load_backbone, resolve
 
 
 class ModelRegistry:
-    """Backbone name -> loaded extractor on this server's device.
+    """Backbone name -> loaded extractor on one device (a server's pool holds one registry per device).
 
     `weights` maps backbone names to local files; the key "*" applies to any backbone without its own
     entry. Backbones with neither come from $DINOFEAT_WEIGHTS or the cached official download.

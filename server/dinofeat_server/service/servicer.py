@@ -9,13 +9,13 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-import torch
 
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
@@ -33,9 +33,9 @@ from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
 from .checks import check_grid, checked_seed
 from .config import ServerLimits
+from .device_pool import DevicePool, PoolDevice
 from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
 from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, image_channels, segment_work, train_work
-from .models import ModelRegistry
 from .result_cache import ResultCache
 from .scheduler import FairScheduler, QueueFull
 from .security import TokenAuthentication, client_identity
@@ -129,25 +129,35 @@ def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
     return pb.Encoding(compression=compression, level=level)
 
 
-class FeatureServicer(pb_grpc.FeatureServiceServicer):
-    """One per server: holds the uploaded images, the device and the engine's worker threads (one per
-    worker, each computing with `limits.worker_threads` threads, see threads.py)."""
+Work = Callable[..., Iterator]
+"""A jobs.py generator function with every argument bound except `models`, `device` and `cancelled`,
+which come from the worker the scheduler grants (see FeatureServicer._stream)."""
 
-    def __init__(self, device: torch.device, limits: ServerLimits = ServerLimits(), models: ModelRegistry | None = None,
-                 cache: ResultCache | None = None, authentication: TokenAuthentication | None = None):
-        self.device = device
+
+class FeatureServicer(pb_grpc.FeatureServiceServicer):
+    """One per server: holds the uploaded images, the device pool and the engine's request threads (one
+    per worker of the pool, each computing with `limits.threads_per_worker` threads, see threads.py)."""
+
+    def __init__(self, pool: DevicePool, limits: ServerLimits = ServerLimits(), cache: ResultCache | None = None,
+                 authentication: TokenAuthentication | None = None):
+        self.pool = pool
+        self.device = pool.devices[0].device
         self.limits = limits
         self.authentication = authentication
         self.store = ImageStore(int(limits.image_store_gb * 1e9), limits.client_upload_bytes)
-        self.models = models or ModelRegistry(device)
         self.trained_models = ContentStore(int(limits.models_gb * 1e9), size_of=lambda model: model.unpacked_bytes)
         self.cache = cache
         self.finished = self.cancelled = self.refused = 0
         self.usage = Usage()
-        self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client)
-        self.threads = limits.worker_threads
-        self.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dinofeat-engine",
+        self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client, pool)
+        self.threads = limits.threads_per_worker(len(pool.devices))
+        self.executor = ThreadPoolExecutor(max_workers=pool.slots, thread_name_prefix="dinofeat-engine",
                                            initializer=use_threads, initargs=(self.threads,))
+
+    @property
+    def device_names(self) -> str:
+        """"cpu", or the pool's devices as "cuda:0,cuda:1"."""
+        return ",".join(str(d.device) for d in self.pool.devices)
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -190,22 +200,24 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         remaining = context.time_remaining()
         return min(self.limits.max_request_seconds, remaining) if remaining is not None else self.limits.max_request_seconds
 
-    async def _stream(self, work, context) -> None:
-        """Wait for a fair turn, then send the work's messages. Bad input found while working ends the
-        call as INVALID_ARGUMENT, a full queue as RESOURCE_EXHAUSTED, running too long or a client that
-        stops reading as DEADLINE_EXCEEDED; the worker is free again only once its thread has stopped.
+    async def _stream(self, work: Work, context: grpc.aio.ServicerContext) -> None:
+        """Wait for a fair turn, then run `work` on the granted worker (its device and that device's models)
+        and send its messages. Bad input found while working ends the call as INVALID_ARGUMENT, a full
+        queue as RESOURCE_EXHAUSTED, running too long or a client that stops reading as DEADLINE_EXCEEDED;
+        the worker is free again only once its thread has stopped.
 
-        Every call leaves one structured log line: client, method, seconds, bytes sent, outcome."""
+        Every call leaves one structured log line: client, method, device of its worker, seconds, bytes sent, outcome."""
         started, outcome = time.perf_counter(), "abandoned"
         peer = context.peer()  # now: asking a cancelled call's context for its peer crashes grpc (SIGSEGV)
         client, allowed = self._client(context), self._seconds_allowed(context)
         totals = self.usage.of(client)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + allowed
-        sent, delivered = 0, False
+        sent, delivered, device = 0, False, ""
         try:
-            async with self.scheduler.slot(client, allowed):
-                messages = messages_from_thread(work, self.executor, max(deadline - loop.time(), 0))
+            async with self.scheduler.slot(client, allowed) as worker:
+                device = str(worker.device)
+                messages = messages_from_thread(self._on_worker(work, worker), self.executor, max(deadline - loop.time(), 0))
                 async with contextlib.aclosing(messages):
                     async for message in messages:
                         kind = message.WhichOneof("message")
@@ -245,7 +257,13 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 totals.finished += 1
             self.finished += 1
             REQUEST_LOG.info(json.dumps({"peer": peer, "client": client, "method": getattr(work, "func", work).__name__,
-                                         "seconds": round(time.perf_counter() - started, 3), "bytes": sent, "outcome": outcome}))
+                                         "device": device, "seconds": round(time.perf_counter() - started, 3), "bytes": sent,
+                                         "outcome": outcome}))
+
+    def _on_worker(self, work: Work, worker: PoolDevice) -> Callable[[object], Iterator]:
+        """`work` computing on `worker`'s device with its models, which lend it idle workers for tiles."""
+        models = self.pool.models(worker)
+        return lambda cancelled: work(models=models, device=worker.device, cancelled=cancelled)
 
     def _image(self, sha256: str, what: str = "image") -> np.ndarray:
         image = self.store.get(sha256)
@@ -270,7 +288,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return fset, options
 
     async def Health(self, request, context):
-        return pb.HealthReply(version=__version__, device=str(self.device), feature_sets=list(FEATURE_SETS))
+        return pb.HealthReply(version=__version__, device=self.device_names, feature_sets=list(FEATURE_SETS))
 
     async def ListFeatureSets(self, request, context):
         return pb.ListFeatureSetsReply(feature_sets=[
@@ -279,17 +297,15 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         ])
 
     async def Status(self, request, context):
-        allocated = total = 0
-        if self.device.type == "cuda":
-            allocated = torch.cuda.memory_allocated(self.device)
-            total = torch.cuda.get_device_properties(self.device).total_memory
+        devices = self.pool.report()
         uploads = self.store.in_flight()  # one snapshot: the per-client rows and the total agree
         return pb.StatusReply(
-            version=__version__, device=str(self.device), running=self.scheduler.running, finished=self.finished,
-            queued=self.scheduler.queued, workers=self.limits.workers, threads_per_worker=self.threads,
+            version=__version__, device=self.device_names, running=self.scheduler.running, finished=self.finished,
+            queued=self.scheduler.queued, workers=self.pool.slots, threads_per_worker=self.threads,
             queue_length=self.limits.queue_length,
-            cancelled=self.cancelled, refused=self.refused,
-            loaded_models=self.models.loaded(), device_memory_allocated_bytes=allocated, device_memory_total_bytes=total,
+            cancelled=self.cancelled, refused=self.refused, devices=devices, loaded_models=self.pool.loaded(),
+            device_memory_allocated_bytes=sum(d.memory_allocated_bytes for d in devices),
+            device_memory_total_bytes=sum(d.memory_total_bytes for d in devices),
             cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
             images_held=len(self.store), image_bytes=self.store.used_bytes(),
             clients=self.usage.report(self.scheduler.use(), uploads),
@@ -372,7 +388,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
         key = space_key(request.feature_space_json, list(request.fit_image_sha256))
-        work = partial(feature_stream, self.cache, image, fset, options, self.models, encoding, wanted, self.device,
+        work = partial(feature_stream, self.cache, image, fset, options, encoding=encoding, wanted=wanted,
                        like=like, fit_images=fit_images or None, space_key=key)
         await self._stream(work, context)
 
@@ -386,7 +402,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             seed = checked_seed(request.seed)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(segment_work, image, labels, fset, options, self.models, kind, request.trees, seed, encoding, self.device,
+        work = partial(segment_work, image, labels, fset, options, kind=kind, trees=request.trees, seed=seed, encoding=encoding,
                        max_training_gb=self.limits.max_training_gb, threads=self.threads)
         await self._stream(work, context)
 
@@ -401,7 +417,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             seed = checked_seed(request.seed)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(train_work, images, labels, fset, options, self.models, kind, request.trees, seed, self.device,
+        work = partial(train_work, images, labels, fset, options, kind=kind, trees=request.trees, seed=seed,
                        max_training_gb=self.limits.max_training_gb, threads=self.threads)
         await self._stream(work, context)
 
@@ -437,7 +453,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             encoding = checked_encoding(request.encoding)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(apply_work, model, request.model_sha256, image, fset, self.models, encoding, self.device, threads=self.threads)
+        work = partial(apply_work, model, request.model_sha256, image, fset, encoding=encoding, threads=self.threads)
         await self._stream(work, context)
 
     async def Analyse(self, request, context):
@@ -451,7 +467,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             seed = checked_seed(request.seed)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(analyse_work, image, fset, options, self.models, request.analysis, request.clusters, seed, self.device)
+        work = partial(analyse_work, image, fset, options, analysis=request.analysis, clusters=request.clusters, seed=seed)
         await self._stream(work, context)
 
     async def FewShot(self, request, context):
@@ -469,9 +485,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             check_grid(grid, window, supports)
         except DinofeatError as error:
             await self._fail(context, error)
-        work = partial(fewshot_work, supports, masks, query, fset, options, self.models, window, grid,
-                       components, self.device)
+        work = partial(fewshot_work, supports, masks, query, fset, options, window=window, grid=grid, components=components)
         await self._stream(work, context)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
