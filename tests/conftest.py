@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ["DINOFEAT_LOCAL_SERVER"] = "0"  # commands compute in their own process (embedded server), so no test leaves
+# a local server running; tests/test_local_server.py turns it on for its commands, in a runtime folder of its own
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
