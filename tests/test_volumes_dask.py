@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import h5py
@@ -161,7 +164,7 @@ def test_the_cli_without_dask_writes_ome_zarr_in_process_and_refuses_to_replace_
     (other / "notes.txt").write_text("keep me")
     result = dinofeat("features", volume, "-o", str(other), "--device", "cpu", "--quiet")
     assert result.returncode == 1 and (other / "notes.txt").exists()
-    assert result.stderr.count("\n") == 1 and "exists and is a folder that is not a dinofeat feature store" in result.stderr
+    assert result.stderr.count("\n") == 1 and "exists and is a folder that dinofeat did not write" in result.stderr
     assert "--overwrite" in result.stderr
     result = dinofeat("features", volume, "-o", str(other), "--device", "cpu", "--quiet", "--overwrite")
     assert result.returncode == 0, result.stderr
@@ -210,3 +213,45 @@ def test_ome_zarr_and_hdf5_volumes_give_the_features_of_the_same_tiff_stack(volu
         source = open_volume(path)
         assert source.shape == stack.shape and source.volume, path
         np.testing.assert_array_equal(lazy_features(path, device="cpu").compute(scheduler="synchronous"), expected)
+
+
+def listens(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture()
+def http_folder(tmp_path):
+    """(folder, base URL) of a real HTTP server (python -m http.server) serving `folder` on loopback."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=folder,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not listens(port):
+            assert time.monotonic() < deadline and server.poll() is None, "the HTTP server did not start"
+            time.sleep(0.1)
+        yield folder, f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_workers_read_an_ome_zarr_by_url_and_give_the_features_of_the_local_stack(volume, cluster, classical_reference,
+                                                                                   http_folder, tmp_path):
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+    import zarr
+
+    folder, base = http_folder
+    write_image(tifffile.imread(volume), zarr.open_group(str(folder / "stack.zarr"), mode="w", zarr_format=2), axes="zyx",
+                fmt=FormatV04(), scale_factors=[])
+    result = dinofeat("features", f"{base}/stack.zarr", "-o", str(tmp_path / "remote.zarr"), "--dask", cluster.scheduler.address,
+                      "--quiet")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(open_features(tmp_path / "remote.zarr")[0][:], classical_reference[0], rtol=1e-5, atol=1e-5)
+    result = dinofeat("features", f"{base}/absent.zarr", "-o", str(tmp_path / "absent.zarr"), "--quiet")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"cannot read {base}/absent.zarr: not an OME-Zarr at that URL" in result.stderr

@@ -14,7 +14,7 @@ from ..engine.space import FeatureSpace
 from ..engine.stacks import FeatureOptions
 from .dask_run import fitted_on, request_for
 from .sources import VolumeSource
-from .tasks import FittedVolume, slice_features
+from .tasks import FittedVolume, fit_volume, slice_features
 
 
 def lazy_features(volume: str | os.PathLike | np.ndarray | VolumeSource, feature_set: str = "classical", *,
@@ -50,7 +50,7 @@ def fitted_features(volume, feature_set: str = "classical", *, options: FeatureO
     import dask
     import dask.array as da
 
-    fitted: FittedVolume = fitted_on(client, request_for(volume, feature_set, options, device, weights), like)
+    fitted: FittedVolume = fitted_on(client, fit_volume, request_for(volume, feature_set, options, device, weights), like)
     source = fitted.request.source
     shared = dask.delayed(fitted, traverse=False)
     slices = [da.from_delayed(dask.delayed(slice_features, pure=True)(shared, z), shape=(len(fitted.channel_names), *source.shape[1:3]),

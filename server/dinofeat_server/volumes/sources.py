@@ -13,6 +13,7 @@ full-resolution level, axes named in the metadata; t and c of length 1 dropped, 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,10 +138,13 @@ def zarr_plane(stored, axes: str, z: int) -> np.ndarray:
 
 
 def open_volume(volume: str | os.PathLike | np.ndarray) -> VolumeSource:
-    """The `VolumeSource` of a path (TIFF, OME-Zarr, HDF5) or an array; one sentence when it cannot be read."""
+    """The `VolumeSource` of a path (TIFF, OME-Zarr, HDF5), an OME-Zarr URL or an array; one sentence when it
+    cannot be read."""
     if isinstance(volume, np.ndarray):
         return array_source(volume)
     text = os.fspath(volume)
+    if is_url(text):
+        return zarr_source(text)
     path = Path(text)
     hdf5 = hdf5_parts(text)
     if hdf5 is not None:
@@ -153,6 +157,19 @@ def open_volume(volume: str | os.PathLike | np.ndarray) -> VolumeSource:
         return tiff_source(text)
     raise DinofeatError(f"cannot read {text} as a volume: give a TIFF stack (.tif), an OME-Zarr folder (.zarr) or an HDF5 "
                         "file (.h5, optionally FILE.h5/DATASET).")
+
+
+def is_url(text: str) -> bool:
+    """Whether a volume is named by a URL (http://, https://, s3://, ...): an OME-Zarr that each worker reads
+    itself through fsspec (http needs aiohttp, which ome-zarr brings; s3 needs s3fs, gs gcsfs)."""
+    found = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+)://", text)
+    return found is not None and found.group(1).lower() != "file"
+
+
+def absolute_name(volume: str | os.PathLike) -> str:
+    """A volume's name as workers elsewhere can use it: an absolute path, or the URL as given."""
+    text = os.fspath(volume)
+    return text if is_url(text) else os.path.abspath(text)
 
 
 def array_source(image: np.ndarray) -> VolumeSource:
@@ -247,8 +264,11 @@ def zarr_source(path: str) -> VolumeSource:
 
     try:
         node = zarr.open(path, mode="r")
+    except ImportError as error:  # fsspec's protocol packages: s3fs, gcsfs, ...
+        raise DinofeatError(f"cannot read {path}: {error}") from None
     except Exception as error:
-        raise DinofeatError(f"cannot read {path}: not a Zarr folder ({type(error).__name__}).") from None
+        what = "an OME-Zarr at that URL" if is_url(path) else "a Zarr folder"
+        raise DinofeatError(f"cannot read {path}: not {what} ({type(error).__name__}).") from None
     if isinstance(node, zarr.Array):
         array_path, axes, stored = "", "zyx"[-node.ndim:] if node.ndim <= 3 else "", node
     else:

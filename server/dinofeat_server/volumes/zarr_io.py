@@ -45,7 +45,7 @@ def axes_of(volume: bool) -> list[dict]:
 
 
 def is_feature_store(path: Path) -> bool:
-    """Whether `path` is an OME-Zarr feature store that dinofeat wrote (complete or not)."""
+    """Whether `path` is an OME-Zarr store that dinofeat wrote (features, labels or probabilities; complete or not)."""
     attrs = path / ".zattrs"
     try:
         return "dinofeat" in json.loads(attrs.read_text())
@@ -54,7 +54,7 @@ def is_feature_store(path: Path) -> bool:
 
 
 def checked_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The output store's path: named .zarr; when it exists, a dinofeat feature store or an empty folder is
+    """The output store's path: named .zarr; when it exists, a store dinofeat wrote or an empty folder is
     replaced, anything else only with `overwrite`. Its folder is created and must take new files."""
     from dinofeat_client.outputs import output_folder
 
@@ -64,7 +64,7 @@ def checked_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         empty = path.is_dir() and not any(path.iterdir())
         if not empty and not (path.is_dir() and is_feature_store(path)):
-            what = "a folder that is not a dinofeat feature store" if path.is_dir() else "a file"
+            what = "a folder that dinofeat did not write" if path.is_dir() else "a file"
             raise DinofeatError(f"the output {path} exists and is {what}; choose another name, or pass --overwrite to replace it.")
     output_folder(path.absolute().parent)
     return path
@@ -75,35 +75,112 @@ def partial_path(output: Path) -> Path:
     return output.absolute().parent / f".{output.name}.partial"
 
 
-def create_feature_store(path: Path, shape: tuple[int, ...], channel_names: list[str], attributes: dict) -> None:
-    """An empty store (no chunks yet) for float32 features of `shape` (C, Z, Y, X) or (C, Y, X), with its metadata."""
-    import numcodecs
+def new_group(path: Path):
+    """An empty Zarr v2 group at `path` (whatever was there removed)."""
     import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    return zarr.open_group(str(path), mode="w", zarr_format=2)
+
+
+def add_array(group, name: str, shape: tuple[int, ...], dtype: str) -> None:
+    """An empty array (no chunks yet) of tile-sized chunks (`chunks_of`), zlib level 1, "/"-separated chunk keys."""
+    import numcodecs
+
+    group.create_array(name, shape=shape, chunks=chunks_of(shape), dtype=dtype, fill_value=0,
+                       compressors=numcodecs.Zlib(level=1), chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
+def write_ngff(group, name: str, shapes: list[tuple[int, ...]], channel: bool, metadata: dict) -> None:
+    """NGFF 0.4 "multiscales" of the arrays "0", "1", ... of `shapes` (level k at scale 2^k in Y and X), with
+    `metadata` ("omero": beside it in the group's attributes)."""
     from ome_zarr.format import FormatV04
 
     with warnings.catch_warnings():  # ome_zarr.writer's import warns of its own deprecated Scaler, which we do not use
         warnings.simplefilter("ignore", DeprecationWarning)
         from ome_zarr.writer import write_multiscales_metadata
 
-    if path.exists():
-        shutil.rmtree(path)
-    group = zarr.open_group(str(path), mode="w", zarr_format=2)
-    group.create_array(LEVEL, shape=shape, chunks=chunks_of(shape), dtype="float32", fill_value=0.0,
-                       compressors=numcodecs.Zlib(level=1), chunk_key_encoding={"name": "v2", "separator": "/"})
-    scale = [1.0] * len(shape)
-    channels = [{"label": name, "color": "FFFFFF", "active": i == 0,
-                 "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}} for i, name in enumerate(channel_names)]
-    write_multiscales_metadata(group, [{"path": LEVEL, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-                               fmt=FormatV04(), axes=axes_of(len(shape) == 4), name="features",
-                               metadata={"omero": {"channels": channels}})
+    datasets = []
+    for level, shape in enumerate(shapes):
+        factor = float(2**level)
+        scale = [1.0] * (len(shape) - 2) + [factor, factor]
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    volume = len(shapes[0]) - channel == 3
+    axes = axes_of(volume)[0 if channel else 1 :]  # a label image has no channel axis
+    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=axes, name=name, metadata=metadata)
+
+
+def create_feature_store(path: Path, shape: tuple[int, ...], channel_names: list[str], attributes: dict,
+                         name: str = "features") -> None:
+    """An empty store (no chunks yet) for float32 features of `shape` (C, Z, Y, X) or (C, Y, X), with its metadata
+    (the NGFF image's `name`: "features", or "probabilities" for a classifier's)."""
+    group = new_group(path)
+    add_array(group, LEVEL, shape, "float32")
+    channels = [{"label": label, "color": "FFFFFF", "active": i == 0,
+                 "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}} for i, label in enumerate(channel_names)]
+    write_ngff(group, name, [shape], True, {"omero": {"channels": channels}})
     group.attrs["dinofeat"] = {**attributes, "complete": False}
 
 
-def open_level(path: Path):
-    """The full-resolution array of a store, for writing."""
+def pyramid_shapes(shape: tuple[int, ...], levels: int) -> list[tuple[int, ...]]:
+    """The shapes of the full-resolution level and `levels` more, each half the last in Y and X (rounded up)."""
+    shapes = [tuple(shape)]
+    for _ in range(levels):
+        *rest, rows, columns = shapes[-1]
+        shapes.append((*rest, -(-rows // 2), -(-columns // 2)))
+    return shapes
+
+
+LABEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
+                 (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+"""Colours of the classes in ascending value (as the overlay pictures' legend), repeated past ten."""
+
+
+def create_label_store(path: Path, shape: tuple[int, ...], dtype: str, class_values: list[int], levels: int,
+                       attributes: dict) -> None:
+    """An empty NGFF 0.4 label image of class values (Z, Y, X) or (Y, X) of `dtype`, with `levels` downsampled levels
+    ("1", "2", ...): "multiscales" and "image-label" (a colour and the name class_V for each class) in its .zattrs."""
+    group = new_group(path)
+    shapes = pyramid_shapes(shape, levels)
+    for level, level_shape in enumerate(shapes):
+        add_array(group, str(level), level_shape, dtype)
+    colours = [{"label-value": int(v), "rgba": [*LABEL_COLOURS[i % len(LABEL_COLOURS)], 255]} for i, v in enumerate(class_values)]
+    properties = [{"label-value": int(v), "class": f"class_{v}"} for v in class_values]
+    write_ngff(group, "labels", shapes, False, {})
+    group.attrs["image-label"] = {"version": "0.4", "colors": colours, "properties": properties}
+    group.attrs["dinofeat"] = {**attributes, "complete": False}
+
+
+def label_dtype(class_values: list[int]) -> str:
+    """The smallest integer type holding every class value (unsigned unless a value is negative)."""
+    return np.result_type(np.min_scalar_type(min(class_values)), np.min_scalar_type(max(class_values))).name
+
+
+def halved(class_map: np.ndarray) -> np.ndarray:
+    """A (Y, X) class map at half size (rounded up) by the mode of each 2 x 2 block (ties: the first of the block in
+    reading order; an odd edge repeats its last row or column), so no class value is invented."""
+    rows, columns = class_map.shape
+    padded = np.pad(class_map, ((0, rows % 2), (0, columns % 2)), mode="edge")
+    block = np.stack([padded[0::2, 0::2], padded[0::2, 1::2], padded[1::2, 0::2], padded[1::2, 1::2]])
+    votes = (block[:, None] == block[None, :]).sum(axis=1)  # for each of the 4 pixels, how many of the 4 equal it
+    return np.take_along_axis(block, votes.argmax(axis=0)[None], axis=0)[0]
+
+
+def write_labels(path: Path, z: int | None, class_map: np.ndarray, levels: int) -> None:
+    """Write slice z's (Y, X) class map into the full-resolution level, then each downsampled level from the one before:
+    a slice's task writes all (and only) the chunks of its own slice in every level."""
+    for level in range(levels + 1):
+        array = open_level(path, str(level))
+        array[(z, slice(None), slice(None)) if z is not None else (slice(None), slice(None))] = class_map
+        class_map = halved(class_map)
+
+
+def open_level(path: Path, level: str = LEVEL):
+    """An array of a store (the full-resolution one unless `level` names another), for writing."""
     import zarr
 
-    return zarr.open_array(str(path / LEVEL), mode="r+", zarr_format=2)
+    return zarr.open_array(str(path / level), mode="r+", zarr_format=2)
 
 
 def write_block(array, z: int | None, y0: int, x0: int, block: np.ndarray) -> None:
