@@ -7,7 +7,9 @@ MKL/OpenBLAS/BLIS/numexpr/vecLib thread counts and LOKY_MAX_CPU_COUNT (torch, nu
 n_jobs=-1), LAZYFLOW_THREADS (ilastik) and JAVA_TOOL_OPTIONS=-XX:ActiveProcessorCount=2 (TWS's forest and
 feature threads), and each process runs pinned to THREADS of this process's cores (sched_setaffinity)
 where it may use more: some tools size their pools from the cores they see rather than from the variables
-(dinofeat's server, the JVM, joblib).
+(dinofeat's server, the JVM, joblib). dinofeat's commands use the per-user local server as a user's do: the
+first one starts it (and pays torch's import), the later ones find it loaded; DINOFEAT_LOCAL_SERVER=0 in the
+benchmark's environment makes every command start cold instead.
 
 A tool that cannot run raises ToolFailed with one sentence (the program's own last line where it printed
 one), so that a benchmark records it in that tool's column and goes on.

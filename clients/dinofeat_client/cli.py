@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, local_server
 from .client import PLAINTEXT_TOKEN_FLAG, PLAINTEXT_TOKEN_VARIABLE, FeatureClient, Transfer
 from .errors import DinofeatError
 from .feature_sets import SETS
@@ -100,7 +101,8 @@ def say(message: str) -> None:
 
 @contextlib.contextmanager
 def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
-    """A client for --server, or for an embedded server started here (needs dinofeat[server])."""
+    """A client for --server; else for this user's local server (local_server.py: started once, it keeps torch and
+    models loaded between commands), or with --no-local-server for an embedded server started here (needs dinofeat[server])."""
     if args.server:
         if getattr(args, "weights", None):
             raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
@@ -111,14 +113,32 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
                            retries=args.retries, notify=say, insecure_token=insecure_token) as client:
             yield client
         return
+    weights = {getattr(args, "backbone", DEFAULT_BACKBONE): args.weights} if getattr(args, "weights", None) else None
+    address = local_server.local_address(args.device, weights, notify=say) if local_server.wanted(args) else None
+    if address:
+        with FeatureClient(address, notify=say) as client:
+            yield client
+        return
     try:
         from dinofeat_server.service.server import EmbeddedServer
     except ImportError:
         raise DinofeatError("no --server was given and the server part is not installed here; "
                             "pass --server ADDRESS or install dinofeat[server].") from None
-    weights = {getattr(args, "backbone", DEFAULT_BACKBONE): args.weights} if getattr(args, "weights", None) else None
     with EmbeddedServer(args.device, weights) as address, FeatureClient(address, notify=say) as client:
         yield client
+
+
+def command_local(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """`dinofeat local [status|stop]`: list or stop this user's local servers (local_server.py)."""
+    servers = local_server.running(local_server.private_folder(local_server.runtime_folder()))
+    if not servers:
+        print("no local dinofeat server is running for this user.")
+    for info in servers:
+        if args.action == "stop":
+            local_server.stop(info)
+            print(f"stopped the local dinofeat server (pid {info['pid']}).")
+        else:
+            print(local_server.describe(info))
 
 
 def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -149,12 +169,25 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"  result cache      {cache}\n"
           f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB); uploads in flight "
           f"{status.upload_bytes / 1e6:.1f} MB; model files {status.model_bytes / 1e6:.1f} MB")
+    print_devices(status.devices)
     if status.clients:
         print(f"  {'client':<20} {'open':>5} {'running':>8} {'waiting':>8} {'uploading':>10} {'finished':>9} {'cancelled':>10} "
               f"{'refused':>8} {'stalled':>8} {'sent':>10}")
         for row in status.clients:
             print(f"  {row.client:<20} {row.open_calls:>5} {row.running:>8} {row.queued:>8} {row.upload_bytes / 1e6:>8.1f}MB "
                   f"{row.finished:>9} {row.cancelled:>10} {row.refused:>8} {row.stalled:>8} {row.bytes_sent / 1e6:>8.1f}MB")
+
+
+def print_devices(devices) -> None:
+    """The status's per-device table: workers, busy now, tiles computed (lent: for a request on another
+    worker), busy time, GPU memory and loaded models. Nothing for a server older than the device pool."""
+    if not devices:
+        return
+    print(f"  {'device':<10} {'workers':>7} {'busy':>5} {'tiles':>7} {'lent':>6} {'busy time':>10} {'GPU memory':>16}  models")
+    for row in devices:
+        memory = f"{row.memory_allocated_bytes / 1e9:.2f}/{row.memory_total_bytes / 1e9:.1f} GB" if row.memory_total_bytes else "-"
+        print(f"  {row.device:<10} {row.workers:>7} {row.busy:>5} {row.tiles:>7} {row.lent_tiles:>6} {row.busy_seconds:>8.1f} s "
+              f"{memory:>16}  {', '.join(row.loaded_models) or '-'}")
 
 
 SUFFIXES = {"h5": (".h5", ".hdf5", ".hdf"), "tiff": (".tif", ".tiff"), "png": (".png",)}
@@ -190,7 +223,7 @@ def hidden_features_path(output: str) -> Path:
 
 def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
     """The features of `image` (--set and the deep options) from the server into `path`."""
-    like = read_space(args.like) if getattr(args, "like", None) else None
+    like = like_json(args.like) if getattr(args, "like", None) else None
     with connect(args) as client:
         transfer = client.fetch_features(image, path, args.set, progress=bars, **encoding, **deep_options(args), like=like)
     bars.close()
@@ -209,7 +242,7 @@ def hidden_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressB
 
 
 def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
-    if args.dask or Path(args.output).suffix.lower() == ".zarr":
+    if wants_zarr(args):
         return zarr_features(args, bars)
     image = check_image(read_image(args.image))
     output_file(args.output)
@@ -227,28 +260,117 @@ def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
 def zarr_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     """features -o OUT.zarr: OME-Zarr computed in this process, or as one Dask task per slice on the workers of
     --dask (which read the volume from the same path); needs dinofeat[server,volumes] (imported only here)."""
-    if Path(args.output).suffix.lower() != ".zarr":
+    volumes = zarr_run(args, "features")
+    from dinofeat_server.engine.space import FeatureSpace
+    from dinofeat_server.engine.stacks import FeatureOptions
+
+    like = FeatureSpace.from_dict(json.loads(like_json(args.like))) if args.like else None
+    weights = {args.backbone: args.weights} if args.weights else None
+    with dask_or_here(args, volumes) as client:
+        written = volumes.features_to_zarr(args.image, args.output, args.set, options=FeatureOptions(**deep_options(args)),
+                                           device=args.device, weights=weights, client=client, like=like,
+                                           overwrite=args.overwrite, progress=bars)
+    bars.close()
+    print(f"wrote {written}")
+
+
+def wants_zarr(args: argparse.Namespace) -> bool:
+    """Whether the command writes OME-Zarr (-o OUT.zarr) or runs on Dask (--dask): the volume code paths."""
+    return bool(args.dask) or Path(args.output).suffix.lower() == ".zarr"
+
+
+def zarr_run(args: argparse.Namespace, command: str, suffix: str = ".zarr"):
+    """The volumes package, after refusing a volume run that cannot be one (output not named `suffix`, or --server)."""
+    if suffix == ".zarr" and Path(args.output).suffix.lower() != suffix:
         raise DinofeatError(f"--dask writes OME-Zarr; name the output {Path(args.output).stem}.zarr.")
     if args.server:
-        raise DinofeatError("a .zarr output is computed in this process or on Dask workers (--dask), not by --server; "
-                            "leave out --server, or write .h5.")
+        raise DinofeatError(f"dinofeat {command} -o OUT{suffix} with --dask computes on Dask workers (or in this process), "
+                            "not by --server; leave out one of them.")
     try:
-        import json
-
-        from dinofeat_server.engine.space import FeatureSpace
-        from dinofeat_server.engine.stacks import FeatureOptions
-        from dinofeat_server.volumes import dask_client, features_to_zarr
+        import dinofeat_server.volumes as volumes
     except ImportError:
         raise DinofeatError("OME-Zarr outputs and --dask need dinofeat[server,volumes] here (torch, dask, distributed, "
                             "zarr, ome-zarr).") from None
-    like = FeatureSpace.from_dict(json.loads(read_space(args.like))) if args.like else None
-    weights = {args.backbone: args.weights} if args.weights else None
-    with dask_client(args.dask, args.dask_workers) if args.dask else contextlib.nullcontext() as client:
-        written = features_to_zarr(args.image, args.output, args.set, options=FeatureOptions(**deep_options(args)),
-                                   device=args.device, weights=weights, client=client, like=like,
-                                   overwrite=args.overwrite, progress=bars)
+    return volumes
+
+
+@contextlib.contextmanager
+def dask_or_here(args: argparse.Namespace, volumes) -> Iterator[object | None]:
+    """The Dask client of --dask (TLS from --dask-tls-*), or None: compute in this process."""
+    tls = (args.dask_tls_ca, args.dask_tls_cert, args.dask_tls_key)
+    if not args.dask:
+        if any(tls):
+            raise DinofeatError("--dask-tls-* secure a Dask scheduler; give its address with --dask tls://HOST:PORT.")
+        yield None
+        return
+    with volumes.dask_client(args.dask, args.dask_workers, volumes.dask_security(args.dask, *tls)) as client:
+        yield client
+
+
+def like_json(path: str) -> str:
+    """The feature space JSON for --like: a feature file (.h5), a model (.dfm), or an OME-Zarr store dinofeat wrote."""
+    if not Path(path).is_dir():
+        return read_space(path)
+    try:
+        stored = json.loads((Path(path) / ".zattrs").read_text()).get("dinofeat", {})
+    except (OSError, ValueError, AttributeError):
+        stored = {}
+    if not stored.get("feature_space"):
+        raise DinofeatError(f"{path} is not an OME-Zarr store that dinofeat wrote; --like takes a feature file (.h5 or .zarr) "
+                            "or a model (.dfm).")
+    if not stored.get("complete"):
+        raise DinofeatError(f"{path} is incomplete (its computation stopped); compute it again, or take --like from another.")
+    return json.dumps(stored["feature_space"], sort_keys=True)
+
+
+def zarr_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """apply MODEL VOLUME -o OUT.zarr: the label image (and probabilities) as OME-Zarr, one task per slice."""
+    volumes = zarr_run(args, "apply")
+    if len(args.images) != 1:
+        raise DinofeatError(f"-o {args.output} takes one volume, not {len(args.images)} inputs; apply to each in its own run.")
+    weights = {"*": args.weights} if args.weights else None
+    with dask_or_here(args, volumes) as client:
+        written = volumes.classify_to_zarr(args.images[0], args.model, args.output, probabilities=args.probabilities,
+                                           levels=args.pyramid, feature_set=args.set or "", device=args.device,
+                                           weights=weights, client=client, overwrite=args.overwrite, progress=bars)
     bars.close()
-    print(f"wrote {written}")
+    print("wrote " + ", ".join(str(path) for path in written if path))
+
+
+def dask_train(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """train VOLUME --labels LABELS -o MODEL.dfm --dask ...: features of the labelled slices as Dask tasks, the
+    classifier trained here on their labelled pixels."""
+    volumes = zarr_run(args, "train", ".dfm")
+    if len(args.images) != 1 or len(args.labels) != 1:
+        raise DinofeatError("with --dask, train on one volume and its labels (a stack holds many slices).")
+    from dinofeat_server.engine.stacks import FeatureOptions
+
+    output_file(args.output)
+    weights = {args.backbone: args.weights} if args.weights else None
+    with dask_or_here(args, volumes) as client:
+        _, trained = volumes.train_volume(args.images[0], args.labels[0], args.set, options=FeatureOptions(**deep_options(args)),
+                                          kind=args.classifier, trees=args.trees, seed=args.seed, device=args.device,
+                                          weights=weights, client=client, progress=bars)
+    volumes.save_model(trained, args.output)
+    bars.close()
+    meta = trained.metadata
+    print(f"wrote {args.output}: {args.classifier} on {meta['labelled_pixels']} labelled pixels, "
+          f"classes {', '.join(str(v) for v in meta['class_values'])}")
+
+
+def zarr_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """segment VOLUME --labels LABELS -o OUT.zarr: train on the labelled slices, then write the label image."""
+    volumes = zarr_run(args, "segment")
+    from dinofeat_server.engine.stacks import FeatureOptions
+
+    weights = {args.backbone: args.weights} if args.weights else None
+    with dask_or_here(args, volumes) as client:
+        written = volumes.segment_to_zarr(args.image, args.labels, args.output, args.set, options=FeatureOptions(**deep_options(args)),
+                                          kind=args.classifier, trees=args.trees, seed=args.seed,
+                                          probabilities=args.probabilities, levels=args.pyramid, device=args.device,
+                                          weights=weights, client=client, overwrite=args.overwrite, progress=bars)
+    bars.close()
+    print("wrote " + ", ".join(str(path) for path in written if path))
 
 
 def fiji_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str):
@@ -305,6 +427,8 @@ def command_arff(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if wants_zarr(args):
+        return zarr_segment(args, bars)
     image = check_image(read_image(args.image))
     labels = check_labels(read_image(args.labels), image)
     check_outputs(args.output, args.probabilities)
@@ -357,6 +481,8 @@ def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Pat
 
 
 def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if args.dask:
+        return dask_train(args, bars)
     if len(args.images) != len(args.labels):
         raise DinofeatError(f"give one --labels file per image ({len(args.images)} images, {len(args.labels)} label files).")
     images = [check_image(read_image(p)) for p in args.images]
@@ -371,7 +497,10 @@ def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
 
 
 def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
-    """Apply a model to one image (-o the class map) or many (-o a folder), with one model upload."""
+    """Apply a model to one image (-o the class map) or many (-o a folder), with one model upload; a volume to
+    -o OUT.zarr (in this process, or on --dask workers) as zarr_apply."""
+    if wants_zarr(args):
+        return zarr_apply(args, bars)
     inputs = image_files(args.images)
     if not writes_to_folder(inputs, args.output):
         image = check_image(read_image(inputs[0]))
@@ -600,13 +729,14 @@ def command_serve(args: argparse.Namespace, bars: ProgressBars) -> None:
     serve(settings, limits)
 
 
-SERVE_FLAGS = ("host", "port", "device", "token_file", "tls_cert", "tls_key", "tls_client_ca", "cache_dir", "cache_gb")
+SERVE_FLAGS = ("host", "port", "device", "devices", "token_file", "tls_cert", "tls_key", "tls_client_ca", "cache_dir", "cache_gb")
 LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_channels": (int, "feature channels per result"),
                "max_upload_mb": (float, "size of one uploaded image in MiB"),
                "max_streams_per_client": (int, "concurrent requests of one client"),
                "queue_length": (int, "requests waiting for a worker before new ones are refused"),
-               "workers": (int, "requests computed at once"),
-               "threads": (int, "threads of each worker: torch, BLAS/OpenMP, the random forest (default: cores / workers)"),
+               "workers": (int, "compute slots on each device: workers x devices requests run at once"),
+               "threads": (int, "threads of each worker: torch, BLAS/OpenMP, the random forest "
+                                "(default: cores / (workers x devices))"),
                "max_request_seconds": (float, "longest a request may run"),
                "image_store_gb": (float, "memory for uploaded images"),
                "memory_gb": (float, "memory target: tiles of deep features are sized to fit it"),
@@ -656,12 +786,28 @@ def deep_parser(pca_help: str) -> argparse.ArgumentParser:
     return deep
 
 
+def dask_parser() -> argparse.ArgumentParser:
+    """Where a volume's tasks run (--dask) and how to reach a TLS scheduler; for commands that write OME-Zarr."""
+    dask = argparse.ArgumentParser(add_help=False)
+    dask.add_argument("--dask", metavar="ADDRESS", help="compute a volume (TIFF stack, OME-Zarr or HDF5 on storage the workers "
+                      "share) as Dask tasks on the scheduler at ADDRESS (tcp://HOST:8786, tls://...), or 'local' for a "
+                      "local cluster; writes -o OUT.zarr")
+    dask.add_argument("--dask-workers", type=int, default=0, metavar="N", help="workers of --dask local, one thread each "
+                      "(default: one per CPU core)")
+    dask.add_argument("--dask-tls-ca", metavar="PEM", help="for a tls:// scheduler: the CA that signed its certificate")
+    dask.add_argument("--dask-tls-cert", metavar="PEM", help="for a tls:// scheduler: this client's certificate")
+    dask.add_argument("--dask-tls-key", metavar="PEM", help="for a tls:// scheduler: this client's key")
+    return dask
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinofeat", description="DINOv2 and classical feature stacks for Fiji, ilastik and Python.")
     parser.add_argument("--version", action="version", version=f"dinofeat {__version__}")
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--server", metavar="ADDRESS", help="host:port of a dinofeat server (default: start one in this process)")
-    remote.add_argument("--device", default="auto", help="device of the embedded server: auto, cpu, cuda[:N] (default: auto)")
+    remote.add_argument("--device", default="auto", help="device of the local or embedded server: auto, cpu, cuda[:N] (default: auto)")
+    remote.add_argument("--no-local-server", action="store_true", help="compute in this process instead of in this user's local "
+                        "server, which stays loaded between commands (also DINOFEAT_LOCAL_SERVER=0)")
     remote.add_argument("--quiet", action="store_true", help="no progress bars")
     remote.add_argument("--token-file", help="file with the server's access token (default: $DINOFEAT_TOKEN)")
     remote.add_argument("--tls-ca", help="CA certificate that signed the server's TLS certificate (turns TLS on)")
@@ -676,26 +822,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers").set_defaults(run=command_sets)
+    p = commands.add_parser("local", help="this user's local servers (started by commands without --server): status or stop")
+    p.set_defaults(run=command_local)
+    p.add_argument("action", nargs="?", choices=("status", "stop"), default="status", help="list them (default) or stop them")
     commands.add_parser("status", parents=[remote], help="what a server is doing: requests, models, memory, cache").set_defaults(
         run=command_status)
 
-    p = commands.add_parser("features", parents=[remote, deep], help="compute a feature stack and write it as HDF5")
+    dask = dask_parser()
+    p = commands.add_parser("features", parents=[remote, deep, dask], help="compute a feature stack and write it as HDF5")
     p.set_defaults(run=command_features)
     p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
     p.add_argument("-o", "--output", required=True, help="the file to write: .h5, .tif for an ImageJ hyperstack, or .zarr for "
                    "OME-Zarr (computed here or with --dask; needs dinofeat[server,volumes])")
     p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
                    "the output's suffix names it (.h5 / .tif), and must agree with this")
-    p.add_argument("--dask", metavar="ADDRESS", help="compute a volume (TIFF stack, OME-Zarr or HDF5 on storage the workers "
-                   "share) as Dask tasks on the scheduler at ADDRESS (tcp://HOST:8786, tls://...), or 'local' for a "
-                   "local cluster; writes -o OUT.zarr")
-    p.add_argument("--dask-workers", type=int, default=0, metavar="N", help="workers of --dask local, one thread each "
-                   "(default: one per CPU core)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that is not a dinofeat "
-                   "feature store")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that dinofeat did not write")
     p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
-    p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5) "
-                   "or model (.dfm), so they compare with it (default: fit a space on this image)")
+    p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5 "
+                   "or a .zarr store dinofeat wrote) or model (.dfm), so they compare with it (default: fit a space on this image)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
     p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")
 
@@ -734,29 +878,37 @@ def build_parser() -> argparse.ArgumentParser:
     batch = argparse.ArgumentParser(add_help=False)
     batch.add_argument("--overwrite", action="store_true", help="replace outputs that exist in the output folder (default: skip those images)")
 
-    p = commands.add_parser("segment", parents=[remote, deep, classifier, pictures], help="segment an image from sparse scribbles")
+    pyramid = argparse.ArgumentParser(add_help=False)
+    pyramid.add_argument("--pyramid", type=int, default=0, metavar="N", help="with -o OUT.zarr: N more levels of the label "
+                         "image, each half the last in Y and X (mode of 2 x 2 pixels), for viewers (default 0)")
+    p = commands.add_parser("segment", parents=[remote, deep, classifier, pictures, dask, pyramid],
+                            help="segment an image from sparse scribbles")
     p.set_defaults(run=command_segment)
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
-    p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
+    p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values), or an OME-Zarr "
+                   "label image OUT.zarr (a volume: trained on its labelled slices, here or with --dask)")
     p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
-    p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file")
+    p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file (.zarr for a .zarr output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that dinofeat did not write")
 
-    p = commands.add_parser("train", parents=[remote, deep, classifier], help="train a classifier and save it as a model file")
+    p = commands.add_parser("train", parents=[remote, deep, classifier, dask], help="train a classifier and save it as a model file")
     p.set_defaults(run=command_train)
     p.add_argument("images", nargs="+", help="training images")
     p.add_argument("--labels", nargs="+", required=True, help="one label image per training image, same order")
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
     p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
 
-    p = commands.add_parser("apply", parents=[remote, pictures, batch], help="apply a saved model file to images")
+    p = commands.add_parser("apply", parents=[remote, pictures, batch, dask, pyramid], help="apply a saved model file to images")
     p.set_defaults(run=command_apply)
     p.add_argument("model", help="model file written by `dinofeat train`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders of images, or glob patterns")
     p.add_argument("-o", "--output", required=True,
-                   help="class map TIFF to write for one image, or a folder for several (NAME.tif each)")
+                   help="class map TIFF to write for one image, or a folder for several (NAME.tif each), or an OME-Zarr label "
+                   "image OUT.zarr for one volume (here or with --dask)")
     p.add_argument("--probabilities", nargs="?", const=True,
-                   help="also write the per-class probabilities: to this .h5 file (one image), or NAME.probabilities.h5 beside each class map")
+                   help="also write the per-class probabilities: to this .h5 file (one image), or NAME.probabilities.h5 beside each "
+                   "class map; with -o OUT.zarr, float32 to this .zarr (default OUT.probabilities.zarr)")
     p.add_argument("--set", help="check that the model uses this feature set")
     p.add_argument("--weights", help="weights file of a deep model's backbone (embedded server only; its sha256 must be the "
                    "one the model was trained with)")
@@ -820,7 +972,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="server configuration (TOML with [server] and [limits]); flags override it")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="port (default 50051)")
-    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--device", help="one device: auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--devices", help="a pool instead of --device, --workers on each: all (every CUDA GPU, else the CPU), "
+                   "cpu, or cuda:0,cuda:1")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without token or TLS")
     p.add_argument("--weights", action="append", default=[], metavar="[BACKBONE=]PATH",
                    help="local weights for a backbone (repeatable); a bare PATH serves any backbone")
