@@ -7,7 +7,7 @@ One server per worker count in --workers (a worker computes one request at a tim
 threads by default), so one worker with all the threads and several with fewer are compared in one run.
 
 The device pool: one large request of dinov2 features (ViT-S with random weights: timing does not depend
-on their values; preset fast) on `dinofeat serve --devices cpu` with 1 and 2 one-thread workers
+on their values; preset fast, PCA to 16 channels) on `dinofeat serve --devices cpu` with 1 and 2 one-thread workers
 (--pool-workers), each with the same tile budget, so the same tiles are computed; with two, the request
 borrows the idle worker for its tiles (an image) or its slices (a volume). Figures: pixels/s, voxels/s
 and tiles/s of each request (the feature space is taken from a warm-up request, so fitting is not
@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 from machine import parse_args, save
 
+POOL_PCA = 16
+"""Channels of the pool's requests: with all 384, compressing and sending the stream on the request's own worker
+(3.6 GB for a 1536 x 1536 image) took as long as the tiles, so the figure measured gzip, not the pool."""
 POOL_TILE_GB = 0.25
 """Tile budget of each pool worker: the servers get memory_gb = 1 (their base) + workers x this."""
 
@@ -133,13 +136,14 @@ def pool_figures(workers: int, size: int, slices: int, weights: Path, folder: Pa
         wait_until_listening(port, server)
         with FeatureClient(f"127.0.0.1:{port}") as client:
             warm = folder / f"warm{workers}.h5"
-            client.fetch_features((rng.random((224, 224)) * 255).astype(np.uint8), warm, feature_set="dinov2", preset="fast")
+            client.fetch_features((rng.random((224, 224)) * 255).astype(np.uint8), warm, feature_set="dinov2", preset="fast",
+                                  pca=POOL_PCA)
             figures = {"workers": workers, "threads_per_worker": 1}
             for name, data in (("image", rng.random((size, size))), ("volume", rng.random((slices, 224, 224)))):
                 before = client.status().devices[0]
                 started = time.perf_counter()
                 client.fetch_features((data * 255).astype(np.uint8), folder / f"{name}{workers}.h5",
-                                      feature_set="dinov2", preset="fast", like=read_space(warm))
+                                      feature_set="dinov2", preset="fast", pca=POOL_PCA, like=read_space(warm))
                 seconds = time.perf_counter() - started
                 after = client.status().devices[0]
                 tiles, lent = after.tiles - before.tiles, after.lent_tiles - before.lent_tiles
@@ -175,7 +179,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             weights = random_vits14(Path(folder))
             pool = [pool_figures(workers, args.pool_size, args.pool_slices, weights, Path(folder)) for workers in args.pool_workers]
-        results["pool"] = {"feature_set": "dinov2", "backbone": "dinov2_vits14 (random weights)", "preset": "fast",
+        results["pool"] = {"feature_set": "dinov2", "backbone": "dinov2_vits14 (random weights)", "preset": "fast", "pca": POOL_PCA,
                            "tile_budget_gb": POOL_TILE_GB, "load_average_before": load_before,
                            "load_average_after": os.getloadavg(), "servers": pool}
     save("lab_server", results)
