@@ -1,0 +1,7 @@
+"""`python -m dinofeat_client.cli`: the same as the `dinofeat` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""What many commands share: the connection (--server, the local server or an embedded one), deep options, output names."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import local_server
+from ..batch import BatchReport
+from ..client import PLAINTEXT_TOKEN_VARIABLE, FeatureClient
+from ..errors import DinofeatError
+from ..outputs import output_file, remove_quietly
+from ..tokens import read_tokens
+from ..wire import DEFAULT_BACKBONE
+from .progress import say
+
+
+@contextlib.contextmanager
+def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
+    """A client for --server; else for this user's local server (local_server.py: started once, it keeps torch and
+    models loaded between commands), or with --no-local-server for an embedded server started here (needs dinofeat[server])."""
+    if args.server:
+        if getattr(args, "weights", None):
+            raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
+                                "give the weights to that server (dinofeat serve --weights ...).")
+        token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
+        insecure_token = args.insecure_token or os.environ.get(PLAINTEXT_TOKEN_VARIABLE, "").lower() in ("1", "true", "yes", "on")
+        with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           retries=args.retries, notify=say, insecure_token=insecure_token) as client:
+            yield client
+        return
+    weights = {getattr(args, "backbone", DEFAULT_BACKBONE): args.weights} if getattr(args, "weights", None) else None
+    address = local_server.local_address(args.device, weights, notify=say) if local_server.wanted(args) else None
+    if address:
+        with FeatureClient(address, notify=say) as client:
+            yield client
+        return
+    try:
+        from dinofeat_server.service.server import EmbeddedServer
+    except ImportError:
+        raise DinofeatError("no --server was given and the server part is not installed here; "
+                            "pass --server ADDRESS or install dinofeat[server].") from None
+    with EmbeddedServer(args.device, weights) as address, FeatureClient(address, notify=say) as client:
+        yield client
+
+
+SUFFIXES = {"h5": (".h5", ".hdf5", ".hdf"), "tiff": (".tif", ".tiff"), "png": (".png",)}
+"""What each output format's files are called; an output named otherwise is refused, never mislabelled."""
+
+
+def checked_suffix(output: str, formats: tuple[str, ...], command: str) -> str:
+    """The format an output's suffix names, among `formats`; anything else gets one sentence."""
+    suffix = Path(output).suffix.lower()
+    for name in formats:
+        if suffix in SUFFIXES[name]:
+            return name
+    names = " or ".join(SUFFIXES[name][0] for name in formats)
+    raise DinofeatError(f"dinofeat {command} writes {names} files, not {suffix or 'files without a suffix'!r}; "
+                        f"name the output {Path(output).stem}{SUFFIXES[formats[0]][0]}.")
+
+
+def output_format(args: argparse.Namespace) -> str:
+    """--format when it agrees with the output's suffix, else what the suffix says (.h5: HDF5, .tif: an
+    ImageJ hyperstack)."""
+    named = checked_suffix(args.output, ("h5", "tiff"), "features")
+    if args.format and args.format != named:
+        raise DinofeatError(f"--format {args.format} does not match the output name {args.output}; "
+                            f"name it {Path(args.output).stem}{SUFFIXES[args.format][0]}.")
+    return named
+
+
+def check_outputs(*paths: str | None) -> None:
+    """Refuse, before any upload, outputs that cannot be written (outputs.output_file; their folders are created)."""
+    for path in paths:
+        if path:
+            output_file(path)
+
+
+def finish_batch(report: BatchReport, total: int, then: Callable[[], None] = lambda: None) -> None:
+    """Print the batch's summary (and what `then` prints); any failure makes the command fail (exit status 1)."""
+    print(report.summary())
+    then()
+    if report.failed:
+        raise DinofeatError(f"{len(report.failed)} of {total} images failed (see above).")
+
+
+def take_dataset(path: Path, name: str) -> np.ndarray:
+    """Read a whole dataset from a temporary result file, then remove the file."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f[name][()]
+    finally:
+        remove_quietly(path)
+
+
+def deep_options(args: argparse.Namespace) -> dict:
+    return {"backbone": args.backbone, "preset": args.preset, "pca": args.pca, "normalise": args.normalise}
+
+
+def weights_map(entries: list[str]) -> dict[str, str]:
+    """`--weights NAME=PATH` for one backbone, `--weights PATH` for any backbone without its own."""
+    mapping = {}
+    for entry in entries:
+        name, _, path = entry.rpartition("=") if "=" in entry else ("*", "", entry)
+        mapping[name] = path
+    return mapping

@@ -1,0 +1,234 @@
+"""Segmentation commands: segment, train, apply, cluster, pca, fewshot, score and the demo."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..batch import image_files, output_folder, run_batch, writes_to_folder
+from ..errors import DinofeatError
+from ..images import (
+    check_image,
+    check_labels,
+    check_mask,
+    image_axes,
+    read_image,
+    write_png,
+    write_tiff,
+)
+from ..metrics import class_dice, class_iou, matched_to_truth
+from ..outputs import output_file, remove_quietly
+from ..pictures import class_overlay, colour_names, drawable, probability_pictures
+from ..sample import three_phase_sample
+from .common import (
+    check_outputs,
+    checked_suffix,
+    connect,
+    deep_options,
+    finish_batch,
+    take_dataset,
+)
+from .progress import ProgressBars
+from .volumes import dask_train, wants_zarr, zarr_apply, zarr_segment
+
+
+def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if wants_zarr(args):
+        return zarr_segment(args, bars)
+    image = check_image(read_image(args.image))
+    labels = check_labels(read_image(args.labels), image)
+    check_outputs(args.output, args.probabilities)
+    with connect(args) as client:
+        output, probabilities = client.segment(image, labels, args.output, args.set, probabilities_target(args, args.output, args.probabilities),
+                                               args.trees, args.seed, progress=bars, classifier=args.classifier, **deep_options(args))
+    bars.close()
+    report_segmentation(args, image, output, probabilities, keep=bool(args.probabilities))
+
+
+def probabilities_target(args: argparse.Namespace, output: str | Path, requested: str | Path | None) -> Path | None:
+    """Where the probabilities go: the file the user asked for, else a hidden one when --pictures draws them."""
+    if requested:
+        return Path(requested)
+    return Path(output).with_name(f".{Path(output).name}.pictures.h5") if args.pictures else None
+
+
+def write_pictures(image: np.ndarray, output: Path, probabilities: Path | None, written: list[Path]) -> str:
+    """The overlay and probability maps beside `output` (appended to `written`); returns what to add to the report."""
+    image, class_map, z, note = drawable(image, read_image(output))
+    written.append(write_png(output.with_suffix(".overlay.png"), class_overlay(image, class_map)))
+    if probabilities:
+        with h5py.File(probabilities, "r") as f:
+            for value, picture in probability_pictures(f["probabilities"], z):
+                written.append(write_png(output.with_suffix(f".p{value}.png"), picture))
+    return note + "; overlay colours: " + colour_names([int(v) for v in np.unique(class_map)])
+
+
+def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Path, probabilities: Path | None,
+                        keep: bool = True) -> None:
+    """Say what was written; with --pictures also write the class overlay (with its legend) and one
+    probability map per class as PNG, of the middle slice for a stack. Probabilities not asked for
+    (`keep` False) are removed once drawn."""
+    written = [output] + ([probabilities] if probabilities and keep else [])
+    note = ""
+    try:
+        if args.pictures:
+            note = write_pictures(image, output, probabilities, written)
+    finally:
+        if probabilities and not keep:
+            remove_quietly(probabilities)
+    print("wrote " + ", ".join(str(p) for p in written) + note)
+
+
+def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if args.dask:
+        return dask_train(args, bars)
+    if len(args.images) != len(args.labels):
+        raise DinofeatError(f"give one --labels file per image ({len(args.images)} images, {len(args.labels)} label files).")
+    images = [check_image(read_image(p)) for p in args.images]
+    labels = [check_labels(read_image(p), i) for p, i in zip(args.labels, images)]
+    output_file(args.output)
+    with connect(args) as client:
+        summary = client.train(images, labels, args.output, args.set, args.classifier, args.trees, args.seed,
+                               progress=bars, **deep_options(args))
+    bars.close()
+    print(f"wrote {args.output}: {summary.classifier} on {summary.labelled_pixels} labelled pixels, "
+          f"classes {', '.join(str(v) for v in summary.class_values)}")
+
+
+def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """Apply a model to one image (-o the class map) or many (-o a folder), with one model upload; a volume to
+    -o OUT.zarr (in this process, or on --dask workers) as zarr_apply."""
+    if wants_zarr(args):
+        return zarr_apply(args, bars)
+    inputs = image_files(args.images)
+    if not writes_to_folder(inputs, args.output):
+        image = check_image(read_image(inputs[0]))
+        requested = Path(args.output).with_suffix(".probabilities.h5") if args.probabilities is True else args.probabilities
+        check_outputs(args.output, requested)
+        with connect(args) as client:
+            output, probabilities = client.apply(args.model, image, args.output, probabilities_target(args, args.output, requested),
+                                                 args.set or "", progress=bars)
+        bars.close()
+        report_segmentation(args, image, output, probabilities, keep=bool(requested))
+        return
+    if isinstance(args.probabilities, str):
+        raise DinofeatError("with an output folder --probabilities takes no file name: each image's probabilities "
+                            "go to OUTDIR/NAME.probabilities.h5.")
+    folder = output_folder(args.output)
+
+    def outputs(path: Path) -> tuple[Path, Path | None]:
+        return folder / f"{path.stem}.tif", folder / f"{path.stem}.probabilities.h5" if args.probabilities else None
+
+    with connect(args) as client:
+        def work(path: Path) -> None:
+            image = check_image(read_image(path))
+            output, requested = outputs(path)
+            output, probabilities = client.apply(args.model, image, output, probabilities_target(args, output, requested),
+                                                 args.set or "", progress=bars)
+            report_segmentation(args, image, output, probabilities, keep=bool(requested))
+
+        report = run_batch(inputs, work, lambda path: not args.overwrite and outputs(path)[0].exists(), bars)
+    bars.close()
+    finish_batch(report, len(inputs))
+
+
+def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
+    checked_suffix(args.output, ("tiff",), "cluster")
+    image = check_image(read_image(args.image))
+    folder = output_file(args.output).absolute().parent
+    with connect(args) as client:
+        path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", args.set, args.clusters, args.seed,
+                              progress=bars, **deep_options(args))
+    bars.close()
+    labels = take_dataset(path, "labels")[0]
+    written, note = [write_tiff(Path(args.output), labels)], ""
+    if args.pictures:
+        plane, classes, _, note = drawable(image, labels)
+        written.append(write_png(Path(args.output).with_suffix(".overlay.png"), class_overlay(plane, classes)))
+    print(f"wrote {', '.join(str(p) for p in written)} ({args.clusters} clusters, labels 1..{args.clusters}){note}")
+
+
+def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
+    kind = checked_suffix(args.output, ("png", "tiff"), "pca")
+    image = check_image(read_image(args.image))
+    if kind == "png" and image_axes(image).startswith("z"):
+        raise DinofeatError(f"a stack gives one picture per slice, which PNG cannot hold; name the output {Path(args.output).stem}.tif.")
+    folder = output_file(args.output).absolute().parent
+    with connect(args) as client:
+        path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", args.set, progress=bars, **deep_options(args))
+    bars.close()
+    picture = np.moveaxis(take_dataset(path, "picture"), 0, -1)  # (Y, X, 3), or (Z, Y, X, 3) for a stack
+    print(f"wrote {(write_png if kind == 'png' else write_tiff)(Path(args.output), picture)}")
+
+
+def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """Segment each query from the supports; -o is a folder of QUERY_mask.tif files (see batch.py)."""
+    if len(args.support) != len(args.support_mask):
+        raise DinofeatError("give one --support-mask per --support image.")
+    supports = [check_image(read_image(p)) for p in args.support]
+    masks = [check_mask(read_image(p), support, f"the support mask {p}") for p, support in zip(args.support_mask, supports)]
+    queries = image_files(args.queries)
+    folder = output_folder(args.output)
+    with connect(args) as client:
+        def work(path: Path) -> None:
+            query = check_image(read_image(path))
+            result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", args.set, args.window, args.grid,
+                                     "all" if args.all_components else args.components, progress=bars, **deep_options(args))
+            mask = (take_dataset(result, "fewshot")[0] > 0.5).astype(np.uint8) * 255
+            written, note = [write_tiff(folder / f"{path.stem}_mask.tif", mask)], ""
+            if args.pictures:
+                plane, classes, _, note = drawable(query, mask)
+                written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(plane, classes)))
+            print("wrote " + ", ".join(str(p) for p in written) + note)
+
+        report = run_batch(queries, work, lambda path: not args.overwrite and (folder / f"{path.stem}_mask.tif").exists(), bars)
+    bars.close()
+    finish_batch(report, len(queries))
+
+
+def command_score(args: argparse.Namespace, bars: ProgressBars) -> None:
+    prediction, truth = read_image(args.prediction), read_image(args.truth)
+    if prediction.shape != truth.shape:
+        raise DinofeatError(f"the prediction has shape {prediction.shape} but the ground truth has {truth.shape}; they must match.")
+    if args.match:
+        prediction = matched_to_truth(prediction, truth)
+    elif not set(np.unique(prediction).tolist()) & set(np.unique(truth).tolist()):
+        values = ", ".join(str(v) for v in np.unique(prediction)[:8])
+        raise DinofeatError(f"the prediction's values ({values}) share none with the ground truth's "
+                            f"({', '.join(str(v) for v in np.unique(truth)[:8])}); for a clustering add --match, which pairs "
+                            "each cluster with the class it overlaps most (Hungarian assignment).")
+    ious, dice = class_iou(prediction, truth), class_dice(prediction, truth)
+    print(f"{'class':>8} {'IoU':>7} {'Dice':>7}")
+    for value in ious:
+        print(f"{value:>8} {ious[value]:7.4f} {dice[value]:7.4f}")
+    print(f"{'mean':>8} {np.mean(list(ious.values())):7.4f} {np.mean(list(dice.values())):7.4f}")
+
+
+def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """Generate a sample micrograph with scribbles, then features, segmentation and a picture of it."""
+    folder = output_folder(args.output)
+    sample = three_phase_sample()
+    write_tiff(folder / "sample.tif", sample.image)
+    write_tiff(folder / "scribbles.tif", sample.scribbles)
+    write_tiff(folder / "ground_truth.tif", sample.truth)
+    with connect(args) as client:
+        features = client.fetch_features(sample.image, folder / "features.h5", args.set, progress=bars, **deep_options(args))
+        segmentation, probabilities = client.segment(sample.image, sample.scribbles, folder / "segmentation.tif", args.set,
+                                                     folder / "probabilities.h5", progress=bars, **deep_options(args))
+    bars.close()
+    class_map = read_image(segmentation)
+    write_png(folder / "segmentation.overlay.png", class_overlay(sample.image, class_map))
+    ious = class_iou(class_map, sample.truth)
+    print(f"demo on a generated {sample.image.shape[1]}x{sample.image.shape[0]} three-phase micrograph, "
+          f"{int((sample.scribbles > 0).sum())} scribbled pixels, feature set '{args.set}':")
+    for name in ("sample.tif", "scribbles.tif", "ground_truth.tif"):
+        print(f"  input         {folder / name}")
+    print(f"  features      {features.path}")
+    print(f"  segmentation  {segmentation}  (probabilities: {probabilities})")
+    print(f"  picture       {folder / 'segmentation.overlay.png'}  (overlay colours: "
+          f"{colour_names([int(v) for v in np.unique(class_map)])})")
+    print("  IoU per class " + ", ".join(f"{v}: {iou:.3f}" for v, iou in ious.items())
+          + f"; mIoU {sum(ious.values()) / len(ious):.3f}")

@@ -1,0 +1,107 @@
+"""Commands about servers: serve, status, sets, and this user's local servers."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import local_server
+from ..errors import DinofeatError
+from ..feature_sets import SETS
+from .common import connect, weights_map
+from .progress import ProgressBars
+
+
+def command_local(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """`dinofeat local [status|stop]`: list or stop this user's local servers (local_server.py)."""
+    servers = local_server.running(local_server.private_folder(local_server.runtime_folder()))
+    if not servers:
+        print("no local dinofeat server is running for this user.")
+    for info in servers:
+        if args.action == "stop":
+            local_server.stop(info)
+            print(f"stopped the local dinofeat server (pid {info['pid']}).")
+        else:
+            print(local_server.describe(info))
+
+
+def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
+    """The sets --server offers; without --server this dinofeat's own list (feature_sets.py): no server, no torch."""
+    if args.server:
+        with connect(args) as client:
+            listed = [(s.name, s.channels_per_image_channel, s.description) for s in client.feature_sets()]
+    else:
+        listed = [(s.name, s.channels, s.description) for s in SETS]
+    for name, channels, description in listed:
+        print(f"{name:<12} {channels:>4} channels  {description}")
+
+
+def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
+    if not args.server:
+        raise DinofeatError("dinofeat status reports on a running server; pass --server HOST:PORT.")
+    with connect(args) as client:
+        status = client.status()
+    memory = (f"{status.device_memory_allocated_bytes / 1e9:.2f} of {status.device_memory_total_bytes / 1e9:.1f} GB"
+              if status.device_memory_total_bytes else "n/a (CPU)")
+    cache = (f"{status.cache_bytes / 1e9:.2f} of {status.cache_budget_bytes / 1e9:.1f} GB" if status.cache_budget_bytes else "off")
+    print(f"dinofeat server {status.version} on {status.device}\n"
+          f"  requests          {status.running} running on {status.workers} workers, {status.queued} waiting "
+          f"(queue {status.queue_length}); {status.finished} finished, {status.cancelled} cancelled, {status.refused} refused\n"
+          f"  threads           {status.threads_per_worker} per worker (torch, BLAS/OpenMP, random forest)\n"
+          f"  loaded models     {', '.join(status.loaded_models) or 'none'}\n"
+          f"  device memory     {memory}\n"
+          f"  result cache      {cache}\n"
+          f"  images held       {status.images_held} ({status.image_bytes / 1e6:.1f} MB); uploads in flight "
+          f"{status.upload_bytes / 1e6:.1f} MB; model files {status.model_bytes / 1e6:.1f} MB")
+    print_devices(status.devices)
+    if status.clients:
+        print(f"  {'client':<20} {'open':>5} {'running':>8} {'waiting':>8} {'uploading':>10} {'finished':>9} {'cancelled':>10} "
+              f"{'refused':>8} {'stalled':>8} {'sent':>10}")
+        for row in status.clients:
+            print(f"  {row.client:<20} {row.open_calls:>5} {row.running:>8} {row.queued:>8} {row.upload_bytes / 1e6:>8.1f}MB "
+                  f"{row.finished:>9} {row.cancelled:>10} {row.refused:>8} {row.stalled:>8} {row.bytes_sent / 1e6:>8.1f}MB")
+
+
+def print_devices(devices) -> None:
+    """The status's per-device table: workers, busy now, tiles computed (lent: for a request on another
+    worker), busy time, GPU memory and loaded models. Nothing for a server older than the device pool."""
+    if not devices:
+        return
+    print(f"  {'device':<10} {'workers':>7} {'busy':>5} {'tiles':>7} {'lent':>6} {'busy time':>10} {'GPU memory':>16}  models")
+    for row in devices:
+        memory = f"{row.memory_allocated_bytes / 1e9:.2f}/{row.memory_total_bytes / 1e9:.1f} GB" if row.memory_total_bytes else "-"
+        print(f"  {row.device:<10} {row.workers:>7} {row.busy:>5} {row.tiles:>7} {row.lent_tiles:>6} {row.busy_seconds:>8.1f} s "
+              f"{memory:>16}  {', '.join(row.loaded_models) or '-'}")
+
+
+def command_serve(args: argparse.Namespace, bars: ProgressBars) -> None:
+    try:
+        from dinofeat_server.service.config import serve_settings
+        from dinofeat_server.service.server import serve
+    except ImportError:
+        raise DinofeatError("serving needs the server part; install dinofeat[server].") from None
+    given = vars(args)
+    flags = {key: given[key] for key in SERVE_FLAGS}
+    flags["weights"] = weights_map(args.weights) if args.weights else None
+    flags["insecure"] = True if args.insecure else None
+    settings, limits = serve_settings(args.config, flags, {key: given[key] for key in LIMIT_FLAGS})
+    serve(settings, limits)
+
+
+SERVE_FLAGS = ("host", "port", "device", "devices", "token_file", "tls_cert", "tls_key", "tls_client_ca", "cache_dir", "cache_gb")
+
+
+LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_channels": (int, "feature channels per result"),
+               "max_upload_mb": (float, "size of one uploaded image in MiB"),
+               "max_streams_per_client": (int, "concurrent requests of one client"),
+               "queue_length": (int, "requests waiting for a worker before new ones are refused"),
+               "workers": (int, "compute slots on each device: workers x devices requests run at once"),
+               "threads": (int, "threads of each worker: torch, BLAS/OpenMP, the random forest "
+                                "(default: cores / (workers x devices))"),
+               "max_request_seconds": (float, "longest a request may run"),
+               "image_store_gb": (float, "memory for uploaded images"),
+               "memory_gb": (float, "memory target: tiles of deep features are sized to fit it"),
+               "max_output_gb": (float, "size of one result, checked before any work"),
+               "max_training_gb": (float, "size of a classifier's trees: classes x labelled pixels x trees x 8 bytes"),
+               "stall_seconds": (float, "a client that reads or sends nothing for this long is cut off, freeing its worker"),
+               "client_upload_gb": (float, "uploads in flight of one client (images and model files)"),
+               "models_gb": (float, "uploaded model files held in memory")}
