@@ -8,7 +8,7 @@ every core, its log beside the socket), under an fcntl lock on the key's lock fi
 at once start one server, and waits until its gRPC health service says SERVING. A socket that does not
 answer (its server died) is removed and a new server started. The server exits after
 $DINOFEAT_LOCAL_IDLE_MINUTES (default 15) minutes without a call, deciding so under the same lock
-(server/dinofeat_server/service/server.py, serve_local). DINOFEAT_LOCAL_SERVER=0 or --no-local-server
+(server/dinofeat_server/service/local_server.py, serve_local). DINOFEAT_LOCAL_SERVER=0 or --no-local-server
 keep the embedded server in the command's own process.
 
 Nothing here imports torch: the server side is imported only in the started process (serve_main).
@@ -355,7 +355,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                                 "idle_minutes": args.idle_minutes, "code": args.code, "started": time.time(), "socket": str(socket),
                                 "log": str(socket.with_suffix(".log"))}))
     try:
-        from dinofeat_server.service.server import serve_local
+        from dinofeat_server.service.local_server import serve_local
 
         serve_local(str(socket), str(socket.with_suffix(".lock")), args.device, weights, args.idle_minutes * 60)
     except ImportError as error:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import fcntl
-import inspect
 import ipaddress
 import logging
-import os
 import signal
 import socket
 import threading
-import time
 
 import grpc
 import torch
@@ -79,7 +74,7 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     `cache_gb` > 0, feature results are kept in `cache_dir` (default: the dinofeat cache's results/).
     It computes on `device`, or on the pool that `devices` names when given (device_pool.pick_devices), with
     `limits.workers` workers on each device; the process computes with `limits.threads_per_worker` threads
-    per worker from here on (threads.py). With `unix_socket` it listens on that Unix socket instead of host:port; `watch` sees every call (IdleWatch)."""
+    per worker from here on (threads.py). With `unix_socket` it listens on that Unix socket instead of host:port; `watch` sees every call (local_server.IdleWatch)."""
     if bool(tls_cert) != bool(tls_key):
         raise DinofeatError("TLS needs both --tls-cert and --tls-key.")
     if tls_client_ca and not tls_cert:
@@ -211,130 +206,3 @@ def check_bindable(host: str, port: int) -> None:
             if error.errno == errno.EADDRINUSE:
                 raise DinofeatError(f"cannot listen on {host}:{port}: the port is in use; choose another with --port.") from None
             raise DinofeatError(f"cannot listen on {host}:{port}: {error.strerror}; give an address of this machine.") from None
-
-
-class IdleWatch(grpc.aio.ServerInterceptor):
-    """Counts the calls open on a server and when the last one ended, so that a local server can exit when idle."""
-
-    def __init__(self) -> None:
-        self.open = 0
-        self.since = time.monotonic()
-
-    def idle_s(self) -> float:
-        """Seconds since the last call ended; 0 while a call is open."""
-        return 0.0 if self.open else time.monotonic() - self.since
-
-    def _enter(self) -> None:
-        self.open += 1
-
-    def _leave(self) -> None:
-        self.open -= 1
-        self.since = time.monotonic()
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        kind = next(name for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, name))
-        return handler._replace(**{kind: self._counted(getattr(handler, kind))})
-
-    def _counted(self, behaviour):
-        """`behaviour` (a coroutine or async-generator method handler) counted as open while it runs."""
-        if inspect.isasyncgenfunction(behaviour):
-            async def streamed(request, context):
-                self._enter()
-                try:
-                    async for message in behaviour(request, context):
-                        yield message
-                finally:
-                    self._leave()
-            return streamed
-
-        async def called(request, context):
-            self._enter()
-            try:
-                return await behaviour(request, context)
-            finally:
-                self._leave()
-        return called
-
-
-REPLACED_IDLE_S = 5.0
-"""A local server whose socket was taken by a newer one exits once no call has been open for this long."""
-
-
-def serve_local(socket_path: str, lock_path: str, device: str = "auto", weights: dict[str, str] | None = None,
-                idle_s: float = 900.0) -> None:
-    """Serve one user on a Unix socket (in a private folder: no token) with the embedded server's limits, until
-    SIGINT/SIGTERM or `idle_s` seconds without a call; the socket is removed on the way out.
-
-    The idle exit is decided under the client's start lock (`lock_path`, fcntl), and the socket removed before the
-    lock is released, so a client that found this server answering keeps it (its health check is a call) and one
-    that comes later starts a new one (clients/dinofeat_client/local_server.py)."""
-
-    async def main() -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        watch = IdleWatch()
-        server, _, servicer = await start_server(device=device, weights=weights, limits=EMBEDDED_LIMITS,
-                                                 unix_socket=socket_path, watch=watch)
-        mine = _file_identity(socket_path)
-        LOG.info("local server listening on unix:%s (device %s); exits after %.0f s idle", socket_path, device, idle_s)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await _until_done(watch, stop, idle_s, socket_path, mine, lock_path)
-        finally:
-            _remove_socket(socket_path, mine)
-            await server.stop(grace=5)
-            servicer.close()
-
-    asyncio.run(main())
-
-
-async def _until_done(watch: IdleWatch, stop: asyncio.Event, idle_s: float, socket_path: str, mine: tuple, lock_path: str) -> None:
-    """Return on SIGINT/SIGTERM (`stop`), once a newer server took the socket and no call was open for 5 s, or
-    after `idle_s` without a call (checked every tenth of it, at most every 30 s)."""
-    while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=min(max(idle_s / 10, 0.1), 30.0))
-        if stop.is_set():
-            return
-        if watch.idle_s() >= min(idle_s, REPLACED_IDLE_S) and _file_identity(socket_path) != mine:
-            LOG.info("a newer server took this socket: exiting")
-            return
-        if watch.idle_s() >= idle_s and await asyncio.to_thread(_leave_if_idle, watch, idle_s, socket_path, mine, lock_path):
-            LOG.info("no call for %.0f s: exiting", idle_s)
-            return
-
-
-def _leave_if_idle(watch: IdleWatch, idle_s: float, socket_path: str, mine: tuple, lock_path: str) -> bool:
-    """Under the clients' start lock: whether the server is still idle; if so its socket is removed first. A client
-    holding the lock is about to call (or start) a server for this key: not idle then."""
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        if watch.idle_s() < idle_s:
-            return False
-        _remove_socket(socket_path, mine)
-        return True
-
-
-def _file_identity(path: str) -> tuple[int, int, int] | None:
-    """Device, inode and change time of a file (None when absent): a socket made anew after this one was removed
-    differs even where the file system hands out the same inode again."""
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return found.st_dev, found.st_ino, found.st_ctime_ns
-
-
-def _remove_socket(socket_path: str, mine: tuple) -> None:
-    """Remove the socket file if it is still this server's (a client replaces it to start a server of newer code)."""
-    with contextlib.suppress(OSError):
-        if _file_identity(socket_path) == mine:
-            os.unlink(socket_path)
