@@ -137,8 +137,8 @@ def test_workers_count_per_device_and_threads_share_the_cores_between_all_worker
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     limits = ServerLimits(workers=2, memory_gb=5)
     assert [limits.threads_per_worker(devices) for devices in (1, 2, 4)] == [8, 4, 2]
-    assert limits.worker_threads == 8  # one device: as before the pool
-    assert limits.tile_budget(2) == limits.tile_budget_bytes // 2
+    assert limits.threads_per_worker(1) == 8  # one device: as before the pool
+    assert limits.tile_budget(2) == limits.tile_budget(1) // 2
 
 
 def test_a_devices_flag_replaces_the_files_device_and_both_flags_are_refused(tmp_path):

@@ -21,14 +21,14 @@ from dinofeat_server.service.jobs import with_threads
 
 def test_threads_default_to_the_cores_of_this_process_shared_out_between_workers(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
-    assert [ServerLimits(workers=w).worker_threads for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert [ServerLimits(workers=w).threads_per_worker(1) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
 
 
 def test_threads_come_from_the_config_file_and_the_flag_overrides_it(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("[limits]\nworkers = 2\nthreads = 3\n")
-    assert read_config(path)[1].worker_threads == 3
-    assert serve_settings(path, {}, {"threads": 1})[1].worker_threads == 1
+    assert read_config(path)[1].threads_per_worker(1) == 3
+    assert serve_settings(path, {}, {"threads": 1})[1].threads_per_worker(1) == 1
     path.write_text("[limits]\nthreads = 0\n")
     with pytest.raises(DinofeatError, match="the limit threads must be a positive number, not 0"):
         read_config(path)

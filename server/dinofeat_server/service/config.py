@@ -98,20 +98,10 @@ class ServerLimits:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * (1 << 20))
 
-    @property
-    def worker_threads(self) -> int:
-        """The threads each worker of a one-device server computes with (see threads_per_worker)."""
-        return self.threads_per_worker(1)
-
     def threads_per_worker(self, devices: int) -> int:
         """The threads each worker computes with on `devices` devices: `threads`, or the cores shared out
         between all workers (workers x devices)."""
         return self.threads or default_threads(self.workers * devices)
-
-    @property
-    def tile_budget_bytes(self) -> int:
-        """Memory the tiles of one request may use on a one-device server (see tile_budget)."""
-        return self.tile_budget(1)
 
     def tile_budget(self, devices: int) -> int:
         """Memory the tiles of one request may use: the memory target less the process's base, shared by
