@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import inspect
 import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
+from dinofeat_client.local_server import locked
 
 from .server import EMBEDDED_LIMITS, LOG, start_server
 
@@ -120,15 +121,14 @@ async def _until_done(watch: IdleWatch, stop: asyncio.Event, idle_s: float, sock
 def _leave_if_idle(watch: IdleWatch, idle_s: float, socket_path: str, mine: tuple, lock_path: str) -> bool:
     """Under the clients' start lock: whether the server is still idle; if so its socket is removed first. A client
     holding the lock is about to call (or start) a server for this key: not idle then."""
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        if watch.idle_s() < idle_s:
-            return False
-        _remove_socket(socket_path, mine)
-        return True
+    try:
+        with locked(Path(lock_path), timeout_s=0.0):  # the clients' own lock helper: one try, no wait
+            if watch.idle_s() < idle_s:
+                return False
+            _remove_socket(socket_path, mine)
+            return True
+    except TimeoutError:
+        return False
 
 
 def _file_identity(path: str) -> tuple[int, int, int] | None:
