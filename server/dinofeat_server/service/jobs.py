@@ -321,12 +321,20 @@ def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: Featur
     samples, classes = np.concatenate(samples), np.concatenate(classes)
     classifier = train_classifier(samples, classes, kind, trees, seed, threads=threads)
     yield pb.Progress(stage="training", done=1, total=1)
-    return classifier, {
+    return classifier, model_metadata(fset, options, channels, space, classifier, kind, trees, seed, len(classes),
+                                      [image_sha256(i) for i in images])
+
+
+def model_metadata(fset: FeatureSet, options: FeatureOptions, channels: int, space: FeatureSpace, classifier: ClassifierMixin,
+                   kind: str, trees: int, seed: int, labelled: int, training_images: list[str]) -> dict:
+    """What a model file records beside its classifier: the features and their space, the classes, the classifier's
+    settings and what it was trained on (images' sha256, or a volume's path)."""
+    return {
         "feature_set": fset.name, "options": asdict(options), "feature_spec": fset.spec(options), "channels": channels,
         "feature_space": space.to_dict(),
         "class_values": class_values(classifier), "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed,
                                                                   "class_weight": "balanced", **classifier_depth(kind)},
-        "labelled_pixels": int(len(classes)), "training_images": [image_sha256(i) for i in images],
+        "labelled_pixels": int(labelled), "training_images": training_images,
         "dinofeat_version": __version__,
     }
 

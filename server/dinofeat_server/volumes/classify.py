@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +36,12 @@ from dinofeat_client.errors import DinofeatError
 
 from ..engine.stacks import FeatureOptions, feature_set
 from ..segment.classifiers import (
-    DEFAULT_TREES,
     class_probabilities,
-    class_values,
     labelled_pixels,
     train_classifier,
 )
 from ..segment.model_file import TrainedModel, model_bytes, model_from_bytes
-from ..service.jobs import classifier_depth, with_threads
+from ..service.jobs import model_metadata, with_threads
 from .dask_run import Progress, check_workers, each_slice, fitted_on, request_for
 from .sources import VolumeSource, absolute_name, open_volume
 from .tasks import FeatureRequest, FittedVolume, fit_volume, located, slice_blocks
@@ -266,14 +264,8 @@ def trained_on_volume(client, fitted: FittedVolume, labels: VolumeSource, kind: 
     classifier = train_classifier(samples, classes, kind, trees, seed)
     report("training", 1, 1)
     request = fitted.request
-    fset = feature_set(request.feature_set)
-    return TrainedModel(classifier, {
-        "feature_set": fset.name, "options": asdict(request.options), "feature_spec": fset.spec(request.options),
-        "channels": len(fitted.channel_names), "feature_space": fitted.space.to_dict(), "class_values": class_values(classifier),
-        "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed, "class_weight": "balanced",
-                       **classifier_depth(kind)},
-        "labelled_pixels": int(len(classes)), "training_images": [request.source.path], "dinofeat_version": __version__,
-    })
+    return TrainedModel(classifier, model_metadata(feature_set(request.feature_set), request.options, len(fitted.channel_names),
+                                                   fitted.space, classifier, kind, trees, seed, len(classes), [request.source.path]))
 
 
 def train_volume(volume, labels, feature_set: str = "multiscale", *, options: FeatureOptions = FeatureOptions(),
