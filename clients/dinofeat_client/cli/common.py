@@ -35,7 +35,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
                            retries=args.retries, notify=say, insecure_token=insecure_token) as client:
             yield client
         return
-    weights = {getattr(args, "backbone", DEFAULT_BACKBONE): args.weights} if getattr(args, "weights", None) else None
+    weights = backbone_weights(args)
     address = local_server.local_address(args.device, weights, notify=say) if local_server.wanted(args) else None
     if address:
         with FeatureClient(address, notify=say) as client:
@@ -97,6 +97,12 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
             return f[name][()]
     finally:
         remove_quietly(path)
+
+
+def backbone_weights(args: argparse.Namespace) -> dict[str, str] | None:
+    """--weights as {backbone: file} for the computing side (None without it; the backbone is --backbone's)."""
+    weights = getattr(args, "weights", None)
+    return {getattr(args, "backbone", DEFAULT_BACKBONE): weights} if weights else None
 
 
 def deep_options(args: argparse.Namespace) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import DinofeatError
 from ..outputs import output_file
 from ..spaces import read_space
-from .common import deep_options
+from .common import backbone_weights, deep_options
 from .progress import ProgressBars
 
 
@@ -23,7 +23,7 @@ def zarr_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     from dinofeat_server.engine.stacks import FeatureOptions
 
     like = FeatureSpace.from_dict(json.loads(like_json(args.like))) if args.like else None
-    weights = {args.backbone: args.weights} if args.weights else None
+    weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
         written = volumes.features_to_zarr(args.image, args.output, args.set, options=FeatureOptions(**deep_options(args)),
                                            device=args.device, weights=weights, client=client, like=like,
@@ -104,7 +104,7 @@ def dask_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     from dinofeat_server.engine.stacks import FeatureOptions
 
     output_file(args.output)
-    weights = {args.backbone: args.weights} if args.weights else None
+    weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
         _, trained = volumes.train_volume(args.images[0], args.labels[0], args.set, options=FeatureOptions(**deep_options(args)),
                                           kind=args.classifier, trees=args.trees, seed=args.seed, device=args.device,
@@ -121,7 +121,7 @@ def zarr_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
     volumes = zarr_run(args, "segment")
     from dinofeat_server.engine.stacks import FeatureOptions
 
-    weights = {args.backbone: args.weights} if args.weights else None
+    weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
         written = volumes.segment_to_zarr(args.image, args.labels, args.output, args.set, options=FeatureOptions(**deep_options(args)),
                                           kind=args.classifier, trees=args.trees, seed=args.seed,
