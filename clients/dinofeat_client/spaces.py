@@ -44,8 +44,11 @@ def write_space(file: h5py.File, space: dict) -> None:
 
 
 def read_space(path: str | Path) -> str:
-    """The feature space JSON stored with a feature file (.h5) or a model file (.dfm), for --like."""
+    """The feature space JSON stored with a feature file (.h5), a model file (.dfm) or an OME-Zarr store that
+    dinofeat wrote (.zarr, a folder), for --like."""
     path = Path(path)
+    if path.is_dir():
+        return zarr_store_space(path)
     if not path.is_file():
         raise DinofeatError(f"cannot read {path}: no such file; --like takes a feature file (.h5) or a model (.dfm).")
     if zipfile.is_zipfile(path):
@@ -66,3 +69,17 @@ def read_space(path: str | Path) -> str:
     except OSError:
         raise DinofeatError(f"{path} is neither an HDF5 feature file nor a dinofeat model; --like takes one of those.") from None
     return text.decode() if isinstance(text, bytes) else str(text)
+
+
+def zarr_store_space(path: Path) -> str:
+    """The feature space JSON in the "dinofeat" attributes of a complete OME-Zarr store (read as JSON: no zarr needed)."""
+    try:
+        stored = json.loads((path / ".zattrs").read_text()).get("dinofeat", {})
+    except (OSError, ValueError, AttributeError):
+        stored = {}
+    if not stored.get("feature_space"):
+        raise DinofeatError(f"{path} is not an OME-Zarr store that dinofeat wrote; --like takes a feature file (.h5 or .zarr) "
+                            "or a model (.dfm).")
+    if not stored.get("complete"):
+        raise DinofeatError(f"{path} is incomplete (its computation stopped); compute it again, or take --like from another.")
+    return json.dumps(stored["feature_space"], sort_keys=True)

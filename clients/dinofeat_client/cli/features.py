@@ -14,9 +14,10 @@ from ..client import Transfer
 from ..imagej_tiff import write_imagej_hyperstack
 from ..images import check_image, read_image
 from ..outputs import output_file, remove_quietly
+from ..spaces import read_space
 from .common import connect, deep_options, output_format
 from .progress import ProgressBars
-from .volumes import like_json, wants_zarr, zarr_features
+from .volumes import wants_zarr, zarr_features
 
 
 def hidden_features_path(output: str) -> Path:
@@ -27,7 +28,7 @@ def hidden_features_path(output: str) -> Path:
 
 def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
     """The features of `image` (--set and the deep options) from the server into `path`."""
-    like = like_json(args.like) if getattr(args, "like", None) else None
+    like = read_space(args.like) if getattr(args, "like", None) else None
     with connect(args) as client:
         transfer = client.fetch_features(image, path, args.set, progress=bars, **encoding, **deep_options(args), like=like)
     bars.close()

@@ -22,7 +22,7 @@ def zarr_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     from dinofeat_server.engine.space import FeatureSpace
     from dinofeat_server.engine.stacks import FeatureOptions
 
-    like = FeatureSpace.from_dict(json.loads(like_json(args.like))) if args.like else None
+    like = FeatureSpace.from_dict(json.loads(read_space(args.like))) if args.like else None
     weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
         written = volumes.features_to_zarr(args.image, args.output, args.set, options=FeatureOptions(**deep_options(args)),
@@ -63,22 +63,6 @@ def dask_or_here(args: argparse.Namespace, volumes) -> Iterator[object | None]:
         return
     with volumes.dask_client(args.dask, args.dask_workers, volumes.dask_security(args.dask, *tls)) as client:
         yield client
-
-
-def like_json(path: str) -> str:
-    """The feature space JSON for --like: a feature file (.h5), a model (.dfm), or an OME-Zarr store dinofeat wrote."""
-    if not Path(path).is_dir():
-        return read_space(path)
-    try:
-        stored = json.loads((Path(path) / ".zattrs").read_text()).get("dinofeat", {})
-    except (OSError, ValueError, AttributeError):
-        stored = {}
-    if not stored.get("feature_space"):
-        raise DinofeatError(f"{path} is not an OME-Zarr store that dinofeat wrote; --like takes a feature file (.h5 or .zarr) "
-                            "or a model (.dfm).")
-    if not stored.get("complete"):
-        raise DinofeatError(f"{path} is incomplete (its computation stopped); compute it again, or take --like from another.")
-    return json.dumps(stored["feature_space"], sort_keys=True)
 
 
 def zarr_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
