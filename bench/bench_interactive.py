@@ -10,7 +10,7 @@ the default bank against scikit-image's features at one thread, on the 512 x 512
     command before the timed runs, in a runtime folder of this benchmark's own, stopped at the end).
     Target: median warm dinofeat time <= median script time. The mIoU of the class maps is printed too (the
     same every run: all are seeded).
-(b) The bank alone, in this process, at one thread: `multiscale_features` (63 channels) against
+(b) The bank alone, in this process, at one thread: `multiscale_features` (53 channels) against
     `multiscale_basic_features(intensity, edges, texture, sigma 1..16)` (20 channels) with its default workers
     (it blurs the 5 scales on a thread pool: 2 threads here) and with workers=1, alternating, --bank-runs
     times each after a warm-up, on the image scaled to [0, 1] as each tool takes it. Target: median bank
@@ -103,7 +103,7 @@ def bank_at_one_thread(runs: int) -> dict:
     tensor = torch.from_numpy(scaled)[None, None]
     torch.set_num_threads(1)
     tools = {
-        "dinofeat multiscale (63 ch, 1 thread)": lambda: multiscale_features(tensor),
+        "dinofeat multiscale (53 ch, 1 thread)": lambda: multiscale_features(tensor),
         "skimage (20 ch, default workers)": lambda: multiscale_basic_features(scaled, sigma_min=1, sigma_max=16),
         "skimage (20 ch, workers=1)": lambda: multiscale_basic_features(scaled, sigma_min=1, sigma_max=16, workers=1),
     }

@@ -16,7 +16,7 @@ def test_demo_writes_features_segmentation_and_picture_and_reports_miou(tmp_path
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "demo"
     with h5py.File(folder / "features.h5", "r") as f:
-        assert f["features"].shape == (63, 384, 384)  # the default multiscale bank
+        assert f["features"].shape == (53, 384, 384)  # the default multiscale bank
     segmentation = tifffile.imread(folder / "segmentation.tif")
     truth = tifffile.imread(folder / "ground_truth.tif")
     picture = imagecodecs.imread(str(folder / "segmentation.overlay.png"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import h5py
 import pytest
 import numpy as np
@@ -69,6 +72,24 @@ def test_applying_a_model_with_another_feature_set_fails_clearly(isb_three_phase
                       "--server", server_address)
     assert result.returncode == 1
     assert "the model was trained on 'multiscale' features, not 'hybrid'; apply it with --set multiscale" in result.stderr
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_a_model_of_the_earlier_multiscale_bank_is_refused_with_a_sentence(isb_three_phase, server_address, tmp_path):
+    image, scribbles = str(isb_three_phase / "image.tif"), str(isb_three_phase / "scribbles.tif")
+    dinofeat("train", image, "--labels", scribbles, "-o", str(tmp_path / "m.dfm"), "--trees", "5", "--server", server_address)
+    with zipfile.ZipFile(tmp_path / "m.dfm") as archive:  # as the 63-channel bank recorded it: no "dog_finest"
+        members = {name: archive.read(name) for name in archive.namelist()}
+    metadata = json.loads(members["metadata.json"])
+    del metadata["feature_spec"]["dog_finest"], metadata["feature_space"]["identity"]["feature_set"]["dog_finest"]
+    members["metadata.json"] = json.dumps(metadata).encode()
+    with zipfile.ZipFile(tmp_path / "old.dfm", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    result = dinofeat("apply", str(tmp_path / "old.dfm"), image, "-o", str(tmp_path / "out.tif"), "--server", server_address)
+    assert result.returncode == 1
+    assert ("the feature space was fitted for an earlier dinofeat's 'multiscale' set, which had no 'dog_finest'; compute the "
+            "features (or train the model) again with this dinofeat.") in result.stderr
     assert not (tmp_path / "out.tif").exists()
 
 

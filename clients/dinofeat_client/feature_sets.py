@@ -36,7 +36,7 @@ class SetInfo:
 
 
 SETS: tuple[SetInfo, ...] = (
-    SetInfo("multiscale", 63, False, "the default bank: Gaussian, gradient magnitude, Hessian and structure-tensor eigenvalues at "
+    SetInfo("multiscale", 53, False, "the default bank: Gaussian, gradient magnitude, Hessian and structure-tensor eigenvalues at "
                                      "sigma 0.5-16, differences of Gaussians"),
     SetInfo("classical", 58, False, "Trainable-Weka-like filter bank: raw, Sobel, Hessian, Gaussian, DoG, membrane projections"),
     SetInfo("ilastik", 49, False, "ilastik's Pixel Classification features, all 37 (Gaussian, LoG, gradient magnitude, DoG, "

@@ -131,15 +131,23 @@ class FeatureSpace:
     def check_identity(self, identity: dict) -> None:
         """Refuse to express features of `identity` in this space, naming the first difference."""
         difference = identity_difference(self.identity, identity)
+        if difference and difference.startswith(EARLIER):
+            raise DinofeatError(f"the feature space was fitted for {difference}; compute the features (or train the "
+                                "model) again with this dinofeat.")
         if difference:
             raise DinofeatError(f"the feature space was fitted for {difference}; compute the features with the same "
                                 "settings and weights, or fit a new space (leave out --like).")
+
+
+EARLIER = "an earlier dinofeat's"
 
 
 def identity_difference(fitted: dict, wanted: dict) -> str | None:
     """'X, not Y' for the first item that differs between two identities, or None when they agree."""
     spec_a, spec_b = fitted.get("feature_set", {}), wanted.get("feature_set", {})
     for key in sorted(set(spec_a) | set(spec_b)):
+        if key not in spec_a and spec_a.get("name") == spec_b.get("name"):
+            return f"{EARLIER} {spec_a.get('name')!r} set, which had no {key!r}"
         if spec_a.get(key) != spec_b.get(key):
             return f"{key} {spec_a.get(key)!r}, not {spec_b.get(key)!r}"
     if fitted.get("weights_sha256") != wanted.get("weights_sha256"):

@@ -33,7 +33,14 @@ from .classical import (
     weka_halo,
 )
 from .deep import DeepExtractor, preset
-from .multiscale_bank import MULTISCALE_SIGMAS, STRUCTURE_TENSOR_RATIO, multiscale_channel_names, multiscale_features, multiscale_halo
+from .multiscale_bank import (
+    DOG_FINEST,
+    MULTISCALE_SIGMAS,
+    STRUCTURE_TENSOR_RATIO,
+    multiscale_channel_names,
+    multiscale_features,
+    multiscale_halo,
+)
 from .ilastik_bank import ILASTIK_SCALES, ilastik_channel_names, ilastik_features, ilastik_halo
 from .postprocess import PCA_BLOCK_ROWS, l2_per_pixel, principal_axes
 from .progress import Advance, run_to_end
@@ -232,7 +239,7 @@ MULTISCALE = ClassicalSet(
     halo=multiscale_halo(),
     bank=multiscale_features,
     parameters={"bank": "multiscale", "sigmas": list(MULTISCALE_SIGMAS), "structure_tensor_ratio": STRUCTURE_TENSOR_RATIO,
-                "border": "mirror"},
+                "dog_finest": DOG_FINEST, "border": "mirror"},
 )
 ILASTIK = ClassicalSet(
     name="ilastik",
