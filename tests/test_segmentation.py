@@ -15,16 +15,15 @@ from dinofeat_client.metrics import class_iou, mean_iou
 
 def test_isb_three_phase_scribbles_give_miou_above_scikit_image_reference(isb_three_phase, server_address, tmp_path):
     result = dinofeat("segment", str(isb_three_phase / "image.tif"), "--labels", str(isb_three_phase / "scribbles.tif"),
-                      "-o", str(tmp_path / "seg.tif"), "--set", "classical", "--probabilities", str(tmp_path / "p.h5"),
-                      "--server", server_address)
+                      "-o", str(tmp_path / "seg.tif"), "--probabilities", str(tmp_path / "p.h5"), "--server", server_address)
     assert result.returncode == 0, result.stderr
     prediction = tifffile.imread(tmp_path / "seg.tif")
     truth = tifffile.imread(isb_three_phase / "ground_truth.tif")
     assert prediction.dtype == np.uint8 and set(np.unique(prediction)) == {85, 170, 255}
     ious = class_iou(prediction, truth)
     print("IoU per class", ious, "mIoU", mean_iou(prediction, truth))
-    # scikit-image's 20-channel bank with the same kind of forest reaches 0.663 (shared/data/README.md)
-    assert mean_iou(prediction, truth) >= 0.66
+    # the default multiscale bank measured 0.676; scikit-image's 20-channel bank with its forest reaches 0.663
+    assert mean_iou(prediction, truth) >= 0.67
     with h5py.File(tmp_path / "p.h5", "r") as f:
         p = f["probabilities"]
         assert p.shape == (3, 512, 512) and list(p.attrs["class_values"]) == [85, 170, 255]

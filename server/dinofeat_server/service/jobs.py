@@ -41,6 +41,7 @@ from ..engine.stacks import (
 from ..segment.classifiers import (
     DEFAULT_TREES,
     FOREST_DEPTH,
+    FOREST_MIN_LEAF,
     check_training_size,
     class_probabilities,
     class_values,
@@ -286,8 +287,8 @@ class BlockPasses:
 
 
 def classifier_depth(kind: str) -> dict:
-    """The depth limit a classifier of `kind` was grown with, for its metadata."""
-    return {"max_depth": FOREST_DEPTH} if kind == "random_forest" else {}
+    """The limits a classifier of `kind` was grown with (depth, leaf size), for its metadata."""
+    return {"max_depth": FOREST_DEPTH, "min_samples_leaf": FOREST_MIN_LEAF} if kind == "random_forest" else {}
 
 
 Trained = tuple["ClassifierMixin", dict]
