@@ -11,6 +11,8 @@ import pytest
 
 from conftest import running_server
 from dinofeat_client.client import FeatureClient
+from dinofeat_server.engine.stacks import MULTISCALE
+from dinofeat_server.service.result_cache import ResultCache, results_namespace
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_a_repeated_request_is_served_from_the_cache_with_identical_bytes(cached
         for index in range(a["features"].id.get_num_chunks()):
             offset = a["features"].id.get_chunk_info(index).chunk_offset
             assert a["features"].id.read_direct_chunk(offset) == b["features"].id.read_direct_chunk(offset)
-    assert len(list(cache_folder.glob("*.stream"))) >= 1
+    assert len(list((cache_folder / results_namespace()).glob("*.stream"))) >= 1
 
 
 def test_concurrent_requests_for_one_result_compute_it_once(cached_server, tmp_path):
@@ -65,7 +67,17 @@ def test_the_byte_budget_evicts_the_least_recently_used(cached_server, cache_fol
         for seed in range(4):  # each result is ~20 MB of chunks; the budget is 50 MB
             image = (np.random.default_rng(10 + seed).random((400, 400)) * 255).astype(np.uint8)
             client.fetch_features(image, tmp_path / f"e{seed}.h5")
-    entries = list(cache_folder.glob("*.stream"))
+    entries = list((cache_folder / results_namespace()).glob("*.stream"))
     assert sum(p.stat().st_size for p in entries) <= 50_000_000
     assert len(entries) < 4  # some of the four were evicted
-    assert not list(cache_folder.glob("*.partial"))
+    assert not list(cache_folder.rglob("*.partial"))
+
+
+def test_entries_sit_in_a_folder_named_for_this_dinofeat_and_its_feature_sets(tmp_path, monkeypatch):
+    cache = ResultCache(tmp_path, 1 << 20)
+    assert cache.folder == tmp_path / results_namespace() and cache.folder.is_dir()
+    assert results_namespace().startswith("dinofeat-")
+    before = results_namespace()
+    monkeypatch.setitem(MULTISCALE.parameters, "dog_finest", 7)  # as an upgrade that changes a set's definition
+    assert results_namespace() != before
+    assert ResultCache(tmp_path, 1 << 20).folder != cache.folder  # an upgraded server never reads the older entries

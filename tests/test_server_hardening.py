@@ -133,7 +133,7 @@ def test_a_result_larger_than_the_cache_streams_whole_and_leaves_the_cache_as_it
     address, folder = tiny_cache
     with FeatureClient(address) as client:
         client.fetch_features(np.full((40, 40), 7, np.uint8), tmp_path / "small.h5")  # a few kB: recorded
-        before = sorted(p.name for p in folder.glob("*.stream"))
+        before = sorted(p.name for p in folder.rglob("*.stream"))
         assert len(before) == 1
         image = (np.random.default_rng(30).random((200, 200)) * 255).astype(np.uint8)  # about 8 MB of chunks
         stages: list[str] = []
@@ -141,8 +141,8 @@ def test_a_result_larger_than_the_cache_streams_whole_and_leaves_the_cache_as_it
     assert transfer.chunks_received == transfer.chunk_count == 58
     with h5py.File(tmp_path / "big.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][()], FEATURE_SETS["classical"].compute(image))
-    assert sorted(p.name for p in folder.glob("*.stream")) == before  # not recorded, nothing evicted
-    assert not list(folder.glob("*.partial"))
+    assert sorted(p.name for p in folder.rglob("*.stream")) == before  # not recorded, nothing evicted
+    assert not list(folder.rglob("*.partial"))
     assert_still_answers(address)
 
 

@@ -2,7 +2,10 @@
 
 An entry is the dataset stream itself (header, every chunk as stored, trailer), length-prefixed in
 one file named by the request's key: image sha256, feature set and options, encoding and the weights'
-checksum. Entries are written to a temporary name and renamed when complete; the least recently used
+checksum. Entries sit in a subfolder named for what every result depends on besides the request (the
+dinofeat version and each feature set's definition, `results_namespace`), so that a server whose sets
+changed (an upgrade) never streams what an earlier one computed; the folders of other versions can be
+deleted at any time. Entries are written to a temporary name and renamed when complete; the least recently used
 go first when the byte budget is exceeded; a result larger than the whole budget is not recorded at
 all (it would only evict everything else). Concurrent requests for one key compute it once: the
 others wait for the first and then read the entry, and a waiter whose client gives up stops waiting.
@@ -10,6 +13,8 @@ others wait for the first and then read the entry, and a waiter whose client giv
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import struct
 import threading
@@ -17,7 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dinofeat.v1 import feature_service_pb2 as pb
+from dinofeat_client import __version__
 
+from ..engine.stacks import FEATURE_SETS
 from .streaming import Cancelled
 
 LENGTH = struct.Struct("<I")
@@ -25,11 +32,18 @@ LOCK_POLL_S = 0.2
 """How often a request waiting for another's result checks whether its own client has gone."""
 
 
+def results_namespace() -> str:
+    """The subfolder of this dinofeat's entries: its version and the definitions of its feature sets, hashed."""
+    definitions = {name: fset.spec() for name, fset in FEATURE_SETS.items()}
+    text = json.dumps({"dinofeat": __version__, "feature_sets": definitions}, sort_keys=True)
+    return f"dinofeat-{__version__}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 class ResultCache:
-    """A directory of complete dataset streams within `budget_bytes`."""
+    """A directory of complete dataset streams within `budget_bytes`, in this dinofeat's subfolder of `folder`."""
 
     def __init__(self, folder: str | Path, budget_bytes: int):
-        self.folder = Path(folder)
+        self.folder = Path(folder) / results_namespace()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.budget_bytes = budget_bytes
         self._locks: dict[str, threading.Lock] = {}
