@@ -22,7 +22,7 @@ def test_isb_three_phase_scribbles_give_miou_above_scikit_image_reference(isb_th
     assert prediction.dtype == np.uint8 and set(np.unique(prediction)) == {85, 170, 255}
     ious = class_iou(prediction, truth)
     print("IoU per class", ious, "mIoU", mean_iou(prediction, truth))
-    # the default multiscale bank measured 0.676; scikit-image's 20-channel bank with its forest reaches 0.663
+    # the default multiscale bank measured 0.674; scikit-image's 20-channel bank with its forest reaches 0.663
     assert mean_iou(prediction, truth) >= 0.67
     with h5py.File(tmp_path / "p.h5", "r") as f:
         p = f["probabilities"]

@@ -14,6 +14,7 @@ from dinofeat_server.engine.stacks import CLASSICAL, intensity_scaled
 from dinofeat_server.segment.classifiers import (
     CLASSIFIERS,
     class_probabilities,
+    forest_leaf,
     labelled_pixels,
     train_classifier,
 )
@@ -251,3 +252,13 @@ def test_a_model_file_with_a_corrupt_deflate_stream_gets_one_sentence():
     data[start + 5 : start + 25] = b"\xff" * 20  # inside the deflated bytes
     with pytest.raises(DinofeatError, match="this is not a dinofeat model file, or it is damaged"):
         model_from_bytes(bytes(data))
+
+
+def test_the_forest_keeps_leaves_of_five_pixels_unless_the_rarest_class_has_under_a_hundred():
+    def classes(rarest: int) -> np.ndarray:
+        return np.repeat([1, 2], [1000, rarest])
+
+    assert [forest_leaf(classes(n)) for n in (300, 100, 99, 64, 40, 27, 5)] == [5, 5, 4, 3, 2, 1, 1]
+    samples = np.random.default_rng(4).normal(size=(1300, 3))
+    assert train_classifier(samples[:1027], classes(27), trees=2).min_samples_leaf == 1  # what the model file records
+    assert train_classifier(samples, classes(300), trees=2).min_samples_leaf == 5

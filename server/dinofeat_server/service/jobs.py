@@ -40,11 +40,10 @@ from ..engine.stacks import (
 )
 from ..segment.classifiers import (
     DEFAULT_TREES,
-    FOREST_DEPTH,
-    FOREST_MIN_LEAF,
     check_training_size,
     class_probabilities,
     class_values,
+    forest_limits,
     labelled_pixels,
     train_classifier,
 )
@@ -286,11 +285,6 @@ class BlockPasses:
             yield item
 
 
-def classifier_depth(kind: str) -> dict:
-    """The limits a classifier of `kind` was grown with (depth, leaf size), for its metadata."""
-    return {"max_depth": FOREST_DEPTH, "min_samples_leaf": FOREST_MIN_LEAF} if kind == "random_forest" else {}
-
-
 Trained = tuple["ClassifierMixin", dict]
 """A trained classifier and its model file's metadata: what segment.model_file.TrainedModel holds, without
 that module (segment predicts with them directly; train_work writes them as a model file)."""
@@ -334,7 +328,7 @@ def model_metadata(fset: FeatureSet, options: FeatureOptions, channels: int, spa
         "feature_set": fset.name, "options": asdict(options), "feature_spec": fset.spec(options), "channels": channels,
         "feature_space": space.to_dict(),
         "class_values": class_values(classifier), "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed,
-                                                                  "class_weight": "balanced", **classifier_depth(kind)},
+                                                                  "class_weight": "balanced", **forest_limits(classifier)},
         "labelled_pixels": int(labelled), "training_images": training_images,
         "dinofeat_version": __version__,
     }
