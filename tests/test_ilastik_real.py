@@ -167,6 +167,7 @@ def test_inside_ilastik_our_multiscale_features_reach_ilastik_own_37_features(ru
     own = [mean_iou(peers.ilastik_own(image, scribbles, tmp_path).classes, truth) for _ in range(RUNS)]
     print(f"mIoU inside ilastik, {RUNS} runs each: our multiscale features {np.mean(ours):.3f} ({', '.join(f'{v:.3f}' for v in ours)}), "
           f"ilastik's own 37 features {np.mean(own):.3f} ({', '.join(f'{v:.3f}' for v in own)})")
-    # measured (emulating ilastik's forest, 5 seeds): ours 0.646 +- 0.008, ilastik's own 0.644 +- 0.004; the margin
+    # measured in real ilastik: ours 0.650, its own 0.643 (3 runs each); in its forest emulated over 5 seeds
+    # (bench_bank_choice): ours 0.646 +- 0.008, its own 0.644 +- 0.004. The margin
     # is two standard deviations of the difference of two means of 3 runs, so that a chance run does not fail
     assert np.mean(ours) >= np.mean(own) - 0.01
