@@ -31,7 +31,7 @@ import numpy as np
 import peers
 import torch
 from dinofeat_client.metrics import mean_iou
-from dinofeat_server.engine.multiscale_bank import MULTISCALE_SIGMAS, multiscale_channel_names, multiscale_features
+from dinofeat_server.engine.multiscale_bank import MULTISCALE_SIGMAS, dog_pairs, multiscale_channel_names, multiscale_features
 from dinofeat_server.segment.classifiers import FOREST_MIN_LEAF, make_classifier
 from machine import parse_args, save
 
@@ -51,10 +51,12 @@ LEAVES = (1, 2, 3, 5, 10)
 
 def dog_variants(sigmas: tuple[float, ...] = MULTISCALE_SIGMAS) -> dict[str, list[tuple[float, float]]]:
     """Named sets of (A, B) scale pairs, A < B, of differences of Gaussians."""
-    pairs = [(a, b) for i, a in enumerate(sigmas) for b in sigmas[i + 1 :]]
+    def scales(pairs: list[tuple[int, int]]) -> list[tuple[float, float]]:
+        return [(sigmas[i], sigmas[j]) for i, j in pairs]
+
     return {
-        "all 21 pairs": pairs,
-        "from the 2 finest scales": [(a, b) for a, b in pairs if a in sigmas[:2]],
+        "all 21 pairs": scales(dog_pairs(len(sigmas), finest=len(sigmas))),
+        "from the 2 finest scales": scales(dog_pairs(len(sigmas))),  # the bank's own
         "neighbouring scales": list(zip(sigmas, sigmas[1:])),
         "none": [],
     }

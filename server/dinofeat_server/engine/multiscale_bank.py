@@ -104,10 +104,8 @@ def multiscale_features(images: torch.Tensor, sigmas: tuple[float, ...] = MULTIS
         symmetric_eigenvalues(jxx, jxy, jyy, channels[:, :, 4], channels[:, :, 5])
     del gaussians
     first = len(PER_SCALE) * scales
-    for i in range(min(DOG_FINEST, scales - 1)):  # dog_si_sj for every j > i: one broadcast subtraction
-        count = scales - 1 - i
-        torch.sub(per_scale[:, :, i, None, 0], per_scale[:, :, i + 1 :, 0], out=out[:, :, first : first + count])
-        first += count
+    for k, (i, j) in enumerate(pairs):  # dog_si_sj, in the order of multiscale_channel_names
+        torch.sub(per_scale[:, :, i, 0], per_scale[:, :, j, 0], out=out[:, :, first + k])
     per_scale[:, :, :, 0] += offset[:, :, None]
     return out
 
