@@ -1,21 +1,23 @@
-"""How the default bank and forest were chosen: mean mIoU over the tuning cases of bench/cases.py (and,
-apart, the report cases) for variants of the `multiscale` bank's differences of Gaussians and of the
-forest's smallest leaf, each over several forest seeds, in one process.
+"""How the default bank and classifier were chosen: mean mIoU over the tuning cases of bench/cases.py (and,
+apart, the report cases) for variants of the `multiscale` bank's differences of Gaussians, of the
+classifier and of its smallest leaf, each over several forest seeds, in one process.
 
 - Bank variants are channel selections of one computation of the bank: every difference of Gaussians is
   `gaussian_sA - gaussian_sB` of the bank's own Gaussians (exactly what the bank subtracts), so "all 21
   pairs" (the bank until 2026-11-30), "from the 2 finest scales" (the bank now), "neighbouring scales"
   and "none" need no other filter code.
-- Our forest: `segment`'s (200 trees, depth 10, balanced), with the leaf size under test (bank variants use
-  FOREST_MIN_LEAF, 5 pixels, on every case: `segment` shrinks it only for a class of under 100 labelled
-  pixels, the small-particles case here).
+- Our classifier: `segment`'s default (extremely randomised trees, 200, depth 10, balanced, 30 % of the
+  channels per split), with the leaf size under test (bank and classifier variants use FOREST_MIN_LEAF,
+  5 pixels, on every case: `segment` shrinks it only for a class of under 100 labelled pixels, the
+  small-particles and demo cases here). Classifier variants on the bank's own channels: the Weka-like
+  random forest (`--classifier random_forest`) and extra trees drawing other fractions of the channels.
 - ilastik's forest: VIGRA's RandomForest with 100 trees (ilastik 1.4's default classifier, its trees
   split over threads), trained on the same pixels, where Debian's python3-vigra is installed (./dev test
   installs it); else that column is left out with one line. On ISB-3 it gives what real ilastik gives
   (0.644 on its own 37 features, 0.646 on `multiscale`, against 0.643 and 0.644-0.650 in real ilastik).
 
 Usage: python bench/bench_bank_choice.py [--seeds 5] [--cases NAME ...] [--quick | --full] [--save]
-Quick: ISB-3 and EM slice 10, one seed (45 s). Full: every case, 5 seeds (33 minutes on 2 cores).
+Quick: ISB-3 and EM slice 10, one seed (1 minute). Full: every case, 5 seeds (about 50 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import peers
 import torch
 from dinofeat_client.metrics import mean_iou
 from dinofeat_server.engine.multiscale_bank import MULTISCALE_SIGMAS, dog_pairs, multiscale_channel_names, multiscale_features
-from dinofeat_server.segment.classifiers import FOREST_MIN_LEAF, make_classifier
+from dinofeat_server.segment.classifiers import DEFAULT_CLASSIFIER, FOREST_MIN_LEAF, make_classifier
 from machine import parse_args, save
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -47,6 +49,8 @@ for seed in range(seeds):
     np.save(f"{sys.argv[3]}{seed}.npy", values[forest.predictProbabilities(X).argmax(1)])
 """
 LEAVES = (1, 2, 3, 5, 10)
+DRAWN = ("sqrt", 0.2, 0.5, 1.0)
+"""Fractions of the channels extra trees draw per split, beside the default's 0.3 (its "leaves of 5" row)."""
 
 
 def dog_variants(sigmas: tuple[float, ...] = MULTISCALE_SIGMAS) -> dict[str, list[tuple[float, float]]]:
@@ -69,11 +73,15 @@ def variant_stack(bank: dict[str, np.ndarray], dogs: list[tuple[float, float]]) 
     return np.stack([c.ravel() for c in per_scale + differences], axis=1)
 
 
-def our_forest(x: np.ndarray, scribbles: np.ndarray, truth: np.ndarray, seeds: int, leaf: int) -> list[float]:
+def our_forest(x: np.ndarray, scribbles: np.ndarray, truth: np.ndarray, seeds: int, leaf: int,
+               kind: str = DEFAULT_CLASSIFIER, drawn: float | str | None = None) -> list[float]:
+    """mIoU of `kind` (extra trees drawing `drawn` of the channels per split, if given) for each seed."""
     labelled = scribbles.ravel() > 0
     scores = []
     for seed in range(seeds):
-        forest = make_classifier("random_forest", seed=seed, threads=peers.THREADS, leaf=leaf)
+        forest = make_classifier(kind, seed=seed, threads=peers.THREADS, leaf=leaf)
+        if drawn is not None:
+            forest.set_params(max_features=drawn)
         forest.fit(x[labelled], scribbles.ravel()[labelled])
         scores.append(mean_iou(forest.predict(x).reshape(truth.shape), truth))
     return scores
@@ -128,6 +136,9 @@ def main() -> None:
             x = variant_stack(bank, dog_variants()["from the 2 finest scales"])
             for leaf in LEAVES:
                 row[f"ours: leaves of {leaf}"] = our_forest(x, case.scribbles, case.truth, args.seeds, leaf)
+            row["random forest (Weka-like)"] = our_forest(x, case.scribbles, case.truth, args.seeds, FOREST_MIN_LEAF, "random_forest")
+            for drawn in DRAWN:
+                row[f"extra trees drawing {drawn}"] = our_forest(x, case.scribbles, case.truth, args.seeds, FOREST_MIN_LEAF, drawn=drawn)
             rows[name] = row
             print(f"{name} ({row['split']}): " + ", ".join(f"{k} {np.mean(v):.4f}" for k, v in row.items() if k != "split"), flush=True)
     columns = [k for k in next(iter(rows.values())) if k != "split"]

@@ -56,7 +56,7 @@ def test_train_then_apply_gives_the_same_class_map_as_segment(isb_three_phase, s
     common = ["--set", "classical", "--trees", "50", "--server", server_address]
     trained = dinofeat("train", image, "--labels", scribbles, "-o", str(tmp_path / "isb.dfm"), *common)
     assert trained.returncode == 0, trained.stderr
-    assert "random_forest on" in trained.stdout and "classes 85, 170, 255" in trained.stdout
+    assert "extra_trees on" in trained.stdout and "classes 85, 170, 255" in trained.stdout
     applied = dinofeat("apply", str(tmp_path / "isb.dfm"), image, "-o", str(tmp_path / "applied.tif"), "--server", server_address)
     assert applied.returncode == 0, applied.stderr
     segmented = dinofeat("segment", image, "--labels", scribbles, "-o", str(tmp_path / "segmented.tif"), *common)
@@ -160,7 +160,7 @@ def test_a_training_beyond_the_servers_size_limit_is_refused_before_any_work(tmp
     server = ServerProcess("--max-training-gb", "1")
     try:
         with FeatureClient(server.address) as client:
-            with pytest.raises(DinofeatError, match=r"training a random forest on 4096 classes x 4096 labelled pixels x 200 trees "
+            with pytest.raises(DinofeatError, match=r"training the extra trees classifier on 4096 classes x 4096 labelled pixels x 200 trees "
                                                     r"could take 25.0 GiB, more than this server's limit of 1 GiB \(max_training_gb\)"):
                 client.segment(image, labels, tmp_path / "seg.tif")
             assert client.status().running == 0

@@ -15,6 +15,7 @@ from dinofeat_server.segment.classifiers import (
     CLASSIFIERS,
     class_probabilities,
     forest_leaf,
+    forest_limits,
     labelled_pixels,
     train_classifier,
 )
@@ -39,6 +40,7 @@ from dinofeat_server.segment.unsupervised import (
     otsu_threshold,
     pca_picture,
 )
+from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
 
 def half_and_half() -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +254,15 @@ def test_a_model_file_with_a_corrupt_deflate_stream_gets_one_sentence():
     data[start + 5 : start + 25] = b"\xff" * 20  # inside the deflated bytes
     with pytest.raises(DinofeatError, match="this is not a dinofeat model file, or it is damaged"):
         model_from_bytes(bytes(data))
+
+
+def test_the_default_classifier_is_extremely_randomised_trees_drawing_thirty_percent_of_the_channels():
+    samples, classes = np.random.default_rng(5).normal(size=(200, 53)), np.arange(200) % 2 + 1
+    default, weka_like = train_classifier(samples, classes, trees=2), train_classifier(samples, classes, "random_forest", trees=2)
+    assert isinstance(default, ExtraTreesClassifier) and isinstance(weka_like, RandomForestClassifier)
+    assert forest_limits(default) == {"max_depth": 10, "min_samples_leaf": 5, "max_features": 0.3}
+    assert forest_limits(weka_like)["max_features"] == "sqrt"
+    assert forest_limits(train_classifier(samples, classes, "logistic")) == {}
 
 
 def test_the_forest_keeps_leaves_of_five_pixels_unless_the_rarest_class_has_under_a_hundred():

@@ -65,7 +65,7 @@ def test_status_reports_the_threads_per_worker():
     try:
         with FeatureClient(server.address) as client:
             assert (client.status().workers, client.status().threads_per_worker) == (2, 1)
-        assert "  threads           1 per worker (torch, BLAS/OpenMP, random forest)" in dinofeat("status", "--server", server.address).stdout
+        assert "  threads           1 per worker (torch, BLAS/OpenMP, forest)" in dinofeat("status", "--server", server.address).stdout
         assert "(device cpu; 2 workers x 1 thread, queue 64)" in server.log
     finally:
         server.stop()

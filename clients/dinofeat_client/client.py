@@ -36,7 +36,7 @@ from .errors import DinofeatError, ServerUnavailable
 from .images import check_image, check_labels, image_axes, image_sha256, without_singleton_axes, write_tiff
 from .outputs import atomic_write, output_file, remove_quietly
 from .tokens import read_credential
-from .wire import (DEFAULT_BACKBONE, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
+from .wire import (DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
                    features_result_key, options_key, result_key, segment_result_key, space_key)
 
 Progress = Callable[[str, int, int], None]
@@ -218,7 +218,7 @@ class FeatureClient:
     def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "multiscale",
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
-                pca: int = 0, normalise: str = "none", classifier: str = "random_forest") -> tuple[Path, Path | None]:
+                pca: int = 0, normalise: str = "none", classifier: str = DEFAULT_CLASSIFIER) -> tuple[Path, Path | None]:
         """Train a forest on `labels` and write the class map (TIFF, in the labels' values) to `output`.
 
         The per-class probabilities go to `probabilities` (.h5) when given.
@@ -249,7 +249,7 @@ class FeatureClient:
 
     @retried
     def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path, feature_set: str = "multiscale",
-              classifier: str = "random_forest", trees: int = 0, seed: int = 0, progress: Progress | None = None,
+              classifier: str = DEFAULT_CLASSIFIER, trees: int = 0, seed: int = 0, progress: Progress | None = None,
               backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0, normalise: str = "none") -> pb.ModelSummary:
         """Train a classifier on the labelled pixels of `images` and save the model file to `output`."""
         images = [check_image(i) for i in images]

@@ -124,6 +124,9 @@ DEFAULT_PRESET = "default"
 
 
 NORMALISATIONS = ("none", "minmax", "zscore", "l2")
+CLASSIFIERS = ("extra_trees", "random_forest", "logistic", "gradient_boosting")
+DEFAULT_CLASSIFIER = "extra_trees"
+"""The classifier `segment` and `train` grow unless told otherwise (see server `segment/classifiers.py`)."""
 
 
 def options_key(backbone: str, preset: str, pca: int, normalise: str) -> str:
@@ -149,7 +152,7 @@ def features_result_key(image_sha: str, feature_set: str, options: str, compress
 def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, options: str, classifier: str, trees: int,
                        seed: int) -> str:
     """Result key of a segmentation request."""
-    return result_key("segment", image_sha, labels_sha, feature_set, options, classifier or "random_forest", trees, seed)
+    return result_key("segment", image_sha, labels_sha, feature_set, options, classifier or DEFAULT_CLASSIFIER, trees, seed)
 
 
 def apply_result_key(model_sha: str, image_sha: str) -> str:

@@ -11,7 +11,7 @@ from ..client import PLAINTEXT_TOKEN_FLAG, PLAINTEXT_TOKEN_VARIABLE
 from ..errors import DinofeatError
 from ..ilastik.provider import ILASTIK_PCA
 from ..outputs import io_failure, is_write_error, tidy_on_failure
-from ..wire import DEFAULT_BACKBONE, DEFAULT_PRESET, NORMALISATIONS
+from ..wire import CLASSIFIERS, DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, DEFAULT_PRESET, NORMALISATIONS
 from .features import command_features
 from .peers import command_arff, command_fiji_apply, command_fiji_train, command_ilastik
 from .progress import ProgressBars, progress_seconds
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", default="classical", help="feature set name (default classical)")
 
     classifier = argparse.ArgumentParser(add_help=False)
-    classifier.add_argument("--classifier", choices=("random_forest", "logistic", "gradient_boosting"), default="random_forest",
-                            help="random_forest (Weka-like, default), logistic (the paper's for deep features) or gradient_boosting")
-    classifier.add_argument("--trees", type=int, default=0, help="trees in the random forest (default 200)")
+    classifier.add_argument("--classifier", choices=CLASSIFIERS, default=DEFAULT_CLASSIFIER,
+                            help="extra_trees (default: a forest of extremely randomised trees), random_forest (Weka-like), "
+                                 "logistic (the paper's for deep features) or gradient_boosting")
+    classifier.add_argument("--trees", type=int, default=0, help="trees of the forest (default 200)")
     classifier.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pictures = argparse.ArgumentParser(add_help=False)
     pictures.add_argument("--pictures", action="store_true", help="also write PNG pictures next to the outputs")

@@ -46,7 +46,7 @@ def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
     print(f"dinofeat server {status.version} on {status.device}\n"
           f"  requests          {status.running} running on {status.workers} workers, {status.queued} waiting "
           f"(queue {status.queue_length}); {status.finished} finished, {status.cancelled} cancelled, {status.refused} refused\n"
-          f"  threads           {status.threads_per_worker} per worker (torch, BLAS/OpenMP, random forest)\n"
+          f"  threads           {status.threads_per_worker} per worker (torch, BLAS/OpenMP, forest)\n"
           f"  loaded models     {', '.join(status.loaded_models) or 'none'}\n"
           f"  device memory     {memory}\n"
           f"  result cache      {cache}\n"
@@ -95,7 +95,7 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "max_streams_per_client": (int, "concurrent requests of one client"),
                "queue_length": (int, "requests waiting for a worker before new ones are refused"),
                "workers": (int, "compute slots on each device: workers x devices requests run at once"),
-               "threads": (int, "threads of each worker: torch, BLAS/OpenMP, the random forest "
+               "threads": (int, "threads of each worker: torch, BLAS/OpenMP, the forest "
                                 "(default: cores / (workers x devices))"),
                "max_request_seconds": (float, "longest a request may run"),
                "image_store_gb": (float, "memory for uploaded images"),

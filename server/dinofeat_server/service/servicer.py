@@ -22,7 +22,7 @@ from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels, check_mask, spatial_shape
-from dinofeat_client.wire import COMPRESSIONS, DEFAULT_LEVEL, space_key
+from dinofeat_client.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, space_key
 
 from ..engine.deep import preset
 from ..engine.postprocess import NORMALISATIONS
@@ -110,7 +110,7 @@ def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
 
 
 def checked_classifier(kind: str, trees: int) -> str:
-    kind = kind or "random_forest"
+    kind = kind or DEFAULT_CLASSIFIER
     if kind not in CLASSIFIERS:
         raise DinofeatError(f"unknown classifier {kind!r}; choose one of {', '.join(CLASSIFIERS)}.")
     if not 0 <= trees <= 5000:

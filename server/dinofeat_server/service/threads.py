@@ -7,7 +7,7 @@ T bounds every thread pool a request can start:
 - torch's intra-op threads (and MKL's): `torch.set_num_threads`;
 - the BLAS (OpenBLAS of numpy and scipy) and OpenMP (scikit-learn's, torch's libgomp) pools:
   threadpoolctl, which scikit-learn always brings;
-- the random forest's jobs: passed by each job to `segment.classifiers` (`threads`).
+- the forest's jobs: passed by each job to `segment.classifiers` (`threads`).
 
 torch's and OpenMP's settings belong to the thread that makes them (BLAS's are process-wide), so every
 engine thread applies them when it starts (`use_threads` is the worker pool's initializer), and the

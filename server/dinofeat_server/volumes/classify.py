@@ -36,6 +36,7 @@ from dinofeat_client.errors import DinofeatError
 
 from ..engine.stacks import FeatureOptions, feature_set
 from ..segment.classifiers import (
+    DEFAULT_CLASSIFIER,
     class_probabilities,
     labelled_pixels,
     train_classifier,
@@ -269,7 +270,7 @@ def trained_on_volume(client, fitted: FittedVolume, labels: VolumeSource, kind: 
 
 
 def train_volume(volume, labels, feature_set: str = "multiscale", *, options: FeatureOptions = FeatureOptions(),
-                 kind: str = "random_forest", trees: int = 0, seed: int = 0, device: str = "auto",
+                 kind: str = DEFAULT_CLASSIFIER, trees: int = 0, seed: int = 0, device: str = "auto",
                  weights: dict[str, str] | None = None, client=None,
                  progress: Progress | None = None) -> tuple[FittedVolume, TrainedModel]:
     """Fit the volume's space over all its slices and train a classifier on its labelled slices: (the fitted volume,
@@ -295,7 +296,7 @@ def save_model(trained: TrainedModel, path: str | os.PathLike | None = None) -> 
 
 
 def segment_to_zarr(volume: str | os.PathLike | VolumeSource, labels: str | os.PathLike | np.ndarray, output: str | os.PathLike,
-                    feature_set: str = "multiscale", *, options: FeatureOptions = FeatureOptions(), kind: str = "random_forest",
+                    feature_set: str = "multiscale", *, options: FeatureOptions = FeatureOptions(), kind: str = DEFAULT_CLASSIFIER,
                     trees: int = 0, seed: int = 0, probabilities: str | os.PathLike | bool | None = None, levels: int = 0,
                     device: str = "auto", weights: dict[str, str] | None = None, client=None, overwrite: bool = False,
                     model: str | os.PathLike | None = None, progress: Progress | None = None) -> tuple[Path, Path | None]:
@@ -311,8 +312,8 @@ def segment_to_zarr(volume: str | os.PathLike | VolumeSource, labels: str | os.P
         A name of `engine.stacks.FEATURE_SETS` (default "multiscale", as `dinofeat segment`).
     options : FeatureOptions, optional
         Backbone, preset, PCA and normalisation of the deep sets.
-    kind : {'random_forest', 'logistic', 'gradient_boosting'}, optional
-        The classifier; `trees` (0: 200) and `seed` as `dinofeat segment`.
+    kind : {'extra_trees', 'random_forest', 'logistic', 'gradient_boosting'}, optional
+        The classifier (default 'extra_trees', as `dinofeat segment`); `trees` (0: 200) and `seed` as `dinofeat segment`.
     model : path, optional
         Also save the trained model file (.dfm) here, for `dinofeat apply`.
     probabilities, levels, device, weights, client, overwrite, progress
