@@ -2,7 +2,7 @@
 the default bank against scikit-image's features at one thread, on the 512 x 512 ISB three-phase image.
 
 (a) End to end, each run a process as a user runs it: `dinofeat segment IMAGE --labels SCRIBBLES -o OUT.tif
-    --seed 0` (default `multiscale` set and forest) and the scikit-image script of bench_pixel_classification.py
+    --seed 0` (default `multiscale` set and classifier) and the scikit-image script of bench_pixel_classification.py
     (reads the TIFFs, multiscale_basic_features sigma 1..16, a 200-tree forest of depth 10, writes the class
     map), alternating, --runs times each, with the same thread budget (2 threads, pinned; see peers.py).
     dinofeat runs two ways: cold (DINOFEAT_LOCAL_SERVER=0: an embedded server in the command's process, which

@@ -4,7 +4,7 @@ own features, each run as a process as a user runs it, on every labelled case of
 REPORT, tagged tuning/report).
 
 - dinofeat: `dinofeat segment IMAGE --labels SCRIBBLES --set SET -o OUT.tif --seed 0` (embedded server,
-  device auto), for each SET in --sets. A set the CLI refuses (not there yet) fills its column with the
+  device auto, the default classifier: extremely randomised trees), for each SET in --sets. A set the CLI refuses (not there yet) fills its column with the
   CLI's one-sentence message; the benchmark goes on.
 - scikit-image: a script (written into the temporary folder) that reads the TIFFs, computes
   multiscale_basic_features(intensity, edges, texture, sigma 1..16: 20 channels), trains

@@ -44,9 +44,10 @@ FOREST_MIN_LEAF = 5
 RAREST_CLASS_LEAVES = 20
 """Leaves shrink below FOREST_MIN_LEAF pixels until the rarest class's labelled pixels fill this many."""
 EXTRA_TREES_FEATURES = 0.3
-"""Fraction of the channels an extremely randomised tree draws at each split (a random forest draws the
-square root of their number, as Weka and ilastik do)."""
-FORESTS = {"extra_trees": ExtraTreesClassifier, "random_forest": RandomForestClassifier}
+"""Fraction of the channels an extremely randomised tree draws at each split."""
+FORESTS = {"extra_trees": (ExtraTreesClassifier, EXTRA_TREES_FEATURES), "random_forest": (RandomForestClassifier, "sqrt")}
+"""Each forest's scikit-learn class and the channels it draws per split (the random forest: the square root of
+their number, as Weka and ilastik do)."""
 PREDICTION_PIXELS = 1 << 18
 """Pixels predicted at a time, bounding the classifier's temporary memory."""
 
@@ -83,9 +84,9 @@ def make_classifier(kind: str = DEFAULT_CLASSIFIER, trees: int = DEFAULT_TREES, 
     """An untrained classifier of `kind` with balanced class weights; a forest grows leaves of at least `leaf`
     pixels and predicts on `threads` threads (-1: every core; the server passes its threads per worker)."""
     if kind in FORESTS:
-        drawn = {"max_features": EXTRA_TREES_FEATURES} if kind == "extra_trees" else {}
-        return FORESTS[kind](n_estimators=trees or DEFAULT_TREES, max_depth=FOREST_DEPTH, min_samples_leaf=leaf,
-                             class_weight="balanced", n_jobs=threads, random_state=seed, **drawn)
+        forest, drawn = FORESTS[kind]
+        return forest(n_estimators=trees or DEFAULT_TREES, max_depth=FOREST_DEPTH, min_samples_leaf=leaf, max_features=drawn,
+                      class_weight="balanced", n_jobs=threads, random_state=seed)
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed))
     if kind == "gradient_boosting":
@@ -104,7 +105,7 @@ def train_classifier(samples: np.ndarray, classes: np.ndarray, kind: str = DEFAU
 def forest_limits(classifier: ClassifierMixin) -> dict:
     """The depth, leaf size and channels drawn per split a forest was grown with, for its metadata (nothing
     for other classifiers)."""
-    if not isinstance(classifier, tuple(FORESTS.values())):
+    if not isinstance(classifier, tuple(forest for forest, _ in FORESTS.values())):
         return {}
     return {"max_depth": classifier.max_depth, "min_samples_leaf": classifier.min_samples_leaf,
             "max_features": classifier.max_features}
