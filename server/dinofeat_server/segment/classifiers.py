@@ -12,7 +12,8 @@ Classifiers, all with classes balanced by their label counts:
   0.798 against 0.781). On the declared tuning cases of bench/cases.py with
   `multiscale` (3 forest seeds) mean mIoU 0.749 against the random forest's 0.739 (each tuning case gains,
   similar phases least: 0.696 against 0.695; report cases 0.722 against 0.703); drawing 20 % or 50 % of the channels
-  gave 0.748 and 0.747, the square root (13 %) 0.744, all channels 0.743; unlimited depth 0.749;
+  gave 0.748 and 0.747, the square root (13 %) 0.744, all channels 0.743; unlimited depth 0.749
+  (bench/bench_bank_choice.py reruns the comparison with leaves of 5 on every case: 0.746 against 0.737);
 - random_forest: Weka's and ilastik's kind of forest (the square root of the channels at each split, the
   best threshold), same trees, depth and leaves;
 - both forests: leaves of at least 5 labelled pixels (single-pixel leaves fit the noise of sparse
