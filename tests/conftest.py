@@ -92,6 +92,43 @@ def server_address() -> str:
     yield from running_server()
 
 
+class InProcessServer:
+    """A real gRPC server (servicer, scheduler, engine) on a loopback port in a thread of the test process, as
+    tiktorch's tests run theirs: every option's way from the client to the engine without spawning a process.
+    `settings` go to start_server (e.g. limits=ServerLimits(...), weights={...})."""
+
+    def __init__(self, **settings):
+        from dinofeat_server.service.server import EmbeddedServer
+
+        self.embedded = EmbeddedServer(settings.pop("device", "cpu"), settings.pop("weights", None), **settings)
+        self.address = self.embedded.__enter__()
+        self.servicer = self.embedded.servicer
+
+    def client(self, **options):
+        from dinofeat_client.client import FeatureClient
+
+        return FeatureClient(self.address, **options)
+
+    def stop(self) -> None:
+        self.embedded.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def inprocess_server() -> InProcessServer:
+    """One in-process server for the session (classical sets; the default limits of an embedded server)."""
+    server = InProcessServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def inprocess_deep_server(tiny_weights) -> InProcessServer:
+    """One in-process server whose dinov2_vits14 is the tiny random-weight model."""
+    server = InProcessServer(weights={"dinov2_vits14": str(tiny_weights)})
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def isb_three_phase() -> Path:
     folder = SHARED_DATA / "isb_three_phase"

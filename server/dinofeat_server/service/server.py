@@ -166,11 +166,15 @@ process's 1 GB and one request's 1 GB of tiles), so features are computed in the
 
 
 class EmbeddedServer:
-    """A server on a free loopback port in a background thread of this process (the CLI's default)."""
+    """A server on a free loopback port in a background thread of this process (the CLI's `--no-local-server`,
+    and the tests' in-process server); `settings` are more of start_server's keyword arguments."""
 
-    def __init__(self, device: str = "auto", weights: dict[str, str] | None = None):
+    def __init__(self, device: str = "auto", weights: dict[str, str] | None = None, limits: ServerLimits = EMBEDDED_LIMITS,
+                 **settings):
         self.device = device
         self.weights = weights
+        self.limits = limits
+        self.settings = settings
         self.address = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dinofeat-embedded", daemon=True)
@@ -178,7 +182,7 @@ class EmbeddedServer:
     def __enter__(self) -> str:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(start_server("127.0.0.1", 0, self.device, weights=self.weights,
-                                                                limits=EMBEDDED_LIMITS), self._loop)
+                                                                limits=self.limits, **self.settings), self._loop)
         try:
             self._server, port, self._servicer = future.result()
         except BaseException:
@@ -187,6 +191,11 @@ class EmbeddedServer:
             raise
         self.address = f"127.0.0.1:{port}"
         return self.address
+
+    @property
+    def servicer(self) -> FeatureServicer:
+        """The running server's servicer (its store, scheduler and usage), for tests that look inside."""
+        return self._servicer
 
     def __exit__(self, *exc) -> None:
         asyncio.run_coroutine_threadsafe(self._server.stop(grace=None), self._loop).result()
