@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,8 +268,9 @@ def test_offline_download_fails_with_one_clear_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOFEAT_CACHE", str(tmp_path))
     monkeypatch.delenv("DINOFEAT_WEIGHTS", raising=False)
     with socket_closed_port() as port:
-        monkeypatch.setattr(weights_module, "OFFICIAL_URL", f"http://127.0.0.1:{port}/{{size}}/{{reg}}.pth")
-        with pytest.raises(DinofeatError, match=r"^cannot download http://127.0.0.1:\d+/s/\.pth \(.*\); pass --weights PATH or set DINOFEAT_WEIGHTS\.$"):
+        monkeypatch.setenv("DINOFEAT_WEIGHTS_URL", f"http://127.0.0.1:{port}/mirror/")
+        with pytest.raises(DinofeatError, match=r"^cannot download http://127.0.0.1:\d+/mirror/dinov2_vits14/dinov2_vits14_pretrain\.pth "
+                                                r"\(.*\); pass --weights PATH or set DINOFEAT_WEIGHTS\.$"):
             resolve_weights("dinov2_vits14")
     assert list(tmp_path.iterdir()) == []
 
@@ -276,17 +278,18 @@ def test_offline_download_fails_with_one_clear_sentence(tmp_path, monkeypatch):
 def test_download_goes_to_the_cache_once_with_its_checksum(tmp_path, monkeypatch, model):
     served = tmp_path / "served"
     served.mkdir()
-    save_official(model, served / "s.pth")
+    (served / "dinov2_vits14").mkdir()
+    save_official(model, served / "dinov2_vits14" / "dinov2_vits14_pretrain.pth")
     monkeypatch.setenv("DINOFEAT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DINOFEAT_WEIGHTS", raising=False)
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setattr(weights_module, "OFFICIAL_URL", f"http://127.0.0.1:{server.server_port}/{{size}}{{reg}}.pth")
+        monkeypatch.setenv("DINOFEAT_WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}")
         path = resolve_weights("dinov2_vits14")
-        assert path == tmp_path / "cache" / "s.pth"
-        assert (tmp_path / "cache" / "s.pth.sha256").read_text().strip() == weights_module.file_sha256(path)
+        assert path == tmp_path / "cache" / "dinov2_vits14_pretrain.pth"
+        assert Path(f"{path}.sha256").read_text().strip() == weights_module.file_sha256(path)
     finally:
         server.shutdown()
     assert resolve_weights("dinov2_vits14") == path  # the server is gone: served from the cache

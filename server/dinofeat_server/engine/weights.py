@@ -7,7 +7,8 @@ are converted key by key (q/k/v fused into qkv, layer_scale -> ls, ...). Nothing
 
 Downloads go once into a cache (`$DINOFEAT_CACHE`, else `$XDG_CACHE_HOME/dinofeat`, else
 `~/.cache/dinofeat`), through a temporary file, with a progress bar; the file's sha256 is recorded
-beside it and checked on every later load, so a truncated or altered file is never used.
+beside it and checked on every later load, so a truncated or altered file is never used. They come
+from the official address, or from a mirror named by `$DINOFEAT_WEIGHTS_URL` (same file paths).
 """
 
 from __future__ import annotations
@@ -25,14 +26,22 @@ from dinofeat_client.errors import DinofeatError
 from .backbone import OFFICIAL_CONFIGS, DinoVisionTransformer, VitConfig
 
 BACKBONES = tuple(f"dinov2_vit{size}14{suffix}" for size in "sblg" for suffix in ("", "_reg"))
-OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/dinov2_vit{size}14{reg}_pretrain.pth"
+OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+OFFICIAL_PATH = "dinov2_vit{size}14/dinov2_vit{size}14{reg}_pretrain.pth"
+BASE_URL_VARIABLE = "DINOFEAT_WEIGHTS_URL"
+"""Environment variable naming a mirror of the official files (same paths below it), e.g. a lab's own
+http server; the standard http_proxy/https_proxy variables apply to either."""
+DOWNLOAD_TIMEOUT_S = 30
+"""Longest wait for the download's connection or its next bytes before it is given up."""
 
 
 def official_url(backbone: str) -> str:
-    """Download address of an official backbone, e.g. dinov2_vits14_reg -> .../dinov2_vits14_reg4_pretrain.pth."""
+    """Download address of an official backbone, e.g. dinov2_vits14_reg -> .../dinov2_vits14_reg4_pretrain.pth,
+    below $DINOFEAT_WEIGHTS_URL when set."""
     check_backbone(backbone)
     size = backbone[len("dinov2_vit")]
-    return OFFICIAL_URL.format(size=size, reg="_reg4" if backbone.endswith("_reg") else "")
+    base = os.environ.get(BASE_URL_VARIABLE) or OFFICIAL_BASE_URL
+    return f"{base.rstrip('/')}/" + OFFICIAL_PATH.format(size=size, reg="_reg4" if backbone.endswith("_reg") else "")
 
 
 def check_backbone(backbone: str) -> None:
@@ -61,7 +70,7 @@ def download(url: str, target: Path, progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".download")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
