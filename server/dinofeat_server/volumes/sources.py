@@ -8,11 +8,17 @@ volume is a stack of Z planes, each (Y, X) greyscale or (Y, X, 3) RGB, the same 
 Formats: TIFF stacks (one page per plane, read page by page), OME-Zarr (NGFF 0.4/0.5 images: the
 full-resolution level, axes named in the metadata; t and c of length 1 dropped, c of 3 as RGB), HDF5
 (`FILE.h5` with one dataset of 2 or 3 dimensions, or `FILE.h5/path/to/dataset`), and numpy arrays.
+
+Inputs are read as the user meant, not as their files say: an OME-Zarr's dataset paths stay inside its store,
+an HDF5 dataset's samples inside its file (no external storage, no links or virtual sources in other files),
+an http(s) store is read from allowed hosts only (`remote.HostAllowance`), malformed metadata is one sentence,
+and a declared shape beyond `MAX_PLANE_PIXELS` or `MAX_PLANES` is refused before anything is allocated.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +27,15 @@ import numpy as np
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import SUPPORTED_DTYPES, check_image, image_axes
 
+from .remote import HostAllowance, is_http
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+MAX_PLANE_PIXELS = int(os.environ.get("DINOFEAT_MAX_PLANE_PIXELS", 1 << 28))
+"""Y x X of one plane at most (default 268,435,456: 16384 x 16384): a worker holds a plane and its features' tiles."""
+MAX_PLANES = 1 << 20
+"""Z at most: one task per plane."""
+MAX_LINK_HOPS = 32
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class VolumeSource:
     """HDF5: the dataset's path in the file; OME-Zarr: the array's path in the group."""
     axes: str = ""
     """OME-Zarr: the stored array's axis letters (e.g. "tczyx"), to pick one plane out of it."""
+    hosts: HostAllowance = HostAllowance()
+    """An http(s) OME-Zarr: the hosts it may be read from (set where the command runs, enforced on every worker)."""
     array: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -68,18 +83,28 @@ class VolumeSource:
             import tifffile
 
             with tifffile.TiffFile(self.path) as tiff:
+                self._check_unchanged(checked_shape(tiff.series[0].shape, tiff.series[0].dtype, self.path)[0])
                 return tiff_plane(self.path, tiff.series[0], z, self.planes) if self.volume else tiff.series[0].asarray()
         if self.kind == "hdf5":
             import h5py
 
             with h5py.File(self.path, "r") as f:
-                return f[self.dataset][z] if self.volume else f[self.dataset][()]
+                stored = hdf5_dataset(f, self.path, self.dataset)
+                self._check_unchanged(checked_shape(stored.shape, stored.dtype, self.path)[0])
+                return stored[z] if self.volume else stored[()]
         if self.kind == "zarr":
-            import zarr
-
-            stored = zarr.open_array(os.path.join(self.path, self.dataset), mode="r")
-            return zarr_plane(stored, self.axes, z)
+            try:
+                stored = zarr_array(self.path, self.dataset, self.hosts)
+                self._check_unchanged(zarr_shape(self.path, stored.shape, self.axes))
+                return zarr_plane(stored, self.axes, z)
+            except Exception as error:  # a refused host or redirect arrives wrapped by the transport
+                raise zarr_refusal(self.path, error) from None
         raise ValueError(self.kind)
+
+    def _check_unchanged(self, shape: tuple[int, ...]) -> None:
+        """Refuse to read a volume whose stored shape is no longer the one checked when it was opened."""
+        if tuple(shape) != self.shape:
+            raise DinofeatError(f"{self.path} changed since the run began (shape {tuple(shape)}, not {self.shape}); run again.")
 
     def lazy_planes(self) -> list[StoredPlane]:
         """Every plane as a `StoredPlane`: what `FeatureSet.fit_space` takes, reading one plane at a time."""
@@ -179,9 +204,18 @@ def array_source(image: np.ndarray) -> VolumeSource:
     return VolumeSource("array", "", tuple(stack.shape), stack.dtype.name, volume, array=stack)
 
 
+def check_size(shape: tuple[int, ...], name: str) -> None:
+    """Refuse a declared (Z, Y, X[, 3]) beyond `MAX_PLANE_PIXELS` or `MAX_PLANES`, before anything is read or allocated."""
+    planes, rows, columns = shape[:3]
+    if rows * columns > MAX_PLANE_PIXELS or planes > MAX_PLANES:
+        raise DinofeatError(f"{name} declares {planes} planes of {rows} x {columns} pixels, beyond the limit of {MAX_PLANES} "
+                            f"planes of {MAX_PLANE_PIXELS} pixels; crop or tile it (or raise DINOFEAT_MAX_PLANE_PIXELS if "
+                            "the data really is that large).")
+
+
 def checked_shape(shape: tuple[int, ...], dtype: np.dtype, name: str) -> tuple[tuple[int, ...], bool]:
     """((Z, Y, X[, 3]), volume) of stored data of `shape`: length-1 axes beyond two dropped and RGBA read as RGB,
-    as `check_image` does for an upload."""
+    as `check_image` does for an upload; refused beyond the size limit (`check_size`)."""
     if np.dtype(dtype).name not in SUPPORTED_DTYPES and np.dtype(dtype) != bool:
         raise DinofeatError(f"{name} has samples of type {np.dtype(dtype)}, which is not supported; use 8- or 16-bit integers or floats.")
     shape = list(shape)
@@ -191,7 +225,9 @@ def checked_shape(shape: tuple[int, ...], dtype: np.dtype, name: str) -> tuple[t
     if axes.endswith("c"):
         shape[-1] = 3
     volume = axes.startswith("z")
-    return (tuple(shape) if volume else (1, *shape)), volume
+    stack = tuple(shape) if volume else (1, *shape)
+    check_size(stack, name)
+    return stack, volume
 
 
 def tiff_plane(path: str, series, z: int, planes: int) -> np.ndarray:
@@ -247,9 +283,8 @@ def hdf5_source(path: str, dataset: str) -> VolumeSource:
                 if len(found) != 1:
                     raise DinofeatError(f"{path} holds {len(found)} image datasets ({', '.join(found[:4])}); name one as {path}/DATASET.")
                 dataset = found[0]
-            if dataset not in f:
-                raise DinofeatError(f"{path} has no dataset {dataset!r}.")
-            shape, dtype = f[dataset].shape, f[dataset].dtype
+            stored = hdf5_dataset(f, path, dataset)
+            shape, dtype = stored.shape, stored.dtype
     except OSError as error:
         raise DinofeatError(f"cannot read {path}: not an HDF5 file ({error}).") from None
     stack, volume = checked_shape(tuple(shape), dtype, f"{path}/{dataset}")
@@ -258,36 +293,146 @@ def hdf5_source(path: str, dataset: str) -> VolumeSource:
     return VolumeSource("hdf5", path, stack, np.dtype(dtype).name, volume, dataset=dataset)
 
 
+def hdf5_dataset(f, path: str, dataset: str):
+    """The dataset `dataset` of the open file `f` (named `path`), refused unless all its samples are in this file: no
+    external or soft link on its way out of the file, no external storage, no virtual sources in other files."""
+    import h5py
+
+    stored = f.get(inside_hdf5(f, path, dataset))
+    if not isinstance(stored, h5py.Dataset):
+        raise DinofeatError(f"{path} has no dataset {dataset!r}.")
+    if stored.external or (stored.is_virtual and any(source.file_name != "." for source in stored.virtual_sources())):
+        raise DinofeatError(f"{path}/{dataset} keeps its samples in other files (external storage or a virtual dataset), "
+                            "which dinofeat does not follow; copy the data into the file (h5repack, or h5py) and give that.")
+    return stored
+
+
+def inside_hdf5(f, path: str, dataset: str) -> str:
+    """The object path that `dataset` leads to inside the open file `f`, following soft links within the file;
+    an external link (also behind soft links) or a chain of more than MAX_LINK_HOPS soft links is refused."""
+    import h5py
+
+    current, pending, hops = "/", [part for part in dataset.split("/") if part], 0
+    while pending:
+        name = posixpath.join(current, pending.pop(0))
+        link = f.get(name, getlink=True)
+        if link is None:
+            raise DinofeatError(f"{path} has no dataset {dataset!r}.")
+        if isinstance(link, h5py.ExternalLink) or hops > MAX_LINK_HOPS:
+            raise DinofeatError(f"{path}/{dataset} is a link to {getattr(link, 'filename', 'a chain of links')}, outside the "
+                                "file, which dinofeat does not follow; give the dataset in the file that holds it.")
+        if isinstance(link, h5py.SoftLink):  # restart from the root with the link's target before what is left
+            hops += 1
+            target = posixpath.normpath(posixpath.join(current, link.path))
+            current, pending = "/", [part for part in target.split("/") if part] + pending
+        else:
+            current = name
+    return current
+
+
 def zarr_source(path: str) -> VolumeSource:
-    """The full-resolution level of an OME-Zarr image (its multiscales metadata), or a plain Zarr array."""
+    """The full-resolution level of an OME-Zarr image (its multiscales metadata), or a plain Zarr array; a URL's host
+    must pass $DINOFEAT_HTTP_HOSTS, every dataset path must stay inside the store, and the size `check_size`."""
     import zarr
 
+    hosts = HostAllowance.from_environment() if is_url(path) else HostAllowance()
+    if is_http(path):
+        hosts.check_url(path)
     try:
-        node = zarr.open(path, mode="r")
-    except ImportError as error:  # fsspec's protocol packages: s3fs, gcsfs, ...
-        raise DinofeatError(f"cannot read {path}: {error}") from None
-    except Exception as error:
-        what = "an OME-Zarr at that URL" if is_url(path) else "a Zarr folder"
-        raise DinofeatError(f"cannot read {path}: not {what} ({type(error).__name__}).") from None
-    if isinstance(node, zarr.Array):
-        array_path, axes, stored = "", "zyx"[-node.ndim:] if node.ndim <= 3 else "", node
-    else:
-        attrs = dict(node.attrs)
-        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-        if not multiscales:
-            raise DinofeatError(f"{path} is a Zarr group without OME-Zarr multiscales metadata; give an OME-Zarr image.")
-        image = multiscales[0]
-        array_path = image["datasets"][0]["path"]
-        axes = "".join(a["name"] if isinstance(a, dict) else a for a in image.get("axes", [])) or "tczyx"[-node[array_path].ndim:]
-        stored = node[array_path]
-    if not axes or set(axes) - set("tczyx") or len(axes) != stored.ndim:
-        raise DinofeatError(f"{path} has axes {axes or stored.shape!r}; dinofeat reads t, c, z, y and x.")
-    sizes = dict(zip(axes, stored.shape))
+        node = zarr.open(path, mode="r", **storage_options(path, hosts))
+        if isinstance(node, zarr.Array):
+            array_path, axes, stored = "", "zyx"[-node.ndim:] if node.ndim <= 3 else "", node
+        else:
+            paths, axes = image_metadata(dict(node.attrs), path)
+            for dataset in paths:
+                check_inside_store(path, dataset)
+            array_path = paths[0]
+            stored = zarr_array(path, array_path, hosts)
+            axes = axes or "tczyx"[-stored.ndim:]
+    except Exception as error:  # readers and their transports raise many types; the user needs one sentence
+        raise zarr_refusal(path, error) from None
+    shape = zarr_shape(path, stored.shape, axes)
+    check_size(shape, path)
+    if stored.dtype.name not in SUPPORTED_DTYPES:
+        raise DinofeatError(f"{path} has samples of type {stored.dtype}, which is not supported; use 8- or 16-bit integers or floats.")
+    return VolumeSource("zarr", path, shape, stored.dtype.name, "z" in axes and shape[0] > 1, dataset=array_path, axes=axes,
+                        hosts=hosts)
+
+
+def storage_options(path: str, hosts: HostAllowance) -> dict:
+    """zarr.open's keywords for `path`: an http(s) store read through a session bound to `hosts`, nothing for others."""
+    options = hosts.storage_options(path)
+    return {"storage_options": options} if options else {}
+
+
+def zarr_refusal(path: str, error: Exception) -> DinofeatError:
+    """The sentence for a failure to open a Zarr store: ours as is (from anywhere in the chain), else what it means."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, DinofeatError):
+            return cause
+        if isinstance(cause, ImportError):  # fsspec's protocol packages: s3fs, gcsfs, ...
+            return DinofeatError(f"cannot read {path}: {cause}")
+        if isinstance(cause, (UnicodeDecodeError, ValueError)) and "JSON" in f"{type(cause).__name__} {cause}":
+            return DinofeatError(f"cannot read {path}: its Zarr metadata is not valid JSON; fix or rewrite the store.")
+        cause = cause.__cause__ or cause.__context__
+    what = "an OME-Zarr at that URL" if is_url(path) else "a Zarr folder"
+    return DinofeatError(f"cannot read {path}: not {what} ({type(error).__name__}).")
+
+
+def image_metadata(attrs: dict, path: str) -> tuple[list[str], str]:
+    """(every dataset path, the axis letters or "") of the first image in an OME-Zarr group's multiscales (NGFF 0.4 in
+    the attributes, 0.5 under "ome"); malformed metadata (wrong types, missing keys) is one sentence."""
+    ome = attrs.get("ome")
+    multiscales = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict) else None)
+    if not multiscales:
+        raise DinofeatError(f"{path} is a Zarr group without OME-Zarr multiscales metadata; give an OME-Zarr image.")
+    image = multiscales[0] if isinstance(multiscales, list) else None
+    datasets = image.get("datasets") if isinstance(image, dict) else None
+    axes = image.get("axes", []) if isinstance(image, dict) else None
+    names = [axis.get("name") if isinstance(axis, dict) else axis for axis in axes] if isinstance(axes, list) else [None]
+    if (not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) and isinstance(d.get("path"), str) for d in datasets)
+            or not all(isinstance(name, str) for name in names)):
+        raise DinofeatError(f"{path} has malformed OME-Zarr metadata (multiscales[0] needs a list of datasets, each with a "
+                            "path, and axes named by letters); write the store again with an OME-Zarr writer.")
+    return [d["path"] for d in datasets], "".join(names)
+
+
+def check_inside_store(store: str, dataset: str) -> None:
+    """Refuse a dataset path that leaves its store: absolute, with a scheme, `..` or `.` parts, backslashes, or (in a
+    folder) resolving through a symbolic link to somewhere outside it."""
+    parts = dataset.split("/")
+    escapes = dataset.startswith("/") or "\\" in dataset or ":" in dataset or any(part in (".", "..") for part in parts)
+    if not escapes and dataset and not is_url(store):
+        root = Path(store).resolve()
+        escapes = not (root / dataset).resolve().is_relative_to(root)
+    if escapes:
+        raise DinofeatError(f"{store} names its image data {dataset!r}, a path outside the store; an OME-Zarr's dataset "
+                            "paths must lead inside it (such as \"0\"), so give an image whose data it holds.")
+
+
+def zarr_array(path: str, dataset: str, hosts: HostAllowance):
+    """The array `dataset` of the store at `path` (the store itself for ""), opened through the store so that it stays
+    inside it, over a session bound to `hosts` for a URL."""
+    import zarr
+
+    check_inside_store(path, dataset)
+    if not dataset:
+        return zarr.open_array(path, mode="r", **storage_options(path, hosts))
+    stored = zarr.open_group(path, mode="r", **storage_options(path, hosts))[dataset]
+    if not isinstance(stored, zarr.Array):
+        raise DinofeatError(f"{path}/{dataset} is a group, not an array; give an OME-Zarr image whose datasets are arrays.")
+    return stored
+
+
+def zarr_shape(path: str, stored_shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
+    """(Z, Y, X[, 3]) of a stored OME-Zarr array with axes `axes`; axes, time points and channels dinofeat cannot read
+    are one sentence."""
+    if not axes or set(axes) - set("tczyx") or len(axes) != len(stored_shape) or not {"y", "x"} <= set(axes):
+        raise DinofeatError(f"{path} has axes {axes or tuple(stored_shape)!r}; dinofeat reads t, c, z, y and x.")
+    sizes = dict(zip(axes, stored_shape))
     if sizes.get("t", 1) != 1 or sizes.get("c", 1) not in (1, 3, 4):
         raise DinofeatError(f"{path} has {sizes.get('t', 1)} time points and {sizes.get('c', 1)} channels; dinofeat reads one "
                             "time point of a greyscale or RGB image.")
     colour = (3,) if sizes.get("c", 1) in (3, 4) else ()
-    shape = (sizes.get("z", 1), sizes["y"], sizes["x"], *colour)
-    if stored.dtype.name not in SUPPORTED_DTYPES:
-        raise DinofeatError(f"{path} has samples of type {stored.dtype}, which is not supported; use 8- or 16-bit integers or floats.")
-    return VolumeSource("zarr", path, shape, stored.dtype.name, "z" in axes and sizes["z"] > 1, dataset=array_path, axes=axes)
+    return (sizes.get("z", 1), sizes["y"], sizes["x"], *colour)
