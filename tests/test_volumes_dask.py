@@ -248,10 +248,11 @@ def test_workers_read_an_ome_zarr_by_url_and_give_the_features_of_the_local_stac
     folder, base = http_folder
     write_image(tifffile.imread(volume), zarr.open_group(str(folder / "stack.zarr"), mode="w", zarr_format=2), axes="zyx",
                 fmt=FormatV04(), scale_factors=[])
+    loopback = {"DINOFEAT_HTTP_HOSTS": "127.0.0.1"}  # http volumes come from public addresses only, unless the operator allows more
     result = dinofeat("features", f"{base}/stack.zarr", "-o", str(tmp_path / "remote.zarr"), "--dask", cluster.scheduler.address,
-                      "--quiet")
+                      "--quiet", env=loopback)
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(open_features(tmp_path / "remote.zarr")[0][:], classical_reference[0], rtol=1e-5, atol=1e-5)
-    result = dinofeat("features", f"{base}/absent.zarr", "-o", str(tmp_path / "absent.zarr"), "--quiet")
+    result = dinofeat("features", f"{base}/absent.zarr", "-o", str(tmp_path / "absent.zarr"), "--quiet", env=loopback)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert f"cannot read {base}/absent.zarr: not an OME-Zarr at that URL" in result.stderr

@@ -12,7 +12,7 @@ full-resolution level, axes named in the metadata; t and c of length 1 dropped, 
 Inputs are read as the user meant, not as their files say: an OME-Zarr's dataset paths stay inside its store,
 an HDF5 dataset's samples inside its file (no external storage, no links or virtual sources in other files),
 an http(s) store is read from allowed hosts only (`remote.HostAllowance`), malformed metadata is one sentence,
-and a declared shape beyond `MAX_PLANE_PIXELS` or `MAX_PLANES` is refused before anything is allocated.
+and a declared shape beyond `plane_pixels_limit()` or `MAX_PLANES` is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from .remote import HostAllowance, is_http
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-MAX_PLANE_PIXELS = int(os.environ.get("DINOFEAT_MAX_PLANE_PIXELS", 1 << 28))
-"""Y x X of one plane at most (default 268,435,456: 16384 x 16384): a worker holds a plane and its features' tiles."""
+PLANE_PIXELS_VARIABLE = "DINOFEAT_MAX_PLANE_PIXELS"
+MAX_PLANE_PIXELS = 1 << 28
+"""Y x X of one plane at most unless $DINOFEAT_MAX_PLANE_PIXELS says otherwise (268,435,456: 16384 x 16384): a worker
+holds a whole plane."""
 MAX_PLANES = 1 << 20
 """Z at most: one task per plane."""
 MAX_LINK_HOPS = 32
@@ -205,12 +207,23 @@ def array_source(image: np.ndarray) -> VolumeSource:
 
 
 def check_size(shape: tuple[int, ...], name: str) -> None:
-    """Refuse a declared (Z, Y, X[, 3]) beyond `MAX_PLANE_PIXELS` or `MAX_PLANES`, before anything is read or allocated."""
+    """Refuse a declared (Z, Y, X[, 3]) beyond `plane_pixels_limit()` or `MAX_PLANES`, before anything is read or allocated."""
     planes, rows, columns = shape[:3]
-    if rows * columns > MAX_PLANE_PIXELS or planes > MAX_PLANES:
+    most = plane_pixels_limit()
+    if rows * columns > most or planes > MAX_PLANES:
         raise DinofeatError(f"{name} declares {planes} planes of {rows} x {columns} pixels, beyond the limit of {MAX_PLANES} "
-                            f"planes of {MAX_PLANE_PIXELS} pixels; crop or tile it (or raise DINOFEAT_MAX_PLANE_PIXELS if "
-                            "the data really is that large).")
+                            f"planes of {most} pixels; crop or tile it (or raise {PLANE_PIXELS_VARIABLE} if the data really "
+                            "is that large).")
+
+
+def plane_pixels_limit() -> int:
+    """The most pixels of one plane: $DINOFEAT_MAX_PLANE_PIXELS where the command runs, else `MAX_PLANE_PIXELS`."""
+    text = os.environ.get(PLANE_PIXELS_VARIABLE, "").strip()
+    if not text:
+        return MAX_PLANE_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise DinofeatError(f"{PLANE_PIXELS_VARIABLE} is {text!r}; give a number of pixels, such as {MAX_PLANE_PIXELS}.")
+    return int(text)
 
 
 def checked_shape(shape: tuple[int, ...], dtype: np.dtype, name: str) -> tuple[tuple[int, ...], bool]:
