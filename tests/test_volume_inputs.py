@@ -291,3 +291,15 @@ def test_the_allowance_reads_public_names_addresses_and_networks():
     assert [allowance.passes_address(a) for a in ("8.8.8.8", "10.2.3.4", "::1", "::ffff:127.0.0.1", "169.254.169.254",
                                                   "192.168.1.1", "100.64.0.1", "224.0.0.1")] == \
         [True, True, True, False, False, False, False, False]
+
+
+def test_a_feature_store_with_edited_dinofeat_metadata_is_one_sentence(tmp_path):
+    from dinofeat_server.volumes.zarr_io import create_feature_store, finish_store, open_features
+
+    create_feature_store(tmp_path / ".partial", (2, 16, 16), ["raw", "sobel_s0"], {"feature_space": {}})
+    store = finish_store(tmp_path / ".partial", tmp_path / "features.zarr")
+    attrs = json.loads((store / ".zattrs").read_text())
+    attrs["dinofeat"]["channel_names"] = 5
+    (store / ".zattrs").write_text(json.dumps(attrs))
+    with pytest.raises(DinofeatError, match="has malformed dinofeat metadata"):
+        open_features(store)

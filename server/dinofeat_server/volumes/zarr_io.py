@@ -217,6 +217,14 @@ def open_features(path: str | os.PathLike) -> tuple[object, list[str], FeatureSp
         raise DinofeatError(f"{path} is not a dinofeat OME-Zarr feature store.")
     group = zarr.open_group(str(path), mode="r")
     meta = group.attrs["dinofeat"]
-    if not meta.get("complete"):
+    if not isinstance(meta, dict) or not meta.get("complete"):
         raise DinofeatError(f"{path} is incomplete (its computation stopped); compute the features again.")
-    return group[LEVEL], list(meta["channel_names"]), FeatureSpace.from_dict(meta["feature_space"])
+    try:
+        names = meta["channel_names"]
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise TypeError("channel_names")
+        space = FeatureSpace.from_dict(meta["feature_space"])
+    except (KeyError, TypeError, ValueError, AttributeError):  # edited or truncated attributes
+        raise DinofeatError(f"{path} has malformed dinofeat metadata (its channel names or feature space are missing or "
+                            "of the wrong type); compute the features again.") from None
+    return group[LEVEL], names, space
