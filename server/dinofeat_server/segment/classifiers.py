@@ -50,21 +50,27 @@ FORESTS = {"extra_trees": (ExtraTreesClassifier, EXTRA_TREES_FEATURES), "random_
 """Each forest's scikit-learn class and the channels it draws per split (the random forest: the square root of
 their number, as Weka and ilastik do)."""
 PREDICTION_PIXELS = 1 << 18
-"""Pixels predicted at a time, bounding the classifier's temporary memory."""
+"""Most pixels predicted at a time."""
+PREDICTION_BYTES = 32 << 20
+"""Most bytes of float64 probabilities (pixels x classes x 8) scikit-learn computes in one call: with many classes
+fewer pixels go at a time, so a call's temporaries (a forest: one such array per thread and their sum) stay bounded."""
+LOGISTIC_COPIES = 4
+"""Arrays of labelled pixels x classes float64 that fitting a logistic regression holds at once (its probabilities,
+gradient and the solver's working copies), for check_training_size."""
 
 
 def check_training_size(labels: list[np.ndarray], kind: str, trees: int, limit_gb: float) -> None:
     """Refuse a training whose trees would outgrow `limit_gb`, before any work: a tree holds up to one
     node per labelled pixel and one float64 per class in each node (boosting: a tree per class and
-    iteration), so the size grows as classes x labelled pixels x trees. Logistic regression is small."""
-    if kind == "logistic":
-        return
+    iteration), so the size grows as classes x labelled pixels x trees. Logistic regression holds LOGISTIC_COPIES
+    arrays of classes x labelled pixels."""
     values, counts = np.unique(np.concatenate([np.ravel(label) for label in labels]), return_counts=True)
     pixels, classes = int(counts[values != 0].sum()), int(np.count_nonzero(values))
-    size = classes * pixels * (trees or DEFAULT_TREES) * 8
+    copies = LOGISTIC_COPIES if kind == "logistic" else trees or DEFAULT_TREES
+    size = classes * pixels * copies * 8
     if size > limit_gb * (1 << 30):
         raise DinofeatError(f"training the {kind.replace('_', ' ')} classifier on {classes} classes x {pixels} labelled pixels x "
-                            f"{trees or DEFAULT_TREES} trees could take {size / (1 << 30):.1f} GiB, more than this server's "
+                            f"{copies} {'copies' if kind == 'logistic' else 'trees'} could take {size / (1 << 30):.1f} GiB, more than this server's "
                             f"limit of {limit_gb:g} GiB (max_training_gb); label fewer classes or pixels, or ask for fewer trees.")
 
 
@@ -116,9 +122,18 @@ def class_values(classifier: ClassifierMixin) -> list[int]:
     return [int(v) for v in classifier.classes_]
 
 
+def prediction_pixels(classes: int) -> int:
+    """Pixels predicted in one call for `classes` classes: their float64 probabilities fit PREDICTION_BYTES."""
+    return max(1, min(PREDICTION_PIXELS, PREDICTION_BYTES // (8 * classes)))
+
+
 def class_probabilities(classifier: ClassifierMixin, features: np.ndarray) -> np.ndarray:
-    """Per-class probabilities (K, ...) float32 of every pixel of a (C, ...) feature stack."""
+    """Per-class probabilities (K, ...) float32 of every pixel of a (C, ...) feature stack, predicted a group of
+    pixels at a time into the one float32 result (K x pixels x 4 bytes, plus PREDICTION_BYTES per call)."""
     flat = features.reshape(features.shape[0], -1).T
-    parts = [classifier.predict_proba(flat[i : i + PREDICTION_PIXELS]) for i in range(0, len(flat), PREDICTION_PIXELS)]
-    probabilities = np.concatenate(parts).astype(np.float32)
-    return probabilities.T.reshape(len(classifier.classes_), *features.shape[1:])
+    classes = len(classifier.classes_)
+    probabilities = np.empty((classes, len(flat)), np.float32)
+    step = prediction_pixels(classes)
+    for start in range(0, len(flat), step):
+        probabilities[:, start : start + step] = classifier.predict_proba(flat[start : start + step]).T
+    return probabilities.reshape(classes, *features.shape[1:])

@@ -23,6 +23,7 @@ from dinofeat_client.errors import DinofeatError
 from sklearn.base import ClassifierMixin
 
 from ..engine.space import FeatureSpace
+from .classifier_checks import check_classifier, classifier_kind, held_bytes
 
 FORMAT = "dinofeat-model/2"
 OLD_FORMAT = "dinofeat-model/1"
@@ -38,7 +39,8 @@ class TrainedModel:
     classifier: ClassifierMixin
     metadata: dict
     unpacked_bytes: int = 0
-    """Bytes of the file's members unpacked (about the memory the model holds); 0 when not read from a file."""
+    """Bytes the model holds in memory once loaded (metadata and the classifier's arrays and objects, however
+    small the file); 0 when not read from a file."""
 
     def space(self) -> FeatureSpace | None:
         """The feature space of the training images (None for /1 classical models: fixed, not fitted)."""
@@ -82,14 +84,78 @@ def bounded_member(archive: zipfile.ZipFile, name: str) -> bytes:
     return data
 
 
+def check_nested_members(classifier_data: bytes) -> None:
+    """Refuse a classifier whose own members (skops writes a zip of JSON and .npy files) would unpack to more than
+    the classifier's limit together; zipfile never inflates a member past its declared size."""
+    limit = MEMBER_LIMITS["classifier.skops"]
+    try:
+        with zipfile.ZipFile(io.BytesIO(classifier_data)) as archive:
+            declared = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError):
+        raise DinofeatError("the model file's classifier is damaged; train the model again.") from None
+    if declared > limit:
+        raise DinofeatError(f"the model file's classifier would unpack to more than {limit >> 20} MiB; only models written by "
+                            "dinofeat are accepted.")
+
+
+METADATA_TYPES = {"feature_set": str, "channels": int, "options": dict, "computation": dict, "feature_spec": dict,
+                  "feature_space": dict, "class_values": list, "classifier": dict, "labelled_pixels": int,
+                  "training_images": list, "dinofeat_version": str}
+"""The metadata keys dinofeat reads and their JSON types; feature_set and channels are in every model file."""
+JSON_TYPES = {str: "string", int: "integer", dict: "object", list: "array"}
+MAX_MODEL_CHANNELS = 1 << 16
+
+
+def check_metadata(metadata: dict) -> None:
+    """Refuse metadata without a feature set and channel count, or with a key of another JSON type than dinofeat writes."""
+    for key in ("feature_set", "channels"):
+        if key not in metadata:
+            raise DinofeatError(f"the model file's metadata has no {key!r}; only models written by dinofeat are accepted.")
+    for key, kind in METADATA_TYPES.items():
+        value = metadata.get(key, kind())
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DinofeatError(f"the model file's metadata {key!r} is not a JSON {JSON_TYPES[kind]}; only models written by "
+                                "dinofeat are accepted.")
+    if not 1 <= metadata["channels"] <= MAX_MODEL_CHANNELS:
+        raise DinofeatError(f"the model file's metadata gives {metadata['channels']} channels, not between 1 and "
+                            f"{MAX_MODEL_CHANNELS}; only models written by dinofeat are accepted.")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in metadata.get("class_values", [])):
+        raise DinofeatError("the model file's metadata class_values are not integers; only models written by dinofeat are accepted.")
+
+
+def filled_metadata(metadata: dict, classifier: ClassifierMixin) -> dict:
+    """Metadata with what prediction reports filled in where a file leaves it out: the classes and kind its
+    classifier says, the feature set's name as its spec, default options, 0 labelled pixels (not recorded)."""
+    stored = {"kind": classifier_kind(classifier), **metadata.get("classifier", {})}
+    return {"class_values": [int(v) for v in classifier.classes_], "feature_spec": {"name": metadata["feature_set"]},
+            "options": {}, "labelled_pixels": 0, **metadata, "classifier": stored}
+
+
+def loaded_classifier(classifier_data: bytes) -> ClassifierMixin:
+    """The classifier of a checked skops member, holding only trusted types (any failure to load: one sentence)."""
+    check_nested_members(classifier_data)
+    try:
+        untrusted = set(sio.get_untrusted_types(data=classifier_data))
+    except Exception:
+        raise DinofeatError("the model file's classifier is damaged; train the model again.") from None
+    if untrusted - TRUSTED_TYPES:
+        raise DinofeatError(f"the model file holds types dinofeat does not load ({', '.join(sorted(untrusted - TRUSTED_TYPES))}); "
+                            "only models written by dinofeat are accepted.")
+    try:
+        return sio.loads(classifier_data, trusted=sorted(untrusted))
+    except Exception:  # skops and scikit-learn refuse malformed parts with many kinds of error
+        raise DinofeatError("the model file's classifier is damaged; train the model again.") from None
+
+
 def model_from_bytes(data: bytes) -> TrainedModel:
-    """Read a model file, refusing anything that is not one, holds untrusted types or unpacks too large."""
+    """Read a model file, refusing anything that is not one, holds untrusted types, unpacks too large, or whose
+    classifier is not one dinofeat trains with every array in range (classifier_checks.py)."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             metadata_data = bounded_member(archive, "metadata.json")
             metadata = json.loads(metadata_data)
             classifier_data = bounded_member(archive, "classifier.skops")
-    except (zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, OSError):
+    except (zipfile.BadZipFile, KeyError, ValueError, RecursionError, zlib.error, EOFError, OSError):
         raise DinofeatError("this is not a dinofeat model file, or it is damaged (train one with `dinofeat train`).") from None
     if not isinstance(metadata, dict):
         raise DinofeatError("the model file's metadata is not a JSON object; only models written by dinofeat are accepted.")
@@ -99,13 +165,10 @@ def model_from_bytes(data: bytes) -> TrainedModel:
     if metadata.get("format") not in (FORMAT, OLD_FORMAT):
         raise DinofeatError(f"the model file has format {metadata.get('format')!r}; this dinofeat reads {FORMAT} (and {OLD_FORMAT} "
                             "classical models).")
-    try:
-        untrusted = set(sio.get_untrusted_types(data=classifier_data))
-    except Exception:
-        raise DinofeatError("the model file's classifier is damaged; train the model again.") from None
-    if untrusted - TRUSTED_TYPES:
-        raise DinofeatError(f"the model file holds types dinofeat does not load ({', '.join(sorted(untrusted - TRUSTED_TYPES))}); "
-                            "only models written by dinofeat are accepted.")
-    classifier = sio.loads(classifier_data, trusted=sorted(untrusted))
+    check_metadata(metadata)
+    classifier = loaded_classifier(classifier_data)
+    check_classifier(classifier, metadata["channels"], metadata.get("class_values"))
     metadata.pop("format")
-    return TrainedModel(classifier, metadata, len(metadata_data) + len(classifier_data))
+    model = TrainedModel(classifier, filled_metadata(metadata, classifier), len(metadata_data) + held_bytes(classifier))
+    model.space()  # a malformed feature space is refused now, not when the model is applied
+    return model

@@ -9,6 +9,8 @@ import numpy as np
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import spatial_shape
 
+from .config import ServerLimits
+
 SEED_LIMIT = 1 << 32
 """Seeds are scikit-learn random states: integers in [0, 2**32)."""
 
@@ -37,3 +39,35 @@ def check_grid(grid: int, window: int, images: list[np.ndarray]) -> None:
             raise DinofeatError(f"{which} ({height} x {width} pixels) gives only {cells[0]} x {cells[1]} grid cells of "
                                 f"{grid} pixels, fewer than the pooling window of {window} x {window} cells; give a smaller --grid or "
                                 f"--window, or a support image of more than {(window - 1) * grid} pixels on each side.")
+
+
+def label_classes(labels: list[np.ndarray]) -> int:
+    """Distinct non-zero values over label images (8- and 16-bit counted in one pass, without sorting)."""
+    present = np.zeros(1 << 16, bool)
+    others: set[int] = set()
+    for label in labels:
+        if label.dtype in (np.uint8, np.uint16):
+            present[: 1 << (8 * label.dtype.itemsize)] |= np.bincount(label.ravel(), minlength=1 << (8 * label.dtype.itemsize)) > 0
+        else:
+            others.update(int(v) for v in np.unique(label))
+    others.update(int(v) for v in np.flatnonzero(present))
+    return len(others - {0})
+
+
+def check_classes(labels: list[np.ndarray], limits: ServerLimits, image: np.ndarray | None = None) -> None:
+    """Refuse labels of more classes than max_channels (each class is a probability channel and a float64 in
+    every tree node) and, with the `image` they predict, probabilities beyond max_output_gb; before any work."""
+    check_probabilities(label_classes(labels), image, limits)
+
+
+def check_probabilities(classes: int, image: np.ndarray | None, limits: ServerLimits) -> None:
+    """Refuse `classes` classes beyond max_channels, or their float32 probabilities of every pixel of `image`
+    (when given) beyond max_output_gb."""
+    if classes > limits.max_channels:
+        raise DinofeatError(f"{classes} classes would give {classes} probability channels, more than this server's limit of "
+                            f"{limits.max_channels} (max_channels); label fewer classes.")
+    size = classes * int(np.prod(spatial_shape(image))) * 4 if image is not None else 0
+    if size > limits.max_output_gb * (1 << 30):
+        raise DinofeatError(f"the probabilities of {classes} classes for this image would take {size / (1 << 30):.1f} GiB, more "
+                            f"than this server's limit of {limits.max_output_gb:g} GiB (max_output_gb); use fewer classes or a "
+                            "smaller image.")

@@ -31,7 +31,7 @@ from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_se
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
-from .checks import check_grid, checked_seed
+from .checks import check_classes, check_grid, check_probabilities, checked_seed
 from .config import ServerLimits
 from .device_pool import DevicePool, PoolDevice
 from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
@@ -396,6 +396,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         try:
             image = self._image(request.image_sha256)
             labels = (await self._checked_labels([request.labels_sha256], [image]))[0]
+            await asyncio.get_running_loop().run_in_executor(None, check_classes, [labels], self.limits, image)
             fset, options = self._requested_features(request, [image])
             encoding = checked_encoding(request.encoding)
             kind = checked_classifier(request.classifier, request.trees)
@@ -412,6 +413,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 raise DinofeatError("give one label image per training image.")
             images = [self._image(sha) for sha in request.image_sha256]
             labels = await self._checked_labels(request.labels_sha256, images)
+            await asyncio.get_running_loop().run_in_executor(None, check_classes, labels, self.limits)
             fset, options = self._requested_features(request, images)
             kind = checked_classifier(request.classifier, request.trees)
             seed = checked_seed(request.seed)
@@ -449,6 +451,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 raise DinofeatError(f"the model was trained on {trained_on!r} features, not {request.feature_set!r}; "
                                     f"apply it with --set {trained_on} or train a new one.")
             image = self._image(request.image_sha256)
+            check_probabilities(len(model.metadata["class_values"]), image, self.limits)
             fset = self._feature_set(trained_on)
             encoding = checked_encoding(request.encoding)
         except DinofeatError as error:
