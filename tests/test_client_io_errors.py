@@ -269,7 +269,7 @@ def test_loopback_addresses_may_carry_a_token_in_clear_and_others_may_not():
 
 def test_the_cli_refuses_a_token_in_clear_to_another_machine_unless_told(tmp_path):
     host = this_machines_other_address() or "192.0.2.1"  # TEST-NET: never reached, the refusal comes first
-    (tmp_path / "token").write_text("secret-token\n")
+    (tmp_path / "token").write_text("secret-token-for-tests\n")
     tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32), np.uint8))
     common = ["features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "out.h5"), "--token-file", str(tmp_path / "token")]
     port = free_port()

@@ -36,7 +36,7 @@ USERS = [f"user{number}" for number in range(17)]
 def token_file(folder: Path, users: list[str]) -> Path:
     """A token file naming each user's token (`name token` lines): users on one host are told apart by them."""
     path = folder / "tokens.txt"
-    path.write_text("".join(f"{user} token-of-{user}\n" for user in users))
+    path.write_text("".join(f"{user} token-of-{user}-for-tests\n" for user in users))
     return path
 
 
@@ -70,7 +70,7 @@ def fetch_in_processes(server: ServerProcess, images: list[Path]) -> int:
     try:
         clients = [subprocess.Popen([sys.executable, "-m", "dinofeat_client.cli", "features", "--server", server.address,
                                      str(image), "-o", str(image.with_suffix(".h5")), "--quiet"],
-                                    env={**os.environ, "DINOFEAT_TOKEN": f"token-of-user{image.stem[1:]}"},
+                                    env={**os.environ, "DINOFEAT_TOKEN": f"token-of-user{image.stem[1:]}-for-tests"},
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for image in images]
         errors = [client.communicate(timeout=600)[1] for client in clients]
     finally:
@@ -94,7 +94,7 @@ def test_sixteen_concurrent_clients_get_correct_features_and_server_memory_stays
             np.testing.assert_allclose(f["features"][()], FEATURE_SETS["classical"].compute(intensity_scaled(image)), rtol=1e-5, atol=1e-6)
     # two workers compute at once, whatever the number of clients: memory follows the workers, not the clients
     assert sixteen_clients < 3 * one_client + (64 << 20), f"RSS grew {one_client / 1e6:.0f} MB for one, {sixteen_clients / 1e6:.0f} MB for 16"
-    with FeatureClient(server.address, token="token-of-user0") as client:
+    with FeatureClient(server.address, token="token-of-user0-for-tests") as client:
         status = client.status()
     assert (status.finished, status.running, status.queued, status.cancelled) == (17, 0, 0, 0)
     assert {row.client: row.finished for row in status.clients} == {user: 1 for user in USERS}
@@ -105,10 +105,10 @@ def test_a_small_request_is_not_stuck_behind_ten_large_ones(tmp_path, monkeypatc
     process on the same host, told apart by its token."""
     write_tiff(tmp_path / "light.tif", noise(7, 64))
     server = ServerProcess("--workers", "1", "--max-streams-per-client", "16", "--token-file", str(token_file(tmp_path, ["heavy", "light"])))
-    monkeypatch.setenv("DINOFEAT_TOKEN", "token-of-light")
+    monkeypatch.setenv("DINOFEAT_TOKEN", "token-of-light-for-tests")
     try:
         heavy_done = []
-        with FeatureClient(server.address, token="token-of-heavy") as heavy, ThreadPoolExecutor(10) as pool:
+        with FeatureClient(server.address, token="token-of-heavy-for-tests") as heavy, ThreadPoolExecutor(10) as pool:
             def fetch_heavy(number: int) -> None:
                 heavy.fetch_features(noise(100 + number, 768), tmp_path / f"heavy{number}.h5")
                 heavy_done.append(number)

@@ -74,16 +74,16 @@ class StalledUpload:
 
 def test_a_client_that_stops_reading_frees_its_worker_after_the_stall(tmp_path):
     server = ServerProcess("--workers", "1", "--stall-seconds", "2",
-                           "--token-file", str(token_file(tmp_path, ["staller token-s", "other token-o"])))
+                           "--token-file", str(token_file(tmp_path, ["staller token-of-the-staller", "other token-of-the-other"])))
     write_tiff(tmp_path / "small.tif", noise(2, 64))
     try:
-        with FeatureClient(server.address, token="token-s") as staller:
+        with FeatureClient(server.address, token="token-of-the-staller") as staller:
             sha = staller.upload(noise(1, 512))  # 61 MB of features: far more than the connection buffers
-            channel, call = unread_stream(server.address, sha, "token-s")
+            channel, call = unread_stream(server.address, sha, "token-of-the-staller")
             wait_for(lambda: staller.status().running == 1, what="the unread stream computing")
             started = time.monotonic()
             other = dinofeat("features", "--server", server.address, str(tmp_path / "small.tif"), "-o", str(tmp_path / "small.h5"),
-                             "--quiet", env={"DINOFEAT_TOKEN": "token-o"})
+                             "--quiet", env={"DINOFEAT_TOKEN": "token-of-the-other"})
             waited = time.monotonic() - started
             assert other.returncode == 0, other.stderr
             assert waited < 45, f"the small request waited {waited:.0f} s behind a client that reads nothing"
@@ -104,16 +104,16 @@ def test_uploads_that_stop_sending_hold_only_their_reservation_and_end_after_the
     """Each client's uploads in flight are bounded (client_upload_gb) and visible in status; one that
     stops sending ends after stall_seconds and gives its memory back; another client uploads meanwhile."""
     server = ServerProcess("--stall-seconds", "6", "--client-upload-gb", "0.04",
-                           "--token-file", str(token_file(tmp_path, ["hoarder token-h", "other token-o"])))
+                           "--token-file", str(token_file(tmp_path, ["hoarder token-of-the-hoarder", "other token-of-the-other"])))
     uploads = []
     try:
         baseline = server.rss_bytes()
-        uploads = [StalledUpload(server.address, (4096, 4096), "token-h") for _ in range(2)]  # 16.8 MB each
-        with FeatureClient(server.address, token="token-o") as other:
+        uploads = [StalledUpload(server.address, (4096, 4096), "token-of-the-hoarder") for _ in range(2)]  # 16.8 MB each
+        with FeatureClient(server.address, token="token-of-the-other") as other:
             wait_for(lambda: rows(other.status()).get("hoarder", pb.ClientUse()).upload_bytes == 2 * 4096 * 4096,
                      what="two uploads in flight")
             growth = server.rss_bytes() - baseline
-            third = StalledUpload(server.address, (4096, 4096), "token-h")
+            third = StalledUpload(server.address, (4096, 4096), "token-of-the-hoarder")
             uploads.append(third)
             refused = third.error()
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "client_upload_gb" in refused.details()
@@ -161,12 +161,12 @@ def test_made_up_tokens_and_new_connections_do_not_make_a_new_client(tmp_path):
 
 def test_clients_are_named_by_their_tokens_and_logs_carry_no_plain_token_hash(tmp_path):
     unnamed = "an-unnamed-token-0123"
-    server = ServerProcess("--token-file", str(token_file(tmp_path, ["# lab", "alice token-of-alice", unnamed])))
+    server = ServerProcess("--token-file", str(token_file(tmp_path, ["# lab", "alice token-of-alice-for-tests", unnamed])))
     try:
-        for token in ("token-of-alice", unnamed):
+        for token in ("token-of-alice-for-tests", unnamed):
             with FeatureClient(server.address, token=token) as client:
                 client.fetch_features(noise(1, 64), tmp_path / "f.h5")
-        with FeatureClient(server.address, token="token-of-alice") as client:
+        with FeatureClient(server.address, token="token-of-alice-for-tests") as client:
             names = sorted(rows(client.status()))
     finally:
         server.stop()
@@ -174,13 +174,13 @@ def test_clients_are_named_by_their_tokens_and_logs_carry_no_plain_token_hash(tm
     assert names[0] == "alice" and len(keyed) == 1 and keyed[0].startswith("token-") and len(keyed[0]) == len("token-") + 12
     plain = hashlib.sha256(unnamed.encode()).hexdigest()
     assert keyed[0][len("token-"):] not in plain
-    for secret in (unnamed, "token-of-alice", plain[:8], hashlib.sha256(f"Bearer {unnamed}".encode()).hexdigest()[:8]):
+    for secret in (unnamed, "token-of-alice-for-tests", plain[:8], hashlib.sha256(f"Bearer {unnamed}".encode()).hexdigest()[:8]):
         assert secret not in server.log
     assert '"client": "alice"' in server.log and f'"client": "{keyed[0]}"' in server.log
 
 
-def test_sighup_reloads_the_token_file_and_a_broken_file_keeps_the_old_tokens(tmp_path):
-    tokens = token_file(tmp_path, ["alice token-of-alice"])
+def test_sighup_reloads_the_token_file_and_a_broken_file_refuses_every_token_until_fixed(tmp_path):
+    tokens = token_file(tmp_path, ["alice token-of-alice-for-tests"])
     server = ServerProcess("--token-file", str(tokens))
     try:
         def accepted(token: str) -> bool:
@@ -192,15 +192,18 @@ def test_sighup_reloads_the_token_file_and_a_broken_file_keeps_the_old_tokens(tm
                     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
                     return False
 
-        assert accepted("token-of-alice") and not accepted("token-of-bob")
-        tokens.write_text("bob token-of-bob\n")
+        assert accepted("token-of-alice-for-tests") and not accepted("token-of-bob-for-tests")
+        tokens.write_text("bob token-of-bob-for-tests\n")
         server.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: accepted("token-of-bob"), 10, "bob's token accepted after SIGHUP")
-        assert not accepted("token-of-alice")
+        wait_for(lambda: accepted("token-of-bob-for-tests"), 10, "bob's token accepted after SIGHUP")
+        assert not accepted("token-of-alice-for-tests")
         tokens.write_text("# nothing here\n")
         server.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "kept the tokens accepted until now" in server.log, 10, "the broken file reported")
-        assert accepted("token-of-bob")
+        wait_for(lambda: "REFUSING EVERY TOKEN" in server.log, 10, "the broken file reported")
+        assert not accepted("token-of-bob-for-tests")
+        tokens.write_text("bob token-of-bob-for-tests\n")
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: accepted("token-of-bob-for-tests"), 10, "bob's token accepted once the file is fixed")
     finally:
         server.stop()
 

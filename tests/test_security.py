@@ -33,7 +33,7 @@ def pki(tmp_path_factory) -> Path:
                 "-days", "2", "-extfile", "san.ext", cwd=folder)
     (folder / "tokens").write_text(f"# lab tokens\n{TOKEN}\n\n")
     (folder / "client_token").write_text(TOKEN + "\n")
-    (folder / "wrong_token").write_text("not-the-token\n")
+    (folder / "wrong_token").write_text("not-the-token-of-this-server\n")
     return folder
 
 

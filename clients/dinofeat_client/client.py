@@ -46,6 +46,12 @@ CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconn
 """Reconnect quickly to a restarted server; the client's own retries pace the attempts."""
 
 
+def channel_options(address: str) -> list[tuple[str, int]]:
+    """CHANNEL_OPTIONS, with http_proxy/grpc_proxy off for a server on this machine (loopback or a Unix
+    socket): a proxy must never carry its calls, or the token meant for it."""
+    return CHANNEL_OPTIONS + ([("grpc.enable_http_proxy", 0)] if plaintext_token_refusal(address) is None else [])
+
+
 def retried(method):
     """Run a client operation again, after a growing pause, when the server was unavailable.
 
@@ -132,9 +138,9 @@ class FeatureClient:
                 root_certificates=read_credential(tls_ca, "CA certificate") if tls_ca else None,
                 private_key=read_credential(tls_key, "TLS key") if tls_key else None,
                 certificate_chain=read_credential(tls_cert, "TLS certificate") if tls_cert else None)
-            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+            self.channel = grpc.secure_channel(address, credentials, options=channel_options(address))
         else:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channel = grpc.insecure_channel(address, options=channel_options(address))
         try:
             wait_until_connected(self.channel, address, connect_timeout_s, tls_ca, tls_cert, notify)
         except BaseException:

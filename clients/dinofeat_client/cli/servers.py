@@ -104,4 +104,6 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "max_training_gb": (float, "size of a classifier's trees: classes x labelled pixels x trees x 8 bytes"),
                "stall_seconds": (float, "a client that reads or sends nothing for this long is cut off, freeing its worker"),
                "client_upload_gb": (float, "uploads in flight of one client (images and model files)"),
-               "models_gb": (float, "uploaded model files held in memory")}
+               "models_gb": (float, "uploaded model files held in memory"),
+               "backbones": (str, "DINOv2 backbones this server may load, separated by commas (default: all eight)"),
+               "backbones_gb": (float, "loaded backbones on each device; the least recently used go first")}

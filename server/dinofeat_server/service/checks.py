@@ -3,12 +3,15 @@ failing deep in scikit-learn or torch (UNKNOWN with an internal message)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import spatial_shape
 
+from ..engine.space import FeatureSpace
+from ..engine.stacks import CLASSICAL, FEATURE_SETS
 from .config import ServerLimits
 
 SEED_LIMIT = 1 << 32
@@ -71,3 +74,74 @@ def check_probabilities(classes: int, image: np.ndarray | None, limits: ServerLi
         raise DinofeatError(f"the probabilities of {classes} classes for this image would take {size / (1 << 30):.1f} GiB, more "
                             f"than this server's limit of {limits.max_output_gb:g} GiB (max_output_gb); use fewer classes or a "
                             "smaller image.")
+
+
+LIKE_ADVICE = "pass --like a feature file or model from this dinofeat."
+MAX_SPACE_ITEMS = 10_000
+"""Most JSON values (counted by their separators) a feature space may have. A space from dinofeat has a few
+dozen, its arrays being base64 strings; parsing a million numbers holds the interpreter for half a second,
+whichever thread does it, so such a text is refused before it is parsed."""
+
+
+def requested_space(text: str) -> FeatureSpace | None:
+    """The feature space a request names (--like), or None to fit one; anything that is not a space this
+    dinofeat wrote (too many values, bad or too deeply nested JSON, arrays whose shapes disagree) is refused
+    in one sentence. Decoding megabytes of base64 takes a while: call it off the event loop."""
+    if not text:
+        return None
+    items = sum(text.count(separator) for separator in ",:[{")
+    if items > MAX_SPACE_ITEMS:
+        raise DinofeatError(f"the requested feature space has about {items} JSON values, where a space from dinofeat has a few "
+                            f"dozen; {LIKE_ADVICE}")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise DinofeatError(f"the requested feature space is not valid JSON, or is nested too deeply; {LIKE_ADVICE}") from None
+    if not isinstance(value, dict):
+        raise DinofeatError(f"the requested feature space is not a JSON object; {LIKE_ADVICE}")
+    space = FeatureSpace.from_dict(value)
+    problem = space_shape_problem(space)
+    if problem:
+        raise DinofeatError(f"the requested feature space is damaged: {problem}; {LIKE_ADVICE}")
+    return space
+
+
+def space_shape_problem(space: FeatureSpace) -> str | None:
+    """What disagrees between a space's arrays and its identity, or None: mean (C,) with components (k, C),
+    k at most the PCA size its set names, shift and scale of one length (the channels its identity implies where
+    that is known without a model: known_channels), a finite input range."""
+    spec = space.identity.get("feature_set")
+    pca = spec.get("pca", 0) if isinstance(spec, dict) else 0
+    if not all(math.isfinite(bound) for bound in space.input_range):
+        return "its input range is not finite"
+    if (space.mean is None) != (space.components is None) or (space.shift is None) != (space.scale is None):
+        return "it has a mean without components or a shift without a scale, or the reverse"
+    if space.components is not None:
+        if space.components.ndim != 2 or space.mean.shape != space.components.shape[1:]:
+            return f"its PCA components {space.components.shape} do not fit its mean {space.mean.shape}"
+        if not isinstance(pca, int) or not 1 <= space.components.shape[0] <= pca:  # fewer where the model has fewer channels
+            return f"it has {space.components.shape[0]} PCA components where its feature set names {pca}"
+    elif pca:
+        return f"its feature set names {pca} PCA components but it holds none"
+    if space.shift is not None:
+        if space.shift.ndim != 1 or space.shift.shape != space.scale.shape:
+            return f"its channel shift {space.shift.shape} and scale {space.scale.shape} differ in shape"
+        channels = known_channels(space.identity, 0 if space.components is None else len(space.components))
+        if channels is not None and len(space.shift) != channels:
+            return f"it scales {len(space.shift)} channels where its features have {channels}"
+    return None
+
+
+def known_channels(identity: dict, components: int) -> int | None:
+    """The output channels a space's identity implies where no model is needed to know them: every channel of a
+    filter bank, or a deep set's `components` (beside the classical bank for the hybrid); None for a deep set
+    without PCA, whose channels are its model's, or an identity no request has (refused when compared)."""
+    spec, image_channels = identity.get("feature_set"), identity.get("image_channels")
+    fset = FEATURE_SETS.get(spec.get("name")) if isinstance(spec, dict) and isinstance(spec.get("name"), str) else None
+    if fset is None or image_channels not in (1, 3):
+        return None
+    if not fset.deep:
+        return len(fset.channel_names(image_channels))
+    if not components:
+        return None
+    return components + (len(CLASSICAL.channel_names(image_channels)) if fset.with_classical else 0)

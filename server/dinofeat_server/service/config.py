@@ -16,6 +16,8 @@
                                   stall_seconds = 60          # a client that stops reading or sending is cut off
                                   client_upload_gb = 2        # uploads in flight of one client
                                   models_gb = 2               # uploaded model files held (unpacked size)
+                                  backbones = ["dinov2_vits14", "dinov2_vitb14"]  # may load (default: all eight)
+                                  backbones_gb = 6            # loaded backbones per device (least recently used go)
 
 Devices and workers: `device` is one device (auto, cpu, cuda[:N]); `devices` makes a pool of several
 ("all": every CUDA GPU, else the CPU; "cuda:0,cuda:1"; "cpu"), with one loaded model per (backbone,
@@ -34,6 +36,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dinofeat_client.errors import DinofeatError
+
+from ..engine.weights import BACKBONES
 
 
 BASE_BYTES = 1 << 30
@@ -81,11 +85,16 @@ class ServerLimits:
     against image_store_gb."""
     models_gb: float = 2
     """Uploaded model files held, by their unpacked size (least recently used go first)."""
+    backbones: tuple[str, ...] = BACKBONES
+    """The DINOv2 backbones this server may download and load (a list in the file, names separated by commas as a flag)."""
+    backbones_gb: float = 6
+    """Memory for loaded backbones on each device: the least recently used that no request holds go first."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "backbones", checked_backbones(self.backbones))
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == "threads" and value is None:
+            if field.name == "threads" and value is None or field.name == "backbones":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise DinofeatError(f"the limit {field.name} must be a positive number, not {value!r}.")
@@ -109,10 +118,19 @@ class ServerLimits:
         return max(int((self.memory_gb * (1 << 30) - BASE_BYTES) / (self.workers * devices)), MIN_TILE_BUDGET)
 
 
+def checked_backbones(names: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """The backbones setting as a tuple of known names ("a,b" from a flag, a list from the file); else one sentence."""
+    chosen = tuple(name.strip() for name in names.split(",")) if isinstance(names, str) else tuple(names)
+    for name in chosen or ("",):
+        if name not in BACKBONES:
+            raise DinofeatError(f"the limit backbones lists {name!r}, which is no DINOv2 backbone; choose from {', '.join(BACKBONES)}.")
+    return chosen
+
+
 SERVER_KEYS = {"host": str, "port": int, "device": str, "devices": str, "insecure": bool, "token_file": str, "tls_cert": str,
                "tls_key": str, "tls_client_ca": str, "cache_dir": str, "cache_gb": float, "weights": dict}
 """Keys of the [server] table and their types (weights: backbone name -> file; device or devices, not both)."""
-LIMIT_KEYS = {field.name: float if field.type == "float" else int for field in fields(ServerLimits)}
+LIMIT_KEYS = {field.name: float if field.type == "float" else int for field in fields(ServerLimits)} | {"backbones": list}
 
 
 def read_config(path: str | Path) -> tuple[dict, ServerLimits]:

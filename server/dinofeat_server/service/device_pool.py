@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -193,16 +193,41 @@ def device_memory(device: torch.device) -> dict[str, int]:
 class WorkerModels:
     """The Models of one request on one slot: its device's extractors, which borrow idle slots for tiles.
 
+    Each backbone it uses is held in the registry (not evicted) until `released` ends the request.
     `lent`: the slot itself is lent to a request running elsewhere (it lends nothing further, and its
     tiles count as lent)."""
 
     def __init__(self, pool: DevicePool, device: PoolDevice, lent: bool = False):
         self.pool, self.device, self.lent = pool, device, lent
+        self.held: set[str] = set()
 
     def extractor(self, backbone: str) -> DeepExtractor:
-        return self.device.registry.extractor(backbone).lending(LentWorkers(self, backbone))
+        return self.held_extractor(backbone).lending(LentWorkers(self, backbone))
+
+    def held_extractor(self, backbone: str) -> DeepExtractor:
+        """The device's extractor of `backbone`, held for this request from before it loads."""
+        registry = self.device.registry
+        if backbone not in self.held:
+            registry.check_allowed(backbone)
+            registry.hold(backbone)
+            self.held.add(backbone)
+        return registry.extractor(backbone)
+
+    def release(self) -> None:
+        """The request ended: its models may be evicted again."""
+        for backbone in self.held:
+            self.device.registry.release(backbone)
+        self.held.clear()
+
+    def released(self, messages: Iterator[Result]) -> Iterator[Result]:
+        """`messages` of a request computing with these models, which are released when it ends."""
+        try:
+            yield from messages
+        finally:
+            self.release()
 
     def weights_sha256(self, backbone: str) -> str:
+        self.held_extractor(backbone)
         return self.device.registry.weights_sha256(backbone)
 
     @property
@@ -219,7 +244,15 @@ class WorkerModels:
         """Start `work(device, models)` on an idle slot (its device and models), or None at once."""
         if self.lent:
             return None
-        return self.pool.lend(lambda device: work(device.device, WorkerModels(self.pool, device, lent=True)))
+        return self.pool.lend(lambda device: lent_work(work, WorkerModels(self.pool, device, lent=True)))
+
+
+def lent_work(work: Callable[[torch.device, WorkerModels], Result], models: WorkerModels) -> Result:
+    """`work` on a lent slot with that slot's models, released when it ends (one tile or slice)."""
+    try:
+        return work(models.device.device, models)
+    finally:
+        models.release()
 
 
 class LentWorkers:
@@ -234,7 +267,7 @@ class LentWorkers:
         return self.models.lend(lambda device, models: self._tile(models, work))
 
     def _tile(self, models: WorkerModels, work: Callable[[DeepExtractor], torch.Tensor]) -> torch.Tensor:
-        result = work(models.device.registry.extractor(self.backbone))
+        result = work(models.held_extractor(self.backbone))
         models.pool.count_tile(models.device, lent=True)
         return result
 

@@ -20,6 +20,7 @@ import grpc
 from dinofeat_client.local_server import locked
 
 from .server import EMBEDDED_LIMITS, LOG, start_server
+from .servicer import FeatureServicer
 
 
 class IdleWatch(grpc.aio.ServerInterceptor):
@@ -84,9 +85,7 @@ def serve_local(socket_path: str, lock_path: str, device: str = "auto", weights:
     async def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         watch = IdleWatch()
-        server, _, servicer = await start_server(device=device, weights=weights, limits=EMBEDDED_LIMITS,
-                                                 unix_socket=socket_path, watch=watch)
-        mine = _file_identity(socket_path)
+        server, servicer, mine = await start_local(socket_path, device, weights, watch)
         LOG.info("local server listening on unix:%s (device %s); exits after %.0f s idle", socket_path, device, idle_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -95,11 +94,30 @@ def serve_local(socket_path: str, lock_path: str, device: str = "auto", weights:
         try:
             await _until_done(watch, stop, idle_s, socket_path, mine, lock_path)
         finally:
-            _remove_socket(socket_path, mine)
-            await server.stop(grace=5)
-            servicer.close()
+            await stop_local(server, servicer, socket_path, mine)
 
     asyncio.run(main())
+
+
+async def start_local(socket_path: str, device: str, weights: dict[str, str] | None,
+                      watch: IdleWatch) -> tuple[grpc.aio.Server, FeatureServicer, tuple]:
+    """A server listening on `socket_path`, with the identity of its socket file.
+
+    gRPC removes the path it bound when the server stops, whatever file is there by then, which would be
+    a successor's socket. So the server binds a name of its own in the same folder and moves that socket
+    to `socket_path` (atomically, replacing an older server's); what gRPC removes later is the private
+    name, already gone."""
+    bound = str(Path(socket_path).with_name(f".{os.getpid()}.bind"))
+    server, _, servicer = await start_server(device=device, weights=weights, limits=EMBEDDED_LIMITS, unix_socket=bound, watch=watch)
+    os.replace(bound, socket_path)
+    return server, servicer, _file_identity(socket_path)
+
+
+async def stop_local(server: grpc.aio.Server, servicer: FeatureServicer, socket_path: str, mine: tuple) -> None:
+    """Stop a local server: its socket file goes only if it is still its own (a newer server may have taken the path)."""
+    _remove_socket(socket_path, mine)
+    await server.stop(grace=5)
+    servicer.close()
 
 
 async def _until_done(watch: IdleWatch, stop: asyncio.Event, idle_s: float, socket_path: str, mine: tuple, lock_path: str) -> None:

@@ -7,7 +7,8 @@ dinofeat version and each feature set's definition, `results_namespace`), so tha
 changed (an upgrade) never streams what an earlier one computed; the folders of other versions can be
 deleted at any time. Entries are written to a temporary name and renamed when complete; the least recently used
 go first when the byte budget is exceeded; a result larger than the whole budget is not recorded at
-all (it would only evict everything else). Concurrent requests for one key compute it once: the
+all (it would only evict everything else). An entry is checked whole (complete messages, the trailer's
+checksum over every chunk) before it is replayed; a damaged one is removed and computed again. Concurrent requests for one key compute it once: the
 others wait for the first and then read the entry, and a waiter whose client gives up stops waiting.
 """
 
@@ -15,18 +16,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client import __version__
+from dinofeat_client.wire import stream_checksum
+from google.protobuf.message import DecodeError
 
 from ..engine.stacks import FEATURE_SETS
 from .streaming import Cancelled
 
+LOG = logging.getLogger("dinofeat.server")
 LENGTH = struct.Struct("<I")
 LOCK_POLL_S = 0.2
 """How often a request waiting for another's result checks whether its own client has gone."""
@@ -37,6 +43,35 @@ def results_namespace() -> str:
     definitions = {name: fset.spec() for name, fset in FEATURE_SETS.items()}
     text = json.dumps({"dinofeat": __version__, "feature_sets": definitions}, sort_keys=True)
     return f"dinofeat-{__version__}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def entry_is_intact(f: BinaryIO) -> bool:
+    """Whether an open entry is a whole stream: every length-prefixed message complete and parseable, a
+    header first, a trailer last, and every chunk's bytes matching the trailer's checksum (so truncated,
+    overwritten or flipped bytes are all caught before any message reaches a client)."""
+    digests: dict[int, bytes] = {}
+    messages: list[str] = []
+    trailer = None
+    try:
+        while header := f.read(LENGTH.size):
+            length = LENGTH.unpack(header)[0]
+            data = f.read(length)
+            if len(data) != length:
+                return False
+            message = pb.DatasetStream.FromString(data)
+            kind = message.WhichOneof("message")
+            messages.append(kind)
+            if kind == "chunk":
+                digests[message.chunk.index] = hashlib.sha256(message.chunk.data).digest()
+            elif kind == "trailer":
+                trailer = message.trailer
+    except (struct.error, DecodeError):
+        return False
+    if not messages or messages[0] != "header" or messages[-1] != "trailer" or len(digests) != trailer.chunk_count:
+        return False
+    if set(digests) != set(range(trailer.chunk_count)):
+        return False
+    return stream_checksum([digests[index] for index in range(trailer.chunk_count)]) == trailer.sha256
 
 
 class ResultCache:
@@ -57,12 +92,19 @@ class ResultCache:
         return self.folder / f"{key}.stream"
 
     def read(self, key: str) -> Iterator[pb.DatasetStream] | None:
-        """The recorded messages of `key`, or None when there is no entry. The open file stays readable
-        even when another request evicts the entry meanwhile."""
+        """The recorded messages of `key`, or None when there is no entry or it is damaged (then it is
+        removed, to be computed and recorded again). The open file stays readable even when another
+        request evicts the entry meanwhile."""
         try:
             f = open(self.path(key), "rb")
         except FileNotFoundError:
             return None
+        if not entry_is_intact(f):
+            f.close()
+            LOG.warning("removed the damaged result cache entry %s; it is computed again", self.path(key).name)
+            self.path(key).unlink(missing_ok=True)
+            return None
+        f.seek(0)
         os.utime(f.fileno())  # most recently used
         return self._messages(f)
 

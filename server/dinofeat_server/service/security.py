@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from dinofeat_client.errors import DinofeatError
 from dinofeat_client.tokens import read_credential, read_named_tokens
 
 REFUSAL = "missing or wrong token; pass --token-file (or set DINOFEAT_TOKEN) with a token this server accepts."
@@ -61,8 +62,14 @@ class TokenAuthentication(grpc.aio.ServerInterceptor):
         self.reload()
 
     def reload(self) -> None:
-        """Accept the token file's tokens from now on; an unreadable or empty file keeps the old ones (DinofeatError)."""
-        named = read_named_tokens(self.token_file)
+        """Accept the token file's tokens from now on. A file that cannot be read or parsed (deleted, emptied, a
+        malformed line, a short token) refuses every token until it is fixed and reloaded, so that revoking a
+        token never fails open; the DinofeatError says why."""
+        try:
+            named = read_named_tokens(self.token_file)
+        except DinofeatError:
+            self._names = {}
+            raise
         self._names = {f"Bearer {token}".encode(): name or self.keyed_name(token) for token, name in named.items()}
 
     def keyed_name(self, token: str) -> str:

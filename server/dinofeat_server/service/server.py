@@ -6,6 +6,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import threading
@@ -94,7 +95,8 @@ async def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "au
     use_threads(threads)
     cache = ResultCache(cache_dir or cache_root() / "results", int(cache_gb * 1e9)) if cache_gb > 0 else None
     budget = limits.tile_budget(len(chosen))
-    pool = DevicePool([ModelRegistry(d, weights, budget) for d in chosen], limits.workers, threads)
+    pool = DevicePool([ModelRegistry(d, weights, budget, allowed=limits.backbones, memory_bytes=int(limits.backbones_gb * 1e9))
+                       for d in chosen], limits.workers, threads)
     servicer = FeatureServicer(pool, limits, cache=cache, authentication=authentication)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_FeatureServiceServicer_to_server(servicer, server)
@@ -146,15 +148,16 @@ def pool_words(servicer: FeatureServicer) -> str:
 
 
 def reload_tokens(authentication: TokenAuthentication | None) -> None:
-    """SIGHUP: accept the token file's tokens from now on (calls already running keep going); an
-    unreadable or empty file keeps the tokens accepted until now."""
+    """SIGHUP: accept the token file's tokens from now on (calls already running keep going); a file that
+    cannot be read or parsed refuses every token until it is fixed and the server gets SIGHUP again."""
     if authentication is None:
         LOG.info("SIGHUP: this server has no token file to reload.")
         return
     try:
         authentication.reload()
     except DinofeatError as error:
-        LOG.error("SIGHUP: kept the tokens accepted until now: %s", error)
+        LOG.critical("SIGHUP: REFUSING EVERY TOKEN until %s is fixed and reloaded (kill -HUP %d): %s",
+                     authentication.token_file, os.getpid(), error)
         return
     LOG.info("SIGHUP: reloaded %s.", authentication.token_file)
 

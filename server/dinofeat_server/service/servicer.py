@@ -26,12 +26,11 @@ from dinofeat_client.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL
 
 from ..engine.deep import preset
 from ..engine.postprocess import NORMALISATIONS
-from ..engine.space import FeatureSpace
 from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
-from .checks import check_classes, check_grid, check_probabilities, checked_seed
+from .checks import check_classes, check_grid, check_probabilities, checked_seed, requested_space
 from .config import ServerLimits
 from .device_pool import DevicePool, PoolDevice
 from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
@@ -86,19 +85,6 @@ def check_output_size(fset: FeatureSet, options: FeatureOptions, image: np.ndarr
     if size > limit_gb * (1 << 30):
         raise DinofeatError(f"the {fset.name} features of this image would take {size / (1 << 30):.1f} GiB, more than this "
                             f"server's limit of {limit_gb:g} GiB (max_output_gb); ask for fewer channels (--pca) or a smaller image.")
-
-
-def requested_space(text: str) -> FeatureSpace | None:
-    """The feature space a request names (--like), or None to fit one."""
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise DinofeatError("the requested feature space is not valid JSON; pass --like a feature file or model from this dinofeat.") from None
-    if not isinstance(value, dict):
-        raise DinofeatError("the requested feature space is not a JSON object; pass --like a feature file or model from this dinofeat.")
-    return FeatureSpace.from_dict(value)
 
 
 def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
@@ -263,7 +249,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def _on_worker(self, work: Work, worker: PoolDevice) -> Callable[[object], Iterator]:
         """`work` computing on `worker`'s device with its models, which lend it idle workers for tiles."""
         models = self.pool.models(worker)
-        return lambda cancelled: work(models=models, device=worker.device, cancelled=cancelled)
+        return lambda cancelled: models.released(work(models=models, device=worker.device, cancelled=cancelled))
 
     def _image(self, sha256: str, what: str = "image") -> np.ndarray:
         image = self.store.get(sha256)
@@ -380,7 +366,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             fset, options = self._requested_features(request, [image])
             check_output_size(fset, options, image, self.limits.max_output_gb)
             encoding = checked_encoding(request.encoding)
-            like = requested_space(request.feature_space_json)
+            like = await asyncio.get_running_loop().run_in_executor(None, requested_space, request.feature_space_json)
             fit_images = None if like else [self._image(sha, "image to fit the space on") for sha in request.fit_image_sha256]
             if fit_images and request.image_sha256 not in request.fit_image_sha256:
                 fit_images.append(image)
