@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dinofeat_client.client import FeatureClient
+from dinofeat_client.computation import FeatureComputation
 from dinofeat_client.ilastik.provider import IlastikSpec, build_project
 from dinofeat_server.engine.backbone import DinoVisionTransformer
 from dinofeat_server.engine.weights import official_config
@@ -38,7 +39,7 @@ def main() -> None:
                 project = Path(folder) / f"p{size}"
                 project.mkdir()
                 start = time.perf_counter()
-                _, files = build_project(client, [(f"img{size}.tif", image)], project, IlastikSpec("hybrid", preset=args.preset, pca=48))
+                _, files = build_project(client, [(f"img{size}.tif", image)], project, IlastikSpec(FeatureComputation("hybrid", preset=args.preset, pca=48)))
                 seconds = time.perf_counter() - start
                 megabytes = files[0].stat().st_size / 1e6
                 results[f"{size}x{size}"] = {"seconds": seconds, "file_MB": megabytes, "channels": 48 + 58, "preset": args.preset}

@@ -136,14 +136,14 @@ def pool_figures(workers: int, size: int, slices: int, weights: Path, folder: Pa
         wait_until_listening(port, server)
         with FeatureClient(f"127.0.0.1:{port}") as client:
             warm = folder / f"warm{workers}.h5"
-            client.fetch_features((rng.random((224, 224)) * 255).astype(np.uint8), warm, feature_set="dinov2", preset="fast",
+            client.fetch_features((rng.random((224, 224)) * 255).astype(np.uint8), warm, "dinov2", preset="fast",
                                   pca=POOL_PCA)
             figures = {"workers": workers, "threads_per_worker": 1}
             for name, data in (("image", rng.random((size, size))), ("volume", rng.random((slices, 224, 224)))):
                 before = client.status().devices[0]
                 started = time.perf_counter()
                 client.fetch_features((data * 255).astype(np.uint8), folder / f"{name}{workers}.h5",
-                                      feature_set="dinov2", preset="fast", pca=POOL_PCA, like=read_space(warm))
+                                      "dinov2", preset="fast", pca=POOL_PCA, like=read_space(warm))
                 seconds = time.perf_counter() - started
                 after = client.status().devices[0]
                 tiles, lent = after.tiles - before.tiles, after.lent_tiles - before.lent_tiles

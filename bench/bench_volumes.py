@@ -52,11 +52,12 @@ ESTIMATE_CHANNELS = 32
 
 def timed_run(volume: Path, output: Path, feature_set: str, client, model: Path | None = None) -> float:
     """Seconds of one whole run into `output` (removed afterwards): the features, or with `model` its apply."""
+    from dinofeat_client.computation import FeatureComputation
     from dinofeat_server.volumes import classify_to_zarr, features_to_zarr
 
     started = time.perf_counter()
     if model is None:
-        features_to_zarr(volume, output, feature_set, device="cpu", client=client, overwrite=True)
+        features_to_zarr(volume, output, FeatureComputation(feature_set), device="cpu", client=client, overwrite=True)
     else:
         classify_to_zarr(volume, model, output, device="cpu", client=client, overwrite=True)
     seconds = time.perf_counter() - started
@@ -67,6 +68,7 @@ def timed_run(volume: Path, output: Path, feature_set: str, client, model: Path 
 def trained_model(volume: Path, folder: Path) -> Path:
     """A 50-tree forest on `classical` features of scribbles on the middle slice, saved as a model file."""
     import tifffile
+    from dinofeat_client.computation import FeatureComputation
     from dinofeat_server.volumes import segment_to_zarr
 
     image = tifffile.imread(volume)
@@ -75,7 +77,7 @@ def trained_model(volume: Path, folder: Path) -> Path:
     labels[middle, ::7, ::7] = np.where(image[middle, ::7, ::7] > np.median(image), 2, 1)
     tifffile.imwrite(folder / "labels.tif", labels, photometric="minisblack")
     model = folder / "model.dfm"
-    segment_to_zarr(volume, folder / "labels.tif", folder / "seg.zarr", "classical", trees=50, device="cpu", model=model)
+    segment_to_zarr(volume, folder / "labels.tif", folder / "seg.zarr", FeatureComputation("classical"), trees=50, device="cpu", model=model)
     return model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -23,6 +25,21 @@ def dinofeat(*args: str, timeout: float = 300, cwd: Path | None = None, env: dic
     """Run the real `dinofeat` command line in a fresh process (in `cwd`, with `env` added to the environment, when given)."""
     return subprocess.run([sys.executable, "-m", "dinofeat_client.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The `dinofeat` command line run by its own main() in this process, its output captured: what `dinofeat` does
+    without a new interpreter's start-up (use `dinofeat` where the process itself is under test: its exit, its
+    environment, its signals)."""
+    from dinofeat_client.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(list(args))
+        except SystemExit as exit:  # argparse's usage errors
+            status = exit.code
+    return subprocess.CompletedProcess(["dinofeat", *args], status, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:
@@ -119,6 +136,12 @@ def inprocess_server() -> InProcessServer:
     server = InProcessServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def inprocess_address(inprocess_server) -> str:
+    """The address of the session's in-process server, for commands run with --server."""
+    return inprocess_server.address
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,7 @@ def test_an_unreadable_partial_file_is_reported_and_the_transfer_starts_over(tmp
 
 
 def test_a_download_killed_with_sigkill_resumes_from_the_chunks_on_disk(tmp_path, server_address):
-    image = (np.random.default_rng(7).random((300, 280)) * 255).astype(np.uint8)  # 58 x 4 = 232 chunks
+    image = (np.random.default_rng(7).random((300, 280)) * 255).astype(np.uint8)  # the default multiscale set: 53 x 4 = 212 chunks
     tifffile.imwrite(tmp_path / "img.tif", image)
     output = tmp_path / "out" / "f.h5"
     command = [sys.executable, "-m", "dinofeat_client.cli", "features", str(tmp_path / "img.tif"), "-o", str(output),
@@ -231,8 +231,8 @@ def test_a_download_killed_with_sigkill_resumes_from_the_chunks_on_disk(tmp_path
     start = time.monotonic()
     resumed = run_cli(*command[3:])
     assert resumed.returncode == 0, resumed.stderr
-    fetched = re.search(r"resumed: (\d+) of 232 chunks fetched now", resumed.stdout)
-    assert fetched and int(fetched.group(1)) <= 232 - received + FLUSH_EVERY_CHUNKS, resumed.stdout  # kept: all flushed ones
+    fetched = re.search(r"resumed: (\d+) of 212 chunks fetched now", resumed.stdout)
+    assert fetched and int(fetched.group(1)) <= 212 - received + FLUSH_EVERY_CHUNKS, resumed.stdout  # kept: all flushed ones
     assert files_under(tmp_path / "out") == {"f.h5"}
     with FeatureClient(server_address) as whole:
         whole.fetch_features(image, tmp_path / "whole.h5")

@@ -115,7 +115,7 @@ def test_normalised_dinov2_features_have_unit_length_per_pixel(deep_server_addre
 
 
 def test_client_and_server_know_the_same_normalisations():
-    from dinofeat_client.wire import NORMALISATIONS as names
+    from dinofeat_client.computation import NORMALISATIONS as names
     from dinofeat_server.engine.postprocess import NORMALISATIONS as functions
 
     assert tuple(functions) == names

@@ -51,7 +51,7 @@ def servers(tiny_weights):
 def features(address: str, image: np.ndarray, path: Path) -> np.ndarray:
     """The dinov2 features (preset fast) of `image` from the server at `address`."""
     with FeatureClient(address) as client:
-        client.fetch_features(image, path, feature_set="dinov2", preset="fast")
+        client.fetch_features(image, path, "dinov2", preset="fast")
     with h5py.File(path) as file:
         return file["features"][:]
 

@@ -17,7 +17,8 @@ from dinofeat_client.errors import DinofeatError
 from dinofeat_client.spaces import read_space
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from dinofeat_server.engine.space import FeatureSpace
-from dinofeat_server.engine.stacks import FEATURE_SETS, FeatureOptions
+from dinofeat_client.computation import FeatureComputation
+from dinofeat_server.engine.stacks import FEATURE_SETS
 from dinofeat_server.engine.tiles import TILE_OVERLAP, tile_plan
 from dinofeat_server.engine.weights import file_sha256, load_backbone
 from dinofeat_server.segment.classifiers import class_probabilities
@@ -53,7 +54,7 @@ class TinyModels:
 @pytest.mark.parametrize("name", ["dinov2", "hybrid"])
 def test_a_deep_set_forced_into_many_tiles_matches_the_untiled_result(tiny_weights, name):
     image = micrograph(1, (300, 330))
-    options = FeatureOptions(preset="default")
+    options = FeatureComputation(preset="default")
     whole_models, tiled_models = TinyModels(tiny_weights, 4 << 30), TinyModels(tiny_weights, 40 << 20)
     fset = FEATURE_SETS[name]
     space = fset.fitted_space([image], "cpu", options, whole_models)
@@ -79,7 +80,7 @@ def test_the_fitted_space_leaves_the_tiles_in_k_channels_before_blending(tiny_we
     """PCA and scaling are affine: mapping each view's tokens equals mapping the finished raw features."""
     image = micrograph(2, (120, 150)).astype(np.float32) / 255
     models = TinyModels(tiny_weights, 4 << 30)
-    options = FeatureOptions(preset="default", pca=6, normalise="minmax")
+    options = FeatureComputation(preset="default", pca=6, normalise="minmax")
     space = FEATURE_SETS["dinov2"].fitted_space([image], "cpu", options, models)
     weight, bias = space.deep_affine()
     assert weight.shape == (6, 128)
@@ -161,11 +162,12 @@ def test_a_space_of_other_features_is_refused_in_one_sentence(deep_server_addres
     result = dinofeat("features", str(tmp_path / "b.tif"), "-o", str(tmp_path / "b.h5"), "--like", str(tmp_path / "a.h5"),
                       "--preset", "default", *common)
     assert result.returncode == 1
-    assert result.stderr.strip() == ("dinofeat: error: the feature space was fitted for preset 'fast', not 'default'; compute the "
-                                     "features with the same settings and weights, or fit a new space (leave out --like).")
+    assert result.stderr.strip() == (f"dinofeat: error: --like {tmp_path / 'a.h5'} was computed with --preset fast, but this "
+                                     "command asks for default; leave that option out to use the stored computation, or leave "
+                                     "out the stored file to fit a new one.")
     assert not (tmp_path / "b.h5").exists()
     again = dinofeat("features", str(tmp_path / "b.tif"), "-o", str(tmp_path / "b.h5"), "--like", str(tmp_path / "a.h5"),
-                     "--preset", "fast", *common)
+                     "--server", deep_server_address)  # the set, preset and PCA come from a.h5
     assert again.returncode == 0, again.stderr
 
 
@@ -206,7 +208,7 @@ def test_a_result_beyond_the_servers_output_limit_is_refused_before_any_work(tin
 
 def test_spaces_round_trip_through_json_exactly(tiny_weights):
     models = TinyModels(tiny_weights, 4 << 30)
-    options = FeatureOptions(preset="fast", pca=5)
+    options = FeatureComputation(preset="fast", pca=5)
     space = FEATURE_SETS["hybrid"].fitted_space([micrograph(9)], "cpu", options, models)
     again = FeatureSpace.from_dict(json.loads(space.to_json()))
     assert again.to_json() == space.to_json()
@@ -262,7 +264,8 @@ def test_apply_takes_weights_and_refuses_a_model_trained_with_other_weights(tiny
     refused = dinofeat("apply", str(tmp_path / "m.dfm"), str(tmp_path / "b.tif"), "-o", str(tmp_path / "b_other.tif"),
                        "--weights", str(other), "--device", "cpu", "--quiet")
     assert refused.returncode == 1
-    assert "the feature space was fitted for weights with sha256 " in refused.stderr and "(other weights)" in refused.stderr
+    assert "the features were described with dinov2_vits14 weights of sha256 " in refused.stderr
+    assert "give the same weights file (--weights)" in refused.stderr
     assert not (tmp_path / "b_other.tif").exists()
 
 

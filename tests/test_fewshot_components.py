@@ -80,7 +80,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def few_shot_dice(client: FeatureClient, support: np.ndarray, mask: np.ndarray, query: np.ndarray, truth: np.ndarray,
                   output: Path) -> dict[str, float]:
     """Dice of the default (auto) prediction and of both forced post-processings of the same probability."""
-    path = client.few_shot([support], [mask.astype(np.uint8)], query, output, feature_set="classical")
+    path = client.few_shot([support], [mask.astype(np.uint8)], query, output, "classical")
     with h5py.File(path, "r") as f:
         auto, probability = f["fewshot"][0] > 0.5, f["fewshot"][1]
         kept = f["fewshot"].attrs["kept"]

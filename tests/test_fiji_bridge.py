@@ -37,7 +37,7 @@ def feature_files(image, server_address, tmp_path_factory) -> tuple[Path, Path]:
     """The classical features of `image` as HDF5 (from the server) and as an ImageJ hyperstack TIFF."""
     folder = tmp_path_factory.mktemp("fiji")
     with FeatureClient(server_address) as client:
-        h5 = client.fetch_features(image, folder / "features.h5").path
+        h5 = client.fetch_features(image, folder / "features.h5", "classical").path
     with h5py.File(h5, "r") as f:
         tiff = write_imagej_hyperstack(f["features"], folder / "features.tif")
     return h5, tiff
@@ -104,7 +104,7 @@ def test_a_feature_stack_of_a_volume_opens_as_channels_times_slices(jvm, server_
 
     volume = (np.random.default_rng(6).random((3, 40, 50)) * 255).astype(np.uint8)
     with FeatureClient(server_address) as client:
-        h5 = client.fetch_features(volume, tmp_path / "volume.h5").path
+        h5 = client.fetch_features(volume, tmp_path / "volume.h5", "classical").path
     with h5py.File(h5, "r") as f:
         write_imagej_hyperstack(f["features"], tmp_path / "volume.tif")
         expected = f["features"][:, 2]
@@ -174,7 +174,7 @@ def test_arff_export_holds_each_labelled_pixel_with_named_attributes_and_classes
     tifffile.imwrite(tmp_path / "image.tif", image)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     result = dinofeat("arff", str(tmp_path / "image.tif"), "--labels", str(tmp_path / "labels.tif"), "-o", str(tmp_path / "x.arff"),
-                      "--server", server_address)
+                      "--set", "classical", "--server", server_address)
     assert result.returncode == 0, result.stderr
     assert "40 labelled pixels, 2 classes" in result.stdout
     data, meta = arff.loadarff(tmp_path / "x.arff")
@@ -189,7 +189,7 @@ def test_arff_export_holds_each_labelled_pixel_with_named_attributes_and_classes
 def test_features_written_as_tiff_by_the_command_line_carry_channel_labels(server_address, tmp_path, image, feature_files):
     features, names = features_of(feature_files[0])
     tifffile.imwrite(tmp_path / "image.tif", image)
-    result = dinofeat("features", str(tmp_path / "image.tif"), "-o", str(tmp_path / "f.tif"), "--server", server_address)
+    result = dinofeat("features", str(tmp_path / "image.tif"), "-o", str(tmp_path / "f.tif"), "--set", "classical", "--server", server_address)
     assert result.returncode == 0, result.stderr
     with tifffile.TiffFile(tmp_path / "f.tif") as tiff:
         assert tiff.is_imagej and tiff.imagej_metadata["Labels"] == names and tiff.imagej_metadata["channels"] == 58
@@ -219,7 +219,8 @@ def test_tws_on_our_features_reaches_tws_on_its_own_in_a_real_fiji(isb_three_pha
                        "--seed", str(SEED), "--server", server_address, timeout=1800)
     assert trained.returncode == 0, trained.stderr
     assert "classes 85, 170, 255" in trained.stdout
-    applied = dinofeat("fiji", "apply", str(model), str(image), "-o", str(tmp_path / "classes.tif"), "--set", "classical",
+    assert json.loads((tmp_path / "tws.model.dinofeat.json").read_text())["computation"]["feature_set"] == "classical"
+    applied = dinofeat("fiji", "apply", str(model), str(image), "-o", str(tmp_path / "classes.tif"),  # the set: from the sidecar
                        "--server", server_address, "--probabilities", str(tmp_path / "p.tif"), timeout=1800)
     assert applied.returncode == 0, applied.stderr
     classes = tifffile.imread(tmp_path / "classes.tif")

@@ -186,8 +186,8 @@ def test_ilastik_help_names_the_pca_default_the_project_uses():
     from dinofeat_client.ilastik.provider import IlastikSpec
 
     result = dinofeat("ilastik", "--help")
-    assert f"PCA components of the deep features (default {IlastikSpec().pca})" in " ".join(result.stdout.split())
-    assert IlastikSpec().pca == 48
+    assert f"PCA components of the deep features (default {IlastikSpec().computation.pca})" in " ".join(result.stdout.split())
+    assert IlastikSpec().computation.pca == 48
 
 
 MADE_BY = "give a project made by `dinofeat ilastik IMAGES -o FOLDER`."

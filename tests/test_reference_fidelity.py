@@ -13,6 +13,8 @@ module took 21 s there (2-3 minutes before)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -50,14 +52,14 @@ def reference():
 
 @pytest.fixture(scope="module")
 def models(reference, tmp_path_factory):
-    """name -> (official model, ours loaded from its saved state dict, HR-Dv2 holding the same weights)."""
+    """name -> (official model, ours loaded from its saved state dict, HR-Dv2 holding the same weights, the saved file)."""
     out = {}
     for name in ("dinov2_vits14", "dinov2_vits14_reg"):
         official = official_model(name, seed=7)
         state = official.state_dict()
         path = tmp_path_factory.mktemp("weights") / f"{name}_random.pth"
         torch.save(state, path)
-        out[name] = (official, load_backbone(path).eval(), hr_dv2_featuriser(name, state, flips=False))
+        out[name] = (official, load_backbone(path).eval(), hr_dv2_featuriser(name, state, flips=False), path)
     return out
 
 
@@ -75,7 +77,7 @@ def our_features(model, grey: np.ndarray, preset: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
 def test_a_single_stride_14_view_equals_the_official_forward_features(models, name):
-    official, ours, _ = models[name]
+    official, ours, _, _ = models[name]
     images = imagenet_normalised(torch.rand(2, 3, 56, 70, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         expected = official.forward_features(images)
@@ -92,7 +94,7 @@ def test_a_single_stride_14_view_equals_the_official_forward_features(models, na
     ("dinov2_vits14_reg", "paper", (42, 56)),  # the reference's position embeddings for register models
 ], ids=["paper", "paper_flips", "paper_registers"])
 def test_paper_presets_equal_the_reference_featuriser(models, backbone, preset, size):
-    _, ours, net = models[backbone]
+    _, ours, net, _ = models[backbone]
     grey = grey_crop(*size)
     expected = hr_dv2_features(with_paper_views(net, PRESETS[preset].flips), grey)
     assert relative_l2(our_features(ours, grey, preset), expected) <= TOLERANCE
@@ -100,8 +102,42 @@ def test_paper_presets_equal_the_reference_featuriser(models, backbone, preset, 
 
 def test_the_reference_position_rule_differs_from_the_official_one_for_register_models(models):
     """Why paper mode needs its own rule: at stride 4 the two interpolations give other tokens."""
-    _, ours, _ = models["dinov2_vits14_reg"]
+    _, ours, _, _ = models["dinov2_vits14_reg"]
     rows, cols = 11, 15
     official = ours.interpolated_pos_embed(rows, cols, square_image=False, pos_rule="official")
     reference = ours.interpolated_pos_embed(rows, cols, square_image=False, pos_rule="hr_dv2")
     assert relative_l2(reference, official) > 0.01
+
+
+def narrow_range_crop(height: int, width: int) -> np.ndarray:
+    """A uint8 micrograph that spans 47..227, not 0..255: where dividing by the type's maximum (the reference's
+    ToTensor) and stretching the dataset's percentiles differ (by 77 % relative max error before the paper presets
+    took the type's range)."""
+    grey = grey_crop(height, width).astype(np.float64)
+    return np.round(47 + (grey - grey.min()) * (180 / (grey.max() - grey.min()))).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def paper_server(models):
+    """An in-process server whose dinov2_vits14 holds the reference model's weights."""
+    from conftest import InProcessServer
+
+    server = InProcessServer(weights={"dinov2_vits14": str(models["dinov2_vits14"][3])})
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("preset, size", [("paper", (42, 56)), ("paper_flips", (28, 42))])
+def test_paper_presets_through_the_client_equal_the_reference_on_a_narrow_range_image(models, paper_server, preset, size,
+                                                                                      tmp_path):
+    import h5py
+
+    _, _, net, _ = models["dinov2_vits14"]
+    grey = narrow_range_crop(*size)
+    expected = hr_dv2_features(with_paper_views(net, PRESETS[preset].flips), grey)
+    with paper_server.client() as client:
+        client.fetch_features(grey, tmp_path / "paper.h5", "dinov2", preset=preset)
+    with h5py.File(tmp_path / "paper.h5", "r") as f:
+        ours = torch.from_numpy(f["features"][()])[None]
+        assert json.loads(f["features"].attrs["computation"])["input_range"] == "dtype"
+    assert relative_l2(ours, expected) <= TOLERANCE

@@ -47,10 +47,10 @@ def test_round_trip_writes_a_standard_h5_equal_to_the_engine_output(client, imag
 
 
 def test_uncompressed_stream_stores_raw_chunks(client, image, tmp_path):
-    client.fetch_features(image[:100, :90], tmp_path / "raw.h5", compression="none")
+    client.fetch_features(image[:100, :90], tmp_path / "raw.h5", compression="none")  # the default set: multiscale, 53 channels
     with h5py.File(tmp_path / "raw.h5", "r") as f:
         assert f["features"].compression is None
-        assert f["features"].shape == (58, 100, 90)
+        assert f["features"].shape == (53, 100, 90)
 
 
 def test_a_broken_stream_is_resumed_by_requesting_only_the_missing_chunks(client, image, tmp_path):
@@ -75,7 +75,7 @@ def test_a_broken_stream_is_resumed_by_requesting_only_the_missing_chunks(client
 
 def test_a_stack_gives_czyx_features_slice_by_slice(client, tmp_path):
     stack = (np.random.default_rng(4).random((3, 64, 50)) * 255).astype(np.uint8)
-    client.fetch_features(stack, tmp_path / "stack.h5")
+    client.fetch_features(stack, tmp_path / "stack.h5", "classical")
     with h5py.File(tmp_path / "stack.h5", "r") as f:
         ds = f["features"]
         assert ds.shape == (58, 3, 64, 50) and ds.chunks == (1, 1, 64, 50)
@@ -95,5 +95,5 @@ def test_images_over_4_mib_upload_in_pieces_and_only_once(client):
 
 def test_unknown_feature_set_is_refused_with_the_known_ones(client, image, tmp_path):
     with pytest.raises(DinofeatError, match="unknown feature set 'nope'; choose one of multiscale, classical, ilastik"):
-        client.fetch_features(image, tmp_path / "x.h5", feature_set="nope")
+        client.fetch_features(image, tmp_path / "x.h5", "nope")
     assert not (tmp_path / "x.h5").exists()

@@ -23,7 +23,7 @@ pytest.importorskip("distributed")
 from dinofeat_client.errors import DinofeatError  # noqa: E402
 from dinofeat_client.spaces import read_space  # noqa: E402
 from dinofeat_server.engine.space import FeatureSpace  # noqa: E402
-from dinofeat_server.engine.stacks import FeatureOptions  # noqa: E402
+from dinofeat_client.computation import FeatureComputation  # noqa: E402
 from dinofeat_server.volumes import features_to_zarr, fitted_features, lazy_features, open_features, open_volume  # noqa: E402
 
 TINY_DEEP = {"set": "dinov2", "preset": "fast", "pca": 4, "normalise": "minmax"}
@@ -98,7 +98,7 @@ def test_the_ome_zarr_output_opens_with_ome_zarrs_reader_and_shows_the_channel_n
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    output = features_to_zarr(volume, tmp_path / "features.zarr", "classical", device="cpu", client=cluster)
+    output = features_to_zarr(volume, tmp_path / "features.zarr", FeatureComputation("classical"), device="cpu", client=cluster)
     node = next(iter(Reader(parse_url(str(output)))()))
     _, names, _ = open_features(output)
     assert node.metadata["channel_names"] == names and names[:2] == ["raw", "sobel_s0"]
@@ -112,8 +112,8 @@ def test_a_deep_set_on_two_workers_equals_the_single_server_result_in_one_space(
     expected, expected_space = reference(volume, tmp_path / "ref.h5", "--set", TINY_DEEP["set"], "--preset", TINY_DEEP["preset"],
                                          "--pca", str(TINY_DEEP["pca"]), "--normalise", TINY_DEEP["normalise"],
                                          "--weights", str(tiny_weights))
-    options = FeatureOptions(preset=TINY_DEEP["preset"], pca=TINY_DEEP["pca"], normalise=TINY_DEEP["normalise"])
-    output = features_to_zarr(volume, tmp_path / "deep.zarr", TINY_DEEP["set"], options=options, device="cpu",
+    options = FeatureComputation(TINY_DEEP["set"], preset=TINY_DEEP["preset"], pca=TINY_DEEP["pca"], normalise=TINY_DEEP["normalise"])
+    output = features_to_zarr(volume, tmp_path / "deep.zarr", options, device="cpu",
                               weights={"dinov2_vits14": str(tiny_weights)}, client=cluster)
     features, names, space = open_features(output)
     assert names == [f"dino_pca_{i:02d}" for i in range(4)]
@@ -133,11 +133,11 @@ def test_killing_a_worker_mid_run_still_gives_a_complete_and_correct_output(clus
             os.kill(pids[busy[0]], signal.SIGKILL)
             killed.append(busy[0])
 
-    output = features_to_zarr(str(path), tmp_path / "long.zarr", "classical", device="cpu", client=cluster,
+    output = features_to_zarr(str(path), tmp_path / "long.zarr", FeatureComputation("classical"), device="cpu", client=cluster,
                               progress=kill_a_busy_worker)
     assert killed, "a worker was killed during the run"
     features, _, space = open_features(output)
-    expected = lazy_features(str(path), "classical", device="cpu").compute(scheduler="synchronous")
+    expected = lazy_features(str(path), FeatureComputation("classical"), device="cpu").compute(scheduler="synchronous")
     np.testing.assert_array_equal(features[:], expected)
     deadline = time.monotonic() + 30
     while len(cluster.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
@@ -146,14 +146,14 @@ def test_killing_a_worker_mid_run_still_gives_a_complete_and_correct_output(clus
 
 
 def test_the_lazy_dask_array_equals_the_eager_result_locally_and_on_the_cluster(volume, cluster, tmp_path):
-    output = features_to_zarr(volume, tmp_path / "eager.zarr", "classical", device="cpu")
+    output = features_to_zarr(volume, tmp_path / "eager.zarr", FeatureComputation("classical"), device="cpu")
     eager, names, _ = open_features(output)
-    array, fitted = fitted_features(volume, "classical", device="cpu", client=cluster)
+    array, fitted = fitted_features(volume, FeatureComputation("classical"), device="cpu", client=cluster)
     assert array.shape == eager.shape and array.chunks[1] == (1, 1, 1, 1) and fitted.channel_names == names
     np.testing.assert_allclose(cluster.compute(array[:, 1:3]).result(), eager[:, 1:3], atol=1e-6)  # workers: 1 thread
-    in_memory = lazy_features(tifffile.imread(volume), "classical", device="cpu")
+    in_memory = lazy_features(tifffile.imread(volume), FeatureComputation("classical"), device="cpu")
     np.testing.assert_allclose(in_memory.compute(scheduler="synchronous"), eager[:], atol=1e-6)
-    plane = lazy_features(tifffile.imread(volume)[2], "classical", device="cpu")
+    plane = lazy_features(tifffile.imread(volume)[2], FeatureComputation("classical"), device="cpu")
     assert plane.shape == (len(names), 96, 96)
     np.testing.assert_allclose(plane.compute(scheduler="synchronous"), eager[:, 2], atol=1e-6)
 
@@ -187,14 +187,14 @@ def test_a_worker_that_cannot_read_the_volume_is_named_with_the_path(volume, clu
     source = open_volume(str(path))
     path.unlink()
     with pytest.raises(DinofeatError, match=r"^worker tcp://127\.0\.0\.1:\d+ cannot read " + str(path) + ": "):
-        features_to_zarr(source, tmp_path / "out.zarr", "classical", device="cpu", client=cluster)
+        features_to_zarr(source, tmp_path / "out.zarr", FeatureComputation("classical"), device="cpu", client=cluster)
     assert not (tmp_path / "out.zarr").exists()
 
 
 def test_a_worker_without_the_weights_names_the_weights_it_lacks(volume, cluster, tmp_path):
     missing = tmp_path / "absent" / "dinov2_vits14_pretrain.pth"
     with pytest.raises(DinofeatError, match=r"^worker tcp://127\.0\.0\.1:\d+ lacks the weights file " + str(missing)):
-        features_to_zarr(volume, tmp_path / "out.zarr", "dinov2", device="cpu", weights={"dinov2_vits14": str(missing)},
+        features_to_zarr(volume, tmp_path / "out.zarr", FeatureComputation("dinov2"), device="cpu", weights={"dinov2_vits14": str(missing)},
                          client=cluster)
 
 

@@ -21,7 +21,7 @@ pytest.importorskip("distributed")
 import zarr  # noqa: E402
 from dinofeat_client.cli import main  # noqa: E402
 from dinofeat_client.spaces import read_space  # noqa: E402
-from dinofeat_server.engine.stacks import FeatureOptions  # noqa: E402
+from dinofeat_client.computation import FeatureComputation  # noqa: E402
 from dinofeat_server.volumes import classify_to_zarr, open_features  # noqa: E402
 from dinofeat_server.volumes.classify import labelled_samples  # noqa: E402
 from dinofeat_server.volumes.dask_run import fitted_on, request_for  # noqa: E402
@@ -112,7 +112,7 @@ def test_segment_and_train_on_two_dask_workers_equal_segment_without_dask(data, 
 
 
 def test_only_labelled_slices_compute_training_features(data):
-    fitted = fitted_on(None, fit_volume, request_for(data["stack"], "classical", FeatureOptions(), "cpu", None), None)
+    fitted = fitted_on(None, fit_volume, request_for(data["stack"], FeatureComputation("classical"), "cpu", None), None)
     labels = open_volume(data["labels"])
     assert labelled_samples(0, fitted, labels) is None and labelled_samples(2, fitted, labels) is None
     samples, classes = labelled_samples(1, fitted, labels)

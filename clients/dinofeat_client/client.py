@@ -1,7 +1,7 @@
 """The Python client: upload images, receive feature stacks and segmentations as HDF5 files.
 
     with FeatureClient("127.0.0.1:50051") as client:
-        client.fetch_features(image, "features.h5", feature_set="classical")
+        client.fetch_features(image, "features.h5", "multiscale")
 
 Progress is reported through an optional callback `progress(stage, done, total)`.
 """
@@ -36,8 +36,9 @@ from .errors import DinofeatError, ServerUnavailable
 from .images import check_image, check_labels, image_axes, image_sha256, without_singleton_axes, write_tiff
 from .outputs import atomic_write, output_file, remove_quietly
 from .tokens import read_credential
-from .wire import (DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, DEFAULT_PRESET, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key,
-                   features_result_key, options_key, result_key, segment_result_key, space_key)
+from .computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
+from .wire import (DEFAULT_CLASSIFIER, DEFAULT_LEVEL, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key, features_result_key,
+                   result_key, segment_result_key, space_key)
 
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0
@@ -195,49 +196,45 @@ class FeatureClient:
         return sha
 
     @retried
-    def fetch_features(self, image: np.ndarray, output: str | Path, feature_set: str = "classical",
+    def fetch_features(self, image: np.ndarray, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET,
                        compression: str = "gzip", level: int = DEFAULT_LEVEL, progress: Progress | None = None,
-                       backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0,
-                       normalise: str = "none", like: str | None = None,
-                       fit_images: list[np.ndarray] | None = None) -> Transfer:
+                       like: str | None = None, fit_images: list[np.ndarray] | None = None, **choices) -> Transfer:
         """Compute a feature stack on the server and write it to `output` (.h5), resuming a partial file.
 
-        `backbone`, `preset`, `pca` and `normalise` choose the deep sets' model, views, PCA size and scaling.
-        The features are expressed in the feature space `like` (JSON, see `spaces.read_space`) when given,
-        else in one fitted over `fit_images` (e.g. every image of a project) or over `image` alone."""
+        `computation` is a FeatureComputation or a set's name, whose other fields `choices` give (backbone, preset,
+        pca, normalise, input_range). The features are expressed in the feature space `like` (JSON, see
+        `spaces.read_stored`) when given, else in one fitted over `fit_images` (e.g. every image of a project) or
+        over `image` alone."""
+        computation = described(computation, choices)
         image = check_image(image)
         output = output_file(output)
         sha = self.upload(image)
         fit_shas = [] if like else [self.upload(check_image(other)) for other in fit_images or []]  # a given space is not refitted
-        options = pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise)
-        key = features_result_key(sha, feature_set, options_key(backbone, preset, pca, normalise), compression, level,
-                                  space_key(like or "", fit_shas))
+        key = features_result_key(sha, computation, compression, level, space_key(like or "", fit_shas))
         target = DatasetFile(output, key)
         missing = target.resumable_indices(self.notify)
         request = pb.ComputeFeaturesRequest(
-            image_sha256=sha, feature_set=feature_set, encoding=pb.Encoding(compression=compression, level=level),
-            options=options, resume=missing is not None, chunk_indices=missing or [], feature_space_json=like or "",
-            fit_image_sha256=fit_shas)
+            image_sha256=sha, **computation.request_fields(), encoding=pb.Encoding(compression=compression, level=level),
+            resume=missing is not None, chunk_indices=missing or [], feature_space_json=like or "", fit_image_sha256=fit_shas)
         return self.receive(self.stub.ComputeFeatures(request), target, missing is not None, progress)
 
     @retried
-    def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, feature_set: str = "multiscale",
+    def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET,
                 probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
-                progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
-                pca: int = 0, normalise: str = "none", classifier: str = DEFAULT_CLASSIFIER) -> tuple[Path, Path | None]:
-        """Train a forest on `labels` and write the class map (TIFF, in the labels' values) to `output`.
+                progress: Progress | None = None, classifier: str = DEFAULT_CLASSIFIER, **choices) -> tuple[Path, Path | None]:
+        """Train a classifier on `labels` and write the class map (TIFF, in the labels' values) to `output`.
 
-        The per-class probabilities go to `probabilities` (.h5) when given.
+        The features are `computation` (or a set's name with `choices`, as fetch_features takes them); the per-class
+        probabilities go to `probabilities` (.h5) when given.
         """
+        computation = described(computation, choices)
         image = check_image(image)
         labels = check_labels(labels, image)
         output = output_file(output)
         probabilities_path = output_file(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
         request = pb.SegmentRequest(image_sha256=self.upload(image), labels_sha256=self.upload(labels),
-                                    feature_set=feature_set, trees=trees, seed=seed, classifier=classifier,
-                                    options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
-        key = segment_result_key(request.image_sha256, request.labels_sha256, feature_set,
-                                 options_key(backbone, preset, pca, normalise), classifier, trees, seed)
+                                    **computation.request_fields(), trees=trees, seed=seed, classifier=classifier)
+        key = segment_result_key(request.image_sha256, request.labels_sha256, computation, classifier, trees, seed)
         transfer = self.receive(self.stub.Segment(request), DatasetFile(probabilities_path, key, resumable=False), False, progress)
         return self.write_class_map(transfer, output, labels.dtype, probabilities)
 
@@ -254,16 +251,17 @@ class FeatureClient:
         return output, (transfer.path if probabilities else None)
 
     @retried
-    def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path, feature_set: str = "multiscale",
-              classifier: str = DEFAULT_CLASSIFIER, trees: int = 0, seed: int = 0, progress: Progress | None = None,
-              backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET, pca: int = 0, normalise: str = "none") -> pb.ModelSummary:
-        """Train a classifier on the labelled pixels of `images` and save the model file to `output`."""
+    def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path,
+              computation: FeatureComputation | str = DEFAULT_SET, classifier: str = DEFAULT_CLASSIFIER, trees: int = 0,
+              seed: int = 0, progress: Progress | None = None, **choices) -> pb.ModelSummary:
+        """Train a classifier on the labelled pixels of `images` (features: `computation`, or a set's name with
+        `choices`) and save the model file, which records the whole computation, to `output`."""
+        computation = described(computation, choices)
         images = [check_image(i) for i in images]
         labels = [check_labels(lab, img) for lab, img in zip(labels, images)]
         output = output_file(output)
         request = pb.TrainRequest(image_sha256=[self.upload(i) for i in images], labels_sha256=[self.upload(lab) for lab in labels],
-                                  feature_set=feature_set, classifier=classifier, trees=trees, seed=seed,
-                                  options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
+                                  **computation.request_fields(), classifier=classifier, trees=trees, seed=seed)
         pieces, summary, notices = [], None, set()
         stream = self.stub.Train(request)
         try:
@@ -317,36 +315,36 @@ class FeatureClient:
         return self.write_class_map(transfer, output, np.dtype(np.uint16), probabilities)
 
     @retried
-    def analyse(self, image: np.ndarray, analysis: str, output: str | Path, feature_set: str = "classical", clusters: int = 0,
-                seed: int = 0, progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
-                pca: int = 0, normalise: str = "none") -> Path:
-        """k-means labels ("kmeans"), a PCA picture ("pca") or an attention foreground ("foreground") as .h5."""
+    def analyse(self, image: np.ndarray, analysis: str, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET,
+                clusters: int = 0, seed: int = 0, progress: Progress | None = None, **choices) -> Path:
+        """k-means labels ("kmeans"), a PCA picture ("pca") or an attention foreground ("foreground") as .h5, of the
+        features `computation` (or a set's name with `choices`)."""
+        computation = described(computation, choices)
         image = check_image(image)
         output = output_file(output)
-        request = pb.AnalyseRequest(image_sha256=self.upload(image), feature_set=feature_set, analysis=analysis, clusters=clusters,
-                                    seed=seed, options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
-        key = result_key(analysis, request.image_sha256, feature_set, options_key(backbone, preset, pca, normalise), clusters, seed)
+        request = pb.AnalyseRequest(image_sha256=self.upload(image), **computation.request_fields(), analysis=analysis,
+                                    clusters=clusters, seed=seed)
+        key = result_key(analysis, request.image_sha256, computation.key(), clusters, seed)
         return self.receive(self.stub.Analyse(request), DatasetFile(output, key, resumable=False), False, progress).path
 
     @retried
     def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
-                 feature_set: str = "dinov2", window: int = 0, grid: int = 0, components: str = "auto",
-                 progress: Progress | None = None, backbone: str = DEFAULT_BACKBONE, preset: str = DEFAULT_PRESET,
-                 pca: int = 0, normalise: str = "none") -> Path:
+                 computation: FeatureComputation | str = DEEP_DEFAULT_SET, window: int = 0, grid: int = 0,
+                 components: str = "auto", progress: Progress | None = None, **choices) -> Path:
         """Segment `query` from support images and their masks; .h5 with channels [mask, foreground_probability].
 
         `components`: "auto" keeps the most confident connected component when every support mask
         shows one solid object and every component otherwise; "most_confident" or "all" force either."""
+        computation = described(computation, choices)
         supports = [check_image(s) for s in supports]
         query = check_image(query)
         output = output_file(output)
         request = pb.FewShotRequest(support_sha256=[self.upload(s) for s in supports],
                                     support_mask_sha256=[self.upload(np.ascontiguousarray(without_singleton_axes(m))) for m in masks],
-                                    query_sha256=self.upload(query), feature_set=feature_set, window=window, grid=grid,
-                                    components=components,
-                                    options=pb.FeatureOptions(backbone=backbone, preset=preset, pca=pca, normalise=normalise))
+                                    query_sha256=self.upload(query), **computation.request_fields(), window=window, grid=grid,
+                                    components=components)
         key = result_key("fewshot", request.query_sha256, list(request.support_sha256), list(request.support_mask_sha256),
-                         feature_set, options_key(backbone, preset, pca, normalise), window or 4, grid or 4, components)
+                         computation.key(), window or 4, grid or 4, components)
         return self.receive(self.stub.FewShot(request), DatasetFile(output, key, resumable=False), False, progress).path
 
     def receive(self, stream, target: DatasetFile, resume: bool, progress: Progress | None) -> Transfer:
@@ -387,6 +385,19 @@ class FeatureClient:
             stream.cancel()
             target.discard()  # after finish: nothing left to do
         raise DinofeatError("the server ended the stream early; run the same command again to resume.")
+
+
+def described(computation: FeatureComputation | str, choices: dict) -> FeatureComputation:
+    """The checked computation a client method was given: a FeatureComputation, or a set's name with `choices` for
+    its other fields (a FeatureComputation with choices too is refused: one description, not two)."""
+    if isinstance(computation, FeatureComputation):
+        if choices:
+            raise TypeError(f"give the computation's fields inside it, not beside it: {', '.join(sorted(choices))}")
+        return computation.checked()
+    try:
+        return FeatureComputation(computation, **choices).checked()
+    except TypeError:
+        raise TypeError(f"unknown choices for a feature computation: {', '.join(sorted(choices))}") from None
 
 
 def class_map_from_probabilities(probabilities: h5py.Dataset, dtype: np.dtype) -> np.ndarray:

@@ -13,9 +13,13 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import imagecodecs
 import numpy as np
+
+if TYPE_CHECKING:
+    from .computation import FeatureComputation
 
 CHUNK_EDGE = 256
 """Chunks are (1, 256, 256) or (1, 1, 256, 256): one channel (and slice) by a 256 x 256 tile."""
@@ -119,19 +123,9 @@ def result_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
-DEFAULT_BACKBONE = "dinov2_vits14"
-DEFAULT_PRESET = "default"
-
-
-NORMALISATIONS = ("none", "minmax", "zscore", "l2")
 CLASSIFIERS = ("extra_trees", "random_forest", "logistic", "gradient_boosting")
 DEFAULT_CLASSIFIER = "extra_trees"
 """The classifier `segment` and `train` grow unless told otherwise (see server `segment/classifiers.py`)."""
-
-
-def options_key(backbone: str, preset: str, pca: int, normalise: str) -> str:
-    """The deep-set options as they enter result keys (defaults filled in, so both sides agree)."""
-    return f"{backbone or DEFAULT_BACKBONE}/{preset or DEFAULT_PRESET}/{pca}/{normalise or 'none'}"
 
 
 def space_key(feature_space_json: str = "", fit_image_sha256: list[str] | tuple[str, ...] = ()) -> str:
@@ -142,17 +136,17 @@ def space_key(feature_space_json: str = "", fit_image_sha256: list[str] | tuple[
     return hashlib.sha256(json.dumps([feature_space_json, list(fit_image_sha256)]).encode()).hexdigest()[:16]
 
 
-def features_result_key(image_sha: str, feature_set: str, options: str, compression: str, level: int, space: str = "") -> str:
+def features_result_key(image_sha: str, computation: FeatureComputation, compression: str, level: int, space: str = "") -> str:
     """Result key of a feature request: the server stamps it, the client matches partial files by it.
 
-    `options` comes from `options_key`, `space` from `space_key`."""
-    return result_key("features", image_sha, feature_set, options, compression, level, *([space] if space else []))
+    `space` comes from `space_key`."""
+    return result_key("features", image_sha, computation.key(), compression, level, *([space] if space else []))
 
 
-def segment_result_key(image_sha: str, labels_sha: str, feature_set: str, options: str, classifier: str, trees: int,
+def segment_result_key(image_sha: str, labels_sha: str, computation: FeatureComputation, classifier: str, trees: int,
                        seed: int) -> str:
     """Result key of a segmentation request."""
-    return result_key("segment", image_sha, labels_sha, feature_set, options, classifier or DEFAULT_CLASSIFIER, trees, seed)
+    return result_key("segment", image_sha, labels_sha, computation.key(), classifier or DEFAULT_CLASSIFIER, trees, seed)
 
 
 def apply_result_key(model_sha: str, image_sha: str) -> str:

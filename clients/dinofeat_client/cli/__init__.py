@@ -9,9 +9,10 @@ import sys
 from .. import __version__
 from ..client import PLAINTEXT_TOKEN_FLAG, PLAINTEXT_TOKEN_VARIABLE
 from ..errors import DinofeatError
-from ..ilastik.provider import ILASTIK_PCA
 from ..outputs import io_failure, is_write_error, tidy_on_failure
-from ..wire import CLASSIFIERS, DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, DEFAULT_PRESET, NORMALISATIONS
+from ..computation import DEEP_DEFAULT_SET, DEFAULT_BACKBONE, DEFAULT_PRESET, DEFAULT_SET, INPUT_RANGES, NORMALISATIONS, PRESETS
+from ..ilastik.provider import ILASTIK_DEFAULT_SET, ILASTIK_PCA
+from ..wire import CLASSIFIERS, DEFAULT_CLASSIFIER
 from .features import command_features
 from .peers import command_arff, command_fiji_apply, command_fiji_train, command_ilastik
 from .progress import ProgressBars, progress_seconds
@@ -35,15 +36,28 @@ from .servers import (
 
 
 def deep_parser(pca_help: str) -> argparse.ArgumentParser:
-    """The deep-feature options (backbone, preset, PCA, normalisation, weights); commands differ in the PCA default."""
+    """The options of a feature computation beside --set (backbone, preset, PCA, normalisation, input range, weights);
+    left out, each comes from the file the command adopts (--like, a model) or its default."""
     deep = argparse.ArgumentParser(add_help=False)
-    deep.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"DINOv2 backbone for the deep sets (default {DEFAULT_BACKBONE})")
-    deep.add_argument("--preset", default=DEFAULT_PRESET, help="fast, default, paper or paper_flips (default: default)")
-    deep.add_argument("--pca", type=int, default=0, help=pca_help)
-    deep.add_argument("--normalise", choices=NORMALISATIONS, default="none",
-                      help="dinov2/attention scaling: per-channel minmax or zscore, per-pixel l2 (default none)")
+    deep.add_argument("--backbone", help=f"DINOv2 backbone of the deep sets (default {DEFAULT_BACKBONE})")
+    deep.add_argument("--preset", choices=PRESETS, help=f"views of the deep sets: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; "
+                      "paper and paper_flips reproduce the paper's pipeline, its input scaling included)")
+    deep.add_argument("--pca", type=int, help=pca_help)
+    deep.add_argument("--normalise", choices=NORMALISATIONS,
+                      help="per-channel minmax or zscore, per-pixel l2, in the dataset's feature space (default none; "
+                           "hybrid is always minmax)")
+    deep.add_argument("--input-range", choices=INPUT_RANGES,
+                      help="how intensities become the input: dtype (8-bit / 255, 16-bit / 65535, floats as they are) or "
+                           "dataset (its 0.1-99.9 percentiles become 0 and 1); default dtype for the filter banks and the "
+                           "paper presets, dataset for the other deep presets")
     deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
     return deep
+
+
+def set_option(parser: argparse.ArgumentParser, default: str = DEFAULT_SET, why: str = "") -> None:
+    """--set, whose default (applied with the stored computation, see common.computation_from_args) the help states."""
+    parser.add_argument("--set", help=f"feature set (see `dinofeat sets`; default {default}{why})")
+    parser.set_defaults(default_set=default)
 
 
 def dask_parser() -> argparse.ArgumentParser:
@@ -78,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"can read it (default: refused; use --tls-ca; also ${PLAINTEXT_TOKEN_VARIABLE}=1)")
     remote.add_argument("--retries", type=int, default=5, metavar="N",
                         help="times to try again when the server is unavailable, pausing 0.5 s, 1 s, 2 s, ... (default 5)")
-    deep = deep_parser("PCA components of the deep features (0: all for dinov2, 32 for hybrid)")
+    deep = deep_parser("PCA components of the deep features (default 0: all for dinov2, 32 for hybrid)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("sets", parents=[remote], help="list the feature sets the server offers").set_defaults(run=command_sets)
@@ -97,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
                    "the output's suffix names it (.h5 / .tif), and must agree with this")
     p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that dinofeat did not write")
-    p.add_argument("--set", default="classical", help="feature set name (see `dinofeat sets`)")
+    set_option(p)
     p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5 "
                    "or a .zarr store dinofeat wrote) or model (.dfm), so they compare with it (default: fit a space on this image)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
@@ -107,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     fiji_commands = fiji.add_subparsers(dest="fiji_command", required=True, metavar="train|apply")
     local_fiji = argparse.ArgumentParser(add_help=False)
     local_fiji.add_argument("--fiji", help="the local Fiji.app folder (default: $FIJI_DIR)")
-    local_fiji.add_argument("--set", default="hybrid", help="feature set name (default hybrid)")
+    set_option(local_fiji)
     p = fiji_commands.add_parser("train", parents=[remote, deep, local_fiji], help="train a TWS classifier on labelled pixels")
     p.set_defaults(run=command_fiji_train, ends_at_once=True)
     p.add_argument("image")
@@ -126,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="the .arff file to write")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    set_option(p)
 
     classifier = argparse.ArgumentParser(add_help=False)
     classifier.add_argument("--classifier", choices=CLASSIFIERS, default=DEFAULT_CLASSIFIER,
@@ -149,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
     p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values), or an OME-Zarr "
                    "label image OUT.zarr (a volume: trained on its labelled slices, here or with --dask)")
-    p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
+    set_option(p)
     p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file (.zarr for a .zarr output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that dinofeat did not write")
 
@@ -158,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="training images")
     p.add_argument("--labels", nargs="+", required=True, help="one label image per training image, same order")
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
-    p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
+    set_option(p)
 
     p = commands.add_parser("apply", parents=[remote, pictures, batch, dask, pyramid], help="apply a saved model file to images")
     p.set_defaults(run=command_apply)
@@ -180,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("-k", "--clusters", type=int, required=True, help="number of clusters")
     p.add_argument("-o", "--output", required=True, help="label TIFF to write (labels 1..k)")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    set_option(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     p = commands.add_parser("pca", parents=[remote, deep], help="3-component PCA picture of the features")
     p.set_defaults(run=command_pca)
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="picture to write: .png, or .tif (one RGB picture per slice of a stack)")
-    p.add_argument("--set", default="classical", help="feature set name (default classical)")
+    set_option(p)
 
     p = commands.add_parser("fewshot", parents=[remote, deep, pictures, batch], help="segment queries from support images and masks")
     p.set_defaults(run=command_fewshot)
@@ -195,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", nargs="+", required=True, help="support image(s)")
     p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
     p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files (created if missing)")
-    p.add_argument("--set", default="dinov2", help="feature set name (default dinov2, the frozen encoder of seed 001)")
+    set_option(p, DEEP_DEFAULT_SET, ", the frozen encoder of seed 001")
     p.add_argument("--window", type=int, default=0, help="ALP pooling window in grid cells (default 4)")
     p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
     p.add_argument("--components", choices=("auto", "most_confident", "all"), default="auto",
@@ -208,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=command_ilastik)
     p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
     p.add_argument("-o", "--output", help="the new project's folder (created if missing)")
-    p.add_argument("--set", default="hybrid", help="feature set (default hybrid)")
+    set_option(p, ILASTIK_DEFAULT_SET, ": ilastik has its own filters")
     p.add_argument("--labels", nargs="+", help="scribbles, one per image, shown in ilastik as labels")
     p.add_argument("--classes", nargs="+", help="class names, in ascending scribble value")
     p.add_argument("--quantise", default="float32", help="float32 (default), uint16 or uint8: smaller files, same classes")
@@ -252,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.set_defaults(run=command_demo)
     p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")
-    p.add_argument("--set", default="multiscale", help="feature set name (default multiscale)")
+    set_option(p)
     return parser
 
 

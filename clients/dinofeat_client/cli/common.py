@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -14,10 +15,10 @@ import numpy as np
 from .. import local_server
 from ..batch import BatchReport
 from ..client import PLAINTEXT_TOKEN_VARIABLE, FeatureClient
+from ..computation import DEEP_SETS, DEFAULT_BACKBONE, DEFAULT_SET, FeatureComputation
 from ..errors import DinofeatError
 from ..outputs import output_file, remove_quietly
 from ..tokens import read_tokens
-from ..wire import DEFAULT_BACKBONE
 from .progress import say
 
 
@@ -102,11 +103,36 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
 def backbone_weights(args: argparse.Namespace) -> dict[str, str] | None:
     """--weights as {backbone: file} for the computing side (None without it; the backbone is --backbone's)."""
     weights = getattr(args, "weights", None)
-    return {getattr(args, "backbone", DEFAULT_BACKBONE): weights} if weights else None
+    return {getattr(args, "backbone", None) or DEFAULT_BACKBONE: weights} if weights else None
 
 
-def deep_options(args: argparse.Namespace) -> dict:
-    return {"backbone": args.backbone, "preset": args.preset, "pca": args.pca, "normalise": args.normalise}
+DEEP_ONLY = ("backbone", "preset", "weights")
+"""Options that only the deep sets take (--pca is checked by the description itself)."""
+GIVEN = {"feature_set": "set", "backbone": "backbone", "preset": "preset", "pca": "pca", "normalise": "normalise",
+         "input_range": "input_range"}
+"""The description's fields and the command-line arguments that give them (absent or None: not given)."""
+
+
+def computation_from_args(args: argparse.Namespace, stored: FeatureComputation | None = None, source: str = "") -> FeatureComputation:
+    """The command's feature computation: the options given, else the one `stored` in `source` (a feature file or
+    model the command adopts), else the defaults (--set's is the command's own, see cli.set_option). A given option that conflicts with the stored description, or that
+    does not apply to the set, gets one sentence naming both values as the user types them."""
+    given = {name: getattr(args, attribute) for name, attribute in GIVEN.items() if getattr(args, attribute, None) is not None}
+    if stored is not None:
+        conflicts = stored.differences(replace(stored, **given))
+        if conflicts:
+            was, asked = conflicts[0].split(", not ")
+            raise DinofeatError(f"{source} was computed with {was}, but this command asks for {asked}; leave that option out "
+                                "to use the stored computation, or leave out the stored file to fit a new one.")
+        computation = replace(stored, **given)
+    else:
+        computation = FeatureComputation(**{"feature_set": getattr(args, "default_set", DEFAULT_SET), **given})
+    if not computation.deep:
+        for name in DEEP_ONLY:
+            if getattr(args, name, None) is not None:
+                raise DinofeatError(f"--{name} applies to the deep sets ({', '.join(DEEP_SETS)}); the {computation.feature_set} "
+                                    f"set is a filter bank: leave --{name} out, or choose a deep set with --set.")
+    return computation.checked()
 
 
 def weights_map(entries: list[str]) -> dict[str, str]:

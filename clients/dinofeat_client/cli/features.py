@@ -14,8 +14,9 @@ from ..client import Transfer
 from ..imagej_tiff import write_imagej_hyperstack
 from ..images import check_image, read_image
 from ..outputs import output_file, remove_quietly
-from ..spaces import read_space
-from .common import connect, deep_options, output_format
+from ..computation import FeatureComputation
+from ..spaces import read_stored
+from .common import computation_from_args, connect, output_format
 from .progress import ProgressBars
 from .volumes import wants_zarr, zarr_features
 
@@ -26,11 +27,20 @@ def hidden_features_path(output: str) -> Path:
     return output.absolute().parent / f".{output.name}.features.h5"
 
 
+def requested_computation(args: argparse.Namespace) -> tuple[FeatureComputation, str | None]:
+    """The command's feature computation and the feature space it is expressed in: both adopted from --like's file
+    (its options conflicting with the stored ones refused in one sentence), else the options and one fitted here."""
+    if not getattr(args, "like", None):
+        return computation_from_args(args), None
+    stored = read_stored(args.like)
+    return computation_from_args(args, stored.computation, getattr(args, "like_source", f"--like {args.like}")), stored.space_json
+
+
 def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
-    """The features of `image` (--set and the deep options) from the server into `path`."""
-    like = read_space(args.like) if getattr(args, "like", None) else None
+    """The features of `image` (the command's computation, see requested_computation) from the server into `path`."""
+    computation, like = requested_computation(args)
     with connect(args) as client:
-        transfer = client.fetch_features(image, path, args.set, progress=bars, **encoding, **deep_options(args), like=like)
+        transfer = client.fetch_features(image, path, computation, progress=bars, **encoding, like=like)
     bars.close()
     return transfer
 

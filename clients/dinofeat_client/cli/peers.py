@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -11,12 +13,12 @@ import numpy as np
 
 from ..batch import image_files, output_folder, run_batch
 from ..errors import DinofeatError
-from ..feature_sets import SETS
 from ..ilastik.provider import ILASTIK_PCA
 from ..images import check_image, check_labels, image_axes, read_image, write_tiff
-from ..outputs import atomic_result, output_file, writing
+from ..outputs import atomic_result, atomic_write, output_file, writing
+from ..spaces import read_stored
 from ..weka_arff import write_arff
-from .common import check_outputs, connect, finish_batch
+from .common import check_outputs, computation_from_args, connect, finish_batch
 from .features import hidden_features
 from .progress import ProgressBars, say
 
@@ -45,8 +47,12 @@ def command_fiji_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     output_file(args.output)
     with fiji_features(args, image, bars, args.output) as features:
         values = atomic_result(args.output, lambda temporary: tws.train(greyscale(image), labels, features.path, temporary, args.seed))
+        stored = read_stored(features.path)
+    sidecar = tws.description_path(args.output)
+    atomic_write(sidecar, lambda temporary: temporary.write_text(json.dumps(
+        {"computation": stored.computation.to_dict(), "feature_space": json.loads(stored.space_json)}, indent=2)))
     print(f"wrote {args.output} (Trainable Weka Segmentation classifier, classes {', '.join(map(str, values))}, "
-          f"{args.set} features)")
+          f"{stored.computation.feature_set} features) and {sidecar.name} (how its features are computed)")
 
 
 def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -56,12 +62,23 @@ def command_fiji_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
     check_outputs(args.output, args.probabilities)
     if not Path(args.classifier).is_file():
         raise DinofeatError(f"cannot read {args.classifier}: no such classifier file.")
+    adopt_description(args, tws.description_path(args.classifier))
     with fiji_features(args, image, bars, args.output) as features:
         probabilities, values = tws.apply(args.classifier, greyscale(image), features.path)
     write_tiff(Path(args.output), tws.class_map(probabilities, values))
     if args.probabilities:
         write_tiff(Path(args.probabilities), probabilities.astype(np.float32))
     print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
+
+
+def adopt_description(args: argparse.Namespace, sidecar: Path) -> None:
+    """Compute a TWS classifier's features as `dinofeat fiji train` did: its description and feature space, stored in
+    `sidecar`, become --like; a classifier without one needs its --set given."""
+    if sidecar.is_file():
+        args.like, args.like_source = str(sidecar), f"the classifier {args.classifier}"
+    elif args.set is None:
+        raise DinofeatError(f"{args.classifier} has no {sidecar.name} beside it (dinofeat fiji train writes one), so how its "
+                            "features were computed is unknown; give --set and the options it was trained with.")
 
 
 def command_arff(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -140,8 +157,10 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
     launcher = launcher_from(args.ilastik) if scribbles else None  # checked before the features are computed
     created = not folder.exists()
     output_folder(folder)
-    deep = any(known.name == args.set and known.deep for known in SETS)  # filter banks need no PCA
-    spec = IlastikSpec(args.set, args.backbone, args.preset, args.pca if args.pca else (ILASTIK_PCA if deep else 0), args.quantise)
+    computation = computation_from_args(args)
+    if computation.deep and args.pca is None:  # channels become ilastik's inputs: a modest count
+        computation = replace(computation, pca=ILASTIK_PCA)
+    spec = IlastikSpec.of(computation, args.quantise)
     try:
         with connect(args) as client, writing(folder):
             project, files = build_project(client, images, folder, spec, scribbles, args.classes, args.name, progress=bars)

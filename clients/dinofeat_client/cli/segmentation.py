@@ -27,7 +27,7 @@ from .common import (
     check_outputs,
     checked_suffix,
     connect,
-    deep_options,
+    computation_from_args,
     finish_batch,
     take_dataset,
 )
@@ -42,8 +42,9 @@ def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
     labels = check_labels(read_image(args.labels), image)
     check_outputs(args.output, args.probabilities)
     with connect(args) as client:
-        output, probabilities = client.segment(image, labels, args.output, args.set, probabilities_target(args, args.output, args.probabilities),
-                                               args.trees, args.seed, progress=bars, classifier=args.classifier, **deep_options(args))
+        output, probabilities = client.segment(image, labels, args.output, computation_from_args(args),
+                                               probabilities_target(args, args.output, args.probabilities), args.trees, args.seed,
+                                               progress=bars, classifier=args.classifier)
     bars.close()
     report_segmentation(args, image, output, probabilities, keep=bool(args.probabilities))
 
@@ -91,8 +92,8 @@ def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     labels = [check_labels(read_image(p), i) for p, i in zip(args.labels, images)]
     output_file(args.output)
     with connect(args) as client:
-        summary = client.train(images, labels, args.output, args.set, args.classifier, args.trees, args.seed,
-                               progress=bars, **deep_options(args))
+        summary = client.train(images, labels, args.output, computation_from_args(args), args.classifier, args.trees, args.seed,
+                               progress=bars)
     bars.close()
     print(f"wrote {args.output}: {summary.classifier} on {summary.labelled_pixels} labelled pixels, "
           f"classes {', '.join(str(v) for v in summary.class_values)}")
@@ -140,8 +141,8 @@ def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     folder = output_file(args.output).absolute().parent
     with connect(args) as client:
-        path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", args.set, args.clusters, args.seed,
-                              progress=bars, **deep_options(args))
+        path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", computation_from_args(args), args.clusters,
+                              args.seed, progress=bars)
     bars.close()
     labels = take_dataset(path, "labels")[0]
     written, note = [write_tiff(Path(args.output), labels)], ""
@@ -158,7 +159,7 @@ def command_pca(args: argparse.Namespace, bars: ProgressBars) -> None:
         raise DinofeatError(f"a stack gives one picture per slice, which PNG cannot hold; name the output {Path(args.output).stem}.tif.")
     folder = output_file(args.output).absolute().parent
     with connect(args) as client:
-        path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", args.set, progress=bars, **deep_options(args))
+        path = client.analyse(image, "pca", folder / f".{Path(args.output).name}.h5", computation_from_args(args), progress=bars)
     bars.close()
     picture = np.moveaxis(take_dataset(path, "picture"), 0, -1)  # (Y, X, 3), or (Z, Y, X, 3) for a stack
     print(f"wrote {(write_png if kind == 'png' else write_tiff)(Path(args.output), picture)}")
@@ -171,12 +172,13 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
     supports = [check_image(read_image(p)) for p in args.support]
     masks = [check_mask(read_image(p), support, f"the support mask {p}") for p, support in zip(args.support_mask, supports)]
     queries = image_files(args.queries)
+    computation = computation_from_args(args)
     folder = output_folder(args.output)
     with connect(args) as client:
         def work(path: Path) -> None:
             query = check_image(read_image(path))
-            result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", args.set, args.window, args.grid,
-                                     "all" if args.all_components else args.components, progress=bars, **deep_options(args))
+            result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", computation, args.window, args.grid,
+                                     "all" if args.all_components else args.components, progress=bars)
             mask = (take_dataset(result, "fewshot")[0] > 0.5).astype(np.uint8) * 255
             written, note = [write_tiff(folder / f"{path.stem}_mask.tif", mask)], ""
             if args.pictures:
@@ -214,16 +216,17 @@ def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
     write_tiff(folder / "sample.tif", sample.image)
     write_tiff(folder / "scribbles.tif", sample.scribbles)
     write_tiff(folder / "ground_truth.tif", sample.truth)
+    computation = computation_from_args(args)
     with connect(args) as client:
-        features = client.fetch_features(sample.image, folder / "features.h5", args.set, progress=bars, **deep_options(args))
-        segmentation, probabilities = client.segment(sample.image, sample.scribbles, folder / "segmentation.tif", args.set,
-                                                     folder / "probabilities.h5", progress=bars, **deep_options(args))
+        features = client.fetch_features(sample.image, folder / "features.h5", computation, progress=bars)
+        segmentation, probabilities = client.segment(sample.image, sample.scribbles, folder / "segmentation.tif", computation,
+                                                     folder / "probabilities.h5", progress=bars)
     bars.close()
     class_map = read_image(segmentation)
     write_png(folder / "segmentation.overlay.png", class_overlay(sample.image, class_map))
     ious = class_iou(class_map, sample.truth)
     print(f"demo on a generated {sample.image.shape[1]}x{sample.image.shape[0]} three-phase micrograph, "
-          f"{int((sample.scribbles > 0).sum())} scribbled pixels, feature set '{args.set}':")
+          f"{int((sample.scribbles > 0).sum())} scribbled pixels, feature set '{computation.feature_set}':")
     for name in ("sample.tif", "scribbles.tif", "ground_truth.tif"):
         print(f"  input         {folder / name}")
     print(f"  features      {features.path}")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from ..errors import DinofeatError
 from ..outputs import output_file
-from ..spaces import read_space
-from .common import backbone_weights, deep_options
+from .common import backbone_weights, computation_from_args
 from .progress import ProgressBars
 
 
@@ -20,13 +19,14 @@ def zarr_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     --dask (which read the volume from the same path); needs dinofeat[server,volumes] (imported only here)."""
     volumes = zarr_run(args, "features")
     from dinofeat_server.engine.space import FeatureSpace
-    from dinofeat_server.engine.stacks import FeatureOptions
 
-    like = FeatureSpace.from_dict(json.loads(read_space(args.like))) if args.like else None
+    from .features import requested_computation
+
+    computation, space = requested_computation(args)
+    like = FeatureSpace.from_dict(json.loads(space)) if space else None
     weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
-        written = volumes.features_to_zarr(args.image, args.output, args.set, options=FeatureOptions(**deep_options(args)),
-                                           device=args.device, weights=weights, client=client, like=like,
+        written = volumes.features_to_zarr(args.image, args.output, computation, device=args.device, weights=weights, client=client, like=like,
                                            overwrite=args.overwrite, progress=bars)
     bars.close()
     print(f"wrote {written}")
@@ -85,13 +85,10 @@ def dask_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     volumes = zarr_run(args, "train", ".dfm")
     if len(args.images) != 1 or len(args.labels) != 1:
         raise DinofeatError("with --dask, train on one volume and its labels (a stack holds many slices).")
-    from dinofeat_server.engine.stacks import FeatureOptions
-
     output_file(args.output)
     weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
-        _, trained = volumes.train_volume(args.images[0], args.labels[0], args.set, options=FeatureOptions(**deep_options(args)),
-                                          kind=args.classifier, trees=args.trees, seed=args.seed, device=args.device,
+        _, trained = volumes.train_volume(args.images[0], args.labels[0], computation_from_args(args), kind=args.classifier, trees=args.trees, seed=args.seed, device=args.device,
                                           weights=weights, client=client, progress=bars)
     volumes.save_model(trained, args.output)
     bars.close()
@@ -103,12 +100,9 @@ def dask_train(args: argparse.Namespace, bars: ProgressBars) -> None:
 def zarr_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
     """segment VOLUME --labels LABELS -o OUT.zarr: train on the labelled slices, then write the label image."""
     volumes = zarr_run(args, "segment")
-    from dinofeat_server.engine.stacks import FeatureOptions
-
     weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
-        written = volumes.segment_to_zarr(args.image, args.labels, args.output, args.set, options=FeatureOptions(**deep_options(args)),
-                                          kind=args.classifier, trees=args.trees, seed=args.seed,
+        written = volumes.segment_to_zarr(args.image, args.labels, args.output, computation_from_args(args), kind=args.classifier, trees=args.trees, seed=args.seed,
                                           probabilities=args.probabilities, levels=args.pyramid, device=args.device,
                                           weights=weights, client=client, overwrite=args.overwrite, progress=bars)
     bars.close()

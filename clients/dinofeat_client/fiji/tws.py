@@ -16,6 +16,17 @@ from ..errors import DinofeatError
 from .imagestack import array_from_stack, labelled_stack, stack_from_h5
 
 
+DESCRIPTION_SUFFIX = ".dinofeat.json"
+"""Beside each classifier `dinofeat fiji train` writes: its features' computation and feature space, which `fiji apply`
+adopts (TWS's .model file has no room for them)."""
+
+
+def description_path(classifier_path: str | Path) -> Path:
+    """Where the description of a TWS classifier's features lies: CLASSIFIER.model.dinofeat.json."""
+    classifier_path = Path(classifier_path)
+    return classifier_path.with_name(classifier_path.name + DESCRIPTION_SUFFIX)
+
+
 def image_plus(image: np.ndarray, title: str = "image"):
     """An ImagePlus of a (Y, X) or (Z, Y, X) greyscale image (float)."""
     from ij import ImagePlus

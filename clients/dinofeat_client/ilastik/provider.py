@@ -14,17 +14,18 @@ Project folder:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..client import FeatureClient, Progress
+from ..computation import FeatureComputation, stored_computation
 from ..errors import DinofeatError
 from ..images import image_axes
 from ..spaces import SPACE_GROUP, read_space, write_space
-from ..wire import DEFAULT_BACKBONE, DEFAULT_PRESET, axistags
+from ..wire import axistags
 from .headless import headless_command, launcher_from, store_classifier, training_command
 from .project import Lane, ProjectState, check_project, write_project
 
@@ -38,26 +39,43 @@ ROWS_PER_BLOCK = 256
 QUANTISATIONS = {"float32": None, "uint8": 255, "uint16": 65535}
 
 
+ILASTIK_DEFAULT_SET = "hybrid"
+"""ilastik has its own filter banks: what it lacks, and what a project of ours brings, is the deep part."""
 ILASTIK_PCA = 48
 """PCA components of the deep part of an ilastik project's features unless --pca says otherwise."""
 
 
 @dataclass(frozen=True)
 class IlastikSpec:
-    """How the project's features are made; stored with the project."""
+    """How the project's features are made (the whole computation) and stored (the quantisation); kept beside the
+    project, so `--batch` computes new images' features the same way."""
 
-    feature_set: str = "hybrid"
-    backbone: str = DEFAULT_BACKBONE
-    preset: str = DEFAULT_PRESET
-    pca: int = ILASTIK_PCA
+    computation: FeatureComputation = FeatureComputation(ILASTIK_DEFAULT_SET, pca=ILASTIK_PCA)
     quantise: str = "float32"
 
-    def normalise(self) -> str:
-        """Quantised files need every channel in [0, 1]: the space's robust range (hybrid always has it)."""
-        return "minmax" if self.quantise != "float32" and self.feature_set != "hybrid" else "none"
+    @classmethod
+    def of(cls, computation: FeatureComputation, quantise: str) -> IlastikSpec:
+        """Quantised files need every channel in [0, 1]: the space's robust range ("minmax"; hybrid always has it)."""
+        if quantise != "float32" and computation.normalise != "minmax":
+            if computation.normalise != "none":
+                raise DinofeatError(f"--quantise {quantise} stores every channel in [0, 1], which needs --normalise minmax, not "
+                                    f"{computation.normalise}; leave --normalise out.")
+            computation = replace(computation, normalise="minmax")
+        return cls(computation.checked(), quantise)
 
-    def options(self) -> dict:
-        return {"backbone": self.backbone, "preset": self.preset, "pca": self.pca, "normalise": self.normalise()}
+    def to_dict(self) -> dict:
+        return {"computation": self.computation.to_dict(), "quantise": self.quantise}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> IlastikSpec:
+        """The stored spec; a project of an earlier dinofeat stored the set's fields beside the quantisation."""
+        if "computation" in value:
+            return cls(FeatureComputation.from_dict(value["computation"]), value.get("quantise", "float32"))
+        quantise = value.get("quantise", "float32")
+        name = value.get("feature_set", ILASTIK_DEFAULT_SET)
+        spec = {"name": name, "backbone": value.get("backbone"), "preset": value.get("preset"), "pca": value.get("pca", 0),
+                "normalisation": "minmax" if quantise != "float32" or name == "hybrid" else "none"}
+        return cls(stored_computation(None, {k: v for k, v in spec.items() if v is not None}), quantise)
 
 
 def write_feature_file(path: Path, fetched: Path, spec: IlastikSpec) -> list[str]:
@@ -75,7 +93,7 @@ def write_feature_file(path: Path, fetched: Path, spec: IlastikSpec) -> list[str
                                     compression="gzip", compression_opts=1, shuffle=True)
             data.attrs["axistags"] = axistags("cyx")
             data.attrs.create("channel_names", np.array(names, dtype=object), dtype=h5py.string_dtype())
-            data.attrs["dinofeat_spec"] = json.dumps(asdict(spec))
+            data.attrs["dinofeat_spec"] = json.dumps(spec.to_dict())
             for y0 in range(0, height, ROWS_PER_BLOCK):
                 block = features[:, y0 : y0 + ROWS_PER_BLOCK]
                 if top is not None:
@@ -93,8 +111,8 @@ def fetch_in_space(client: FeatureClient, image: np.ndarray, stem: str, folder: 
                    progress: Progress | None, like: str | None, fit_images: list[np.ndarray] | None = None) -> Path:
     """The server's stack of one image in the project's space (`like`), or in one it fits over `fit_images`."""
     path = folder / f".{stem}.fetched.h5"
-    client.fetch_features(image, path, spec.feature_set, compression="none", progress=progress, like=like,
-                          fit_images=fit_images, **spec.options())  # temporary: no deflate on either side
+    client.fetch_features(image, path, spec.computation, compression="none", progress=progress, like=like,
+                          fit_images=fit_images)  # temporary: no deflate on either side
     return path
 
 
@@ -152,7 +170,7 @@ def build_project(client: FeatureClient, images: list[tuple[str, np.ndarray]], f
     if progress:
         progress("images", len(images), len(images))
     (folder / SPACE_FILE).write_text(space)
-    (folder / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     return write_project(folder / f"{project_name}.ilp", lanes, names), files
 
 
@@ -187,8 +205,8 @@ def check_folder(folder: Path, project: Path | None = None) -> None:
 def read_spec(folder: Path) -> IlastikSpec:
     """The project's stored IlastikSpec (dinofeat_ilastik.json)."""
     try:
-        return IlastikSpec(**json.loads((folder / SPEC_FILE).read_text()))
-    except (ValueError, TypeError):
+        return IlastikSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    except (ValueError, TypeError, AttributeError, DinofeatError):
         raise DinofeatError(f"{folder / SPEC_FILE} is damaged (not the JSON `dinofeat ilastik` writes); create the "
                             "project again with `dinofeat ilastik IMAGES -o FOLDER`.") from None
 

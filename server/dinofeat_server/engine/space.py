@@ -140,22 +140,35 @@ class FeatureSpace:
 
 
 EARLIER = "an earlier dinofeat's"
+SPEC_OPTIONS = {"normalisation": "--normalise", "input_range": "--input-range", "preset": "--preset", "pca": "--pca",
+                "backbone": "--backbone"}
+"""The command-line option behind each key of a set's spec, so a difference is named as users type it."""
 
 
 def identity_difference(fitted: dict, wanted: dict) -> str | None:
     """'X, not Y' for the first item that differs between two identities, or None when they agree."""
-    spec_a, spec_b = fitted.get("feature_set", {}), wanted.get("feature_set", {})
+    spec_a, spec_b = with_earlier_rules(fitted.get("feature_set", {})), with_earlier_rules(wanted.get("feature_set", {}))
+    if spec_a.get("name") != spec_b.get("name"):
+        return f"the {spec_a.get('name')} set, not {spec_b.get('name')}"
     for key in sorted(set(spec_a) | set(spec_b)):
         if key not in spec_a and spec_a.get("name") == spec_b.get("name"):
             return f"{EARLIER} {spec_a.get('name')!r} set, which had no {key!r}"
         if spec_a.get(key) != spec_b.get(key):
-            return f"{key} {spec_a.get(key)!r}, not {spec_b.get(key)!r}"
+            return f"{SPEC_OPTIONS.get(key, key)} {spec_a.get(key, 'none')}, not {spec_b.get(key, 'none')}"
     if fitted.get("weights_sha256") != wanted.get("weights_sha256"):
         return (f"weights with sha256 {str(fitted.get('weights_sha256'))[:12]}..., not "
                 f"{str(wanted.get('weights_sha256'))[:12]}... (other weights)")
     if fitted.get("image_channels") != wanted.get("image_channels"):
         return f"images with {fitted.get('image_channels')} channel(s), not {wanted.get('image_channels')}"
     return None
+
+
+def with_earlier_rules(spec: dict) -> dict:
+    """A set's spec with what files from before the input-range rule left implicit: deep sets (those with a
+    backbone) mapped the dataset's percentiles, filter banks the type's range."""
+    if not spec or "input_range" in spec:
+        return spec
+    return {**spec, "input_range": "dataset" if "backbone" in spec else "dtype"}
 
 
 def robust_range(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

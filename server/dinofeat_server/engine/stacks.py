@@ -17,13 +17,13 @@ The contract of a set, as each subclass fills it in:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from dinofeat_client.errors import DinofeatError
-from dinofeat_client.wire import DEFAULT_BACKBONE, DEFAULT_PRESET, options_key
+from dinofeat_client.computation import HYBRID_PCA, FeatureComputation
 
 from .classical import (
     WEKA_BLUR_FACTOR,
@@ -53,21 +53,6 @@ from .weights import official_config
 RGB_CHANNEL_NAMES = ("red", "green", "blue")
 
 
-@dataclass(frozen=True)
-class FeatureOptions:
-    """Choices of the deep sets (the classical set ignores them)."""
-
-    backbone: str = DEFAULT_BACKBONE
-    preset: str = DEFAULT_PRESET
-    pca: int = 0  # dinov2: 0 keeps every channel; hybrid: 0 means HYBRID_PCA
-    normalise: str = "none"  # dinov2 and attention: none, minmax, zscore or l2 (after PCA)
-
-    def key(self) -> str:
-        """These options as they enter result keys (see dinofeat_client.wire.options_key)."""
-        return options_key(self.backbone, self.preset, self.pca, self.normalise)
-
-
-HYBRID_PCA = 32
 
 
 class Models(Protocol):
@@ -99,33 +84,43 @@ class FeatureSet:
     description: str
     deep: bool = False
 
-    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+    def channel_names(self, image_channels: int, options: FeatureComputation = FeatureComputation(), models: Models | None = None) -> list[str]:
         raise NotImplementedError
 
-    def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
+    def spec(self, options: FeatureComputation = FeatureComputation()) -> dict:
         raise NotImplementedError
 
-    def identity(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> dict:
+    def identity(self, image_channels: int, options: FeatureComputation = FeatureComputation(), models: Models | None = None) -> dict:
         """What a feature space of this set belongs to: the full spec, the weights and the image channels."""
-        weights = models.weights_sha256(options.backbone) if self.deep and models is not None else ""
-        return {"feature_set": self.spec(options), "weights_sha256": weights, "image_channels": image_channels}
+        return {"feature_set": self.spec(options), "weights_sha256": self.weights_sha256(options, models),
+                "image_channels": image_channels}
 
-    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
+    def weights_sha256(self, options: FeatureComputation, models: Models | None) -> str:
+        """The checksum of the weights this set computes with ("" for a filter bank or without models)."""
+        return models.weights_sha256(options.backbone) if self.deep and models is not None else ""
+
+    def described(self, options: FeatureComputation, space: FeatureSpace) -> dict:
+        """The whole description of a computation of this set in `space`, as files store it: checked, with the
+        weights the space was fitted with."""
+        checked = replace(options, feature_set=self.name).checked()
+        return {**checked.to_dict(), "weights_sha256": space.identity.get("weights_sha256", "") if self.deep else ""}
+
+    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureComputation = FeatureComputation(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
         """Fit the space of a dataset given as its raw 2-D planes; yields progress, returns the space."""
         raise NotImplementedError
 
-    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
+    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureComputation, models: Models | None, check: Check,
                space: FeatureSpace) -> Iterator[Block | Advance]:
         """Yield blocks covering the raw plane, expressed in `space`, and progress."""
         raise NotImplementedError
 
-    def fitted_space(self, planes: list[np.ndarray], device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
+    def fitted_space(self, planes: list[np.ndarray], device: torch.device | str = "cpu", options: FeatureComputation = FeatureComputation(),
                      models: Models | None = None) -> FeatureSpace:
         """`fit_space` without the progress."""
         return run_to_end(self.fit_space(planes, torch.device(device), options, models))
 
-    def compute(self, image: np.ndarray, device: torch.device | str = "cpu", options: FeatureOptions = FeatureOptions(),
+    def compute(self, image: np.ndarray, device: torch.device | str = "cpu", options: FeatureComputation = FeatureComputation(),
                 models: Models | None = None, space: FeatureSpace | None = None) -> np.ndarray:
         """The whole (C, Y, X) stack of one 2-D plane, in `space` (by default fitted on the plane itself)."""
         device = torch.device(device)
@@ -137,6 +132,12 @@ class FeatureSet:
                 out = np.empty((block.shape[0], *image.shape[:2]), np.float32) if out is None else out
                 out[:, y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]] = block
         return out
+
+
+def dataset_input_range(planes: list[np.ndarray], options: FeatureComputation, deep: bool) -> tuple[float, float]:
+    """The intensities that become 0 and 1, by the computation's input rule: the type's range ("dtype": 8-bit / 255,
+    as the paper's ToTensor) or the dataset's robust percentiles ("dataset")."""
+    return fixed_range(planes) if options.input_rule(deep) == "dtype" else input_range(planes)
 
 
 def bank_input(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -166,19 +167,19 @@ class ClassicalSet(FeatureSet):
         self.name, self.description = name, description
         self.names_per_channel, self.halo, self.bank, self.parameters = names_per_channel, halo, bank, parameters
 
-    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+    def channel_names(self, image_channels: int, options: FeatureComputation = FeatureComputation(), models: Models | None = None) -> list[str]:
         if image_channels == 1:
             return list(self.names_per_channel)
         return [f"{RGB_CHANNEL_NAMES[c]}_{n}" for c in range(image_channels) for n in self.names_per_channel]
 
-    def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
+    def spec(self, options: FeatureComputation = FeatureComputation()) -> dict:
         normalisation = {"normalisation": options.normalise} if options.normalise != "none" else {}
-        return {"name": self.name, **self.parameters, **normalisation}
+        return {"name": self.name, **self.parameters, **normalisation, "input_range": options.input_rule(deep=False)}
 
-    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
+    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureComputation = FeatureComputation(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
         """The fixed input range of the planes' type; per-channel scaling ("minmax", "zscore") fitted on sample crops."""
-        space = FeatureSpace(self.identity(image_channels(planes[0]), options, models), fixed_range(planes))
+        space = FeatureSpace(self.identity(image_channels(planes[0]), options, models), dataset_input_range(planes, options, self.deep))
         if options.normalise not in ("minmax", "zscore"):
             return space
         crops = sample_crops([p.shape[:2] for p in planes])
@@ -191,7 +192,7 @@ class ClassicalSet(FeatureSet):
         shift, scale = channel_scaling(options.normalise, np.concatenate(samples))
         return FeatureSpace(space.identity, space.input_range, shift=shift, scale=scale)
 
-    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions = FeatureOptions(),
+    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureComputation = FeatureComputation(),
                models: Models | None = None, check: Check = no_check, space: FeatureSpace | None = None,
                rows: int = 0) -> Iterator[Block]:
         """Strips of `rows` rows across the whole width (the bank is exact in strips; 0: `strip_rows`)."""
@@ -263,35 +264,35 @@ class DeepSet(FeatureSet):
     def __init__(self, name: str, description: str):
         self.name, self.description = name, description
 
-    def components(self, options: FeatureOptions) -> int:
+    def components(self, options: FeatureComputation) -> int:
         """PCA components of the deep part (0: all channels)."""
         return options.pca
 
-    def normalisation(self, options: FeatureOptions) -> str:
+    def normalisation(self, options: FeatureComputation) -> str:
         return options.normalise
 
-    def deep_names(self, models: Models | None, options: FeatureOptions) -> list[str]:
+    def deep_names(self, models: Models | None, options: FeatureComputation) -> list[str]:
         config = models.extractor(options.backbone).model.config if models else official_config(options.backbone)
         k = min(self.components(options), config.dim)
         return [f"dino_pca_{i:02d}" for i in range(k)] if k else [f"dino_{i:03d}" for i in range(config.dim)]
 
-    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+    def channel_names(self, image_channels: int, options: FeatureComputation = FeatureComputation(), models: Models | None = None) -> list[str]:
         return self.deep_names(models, options)
 
-    def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
+    def spec(self, options: FeatureComputation = FeatureComputation()) -> dict:
         view = preset(options.preset)
         return {"name": self.name, "backbone": options.backbone, "preset": options.preset, "stride": view.stride,
                 "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler,
-                "pca": self.components(options), "normalisation": self.normalisation(options)}
+                "pca": self.components(options), "normalisation": self.normalisation(options), "input_range": options.input_rule(deep=True)}
 
-    def needs_sample(self, options: FeatureOptions) -> bool:
+    def needs_sample(self, options: FeatureComputation) -> bool:
         return bool(self.components(options)) or self.normalisation(options) in ("minmax", "zscore")
 
-    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureOptions = FeatureOptions(),
+    def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureComputation = FeatureComputation(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
         """Input range from all planes; PCA and channel scaling from the deep features of sample crops."""
         identity = self.identity(image_channels(planes[0]), options, models)
-        space = FeatureSpace(identity, input_range(planes))
+        space = FeatureSpace(identity, dataset_input_range(planes, options, self.deep))
         if not self.needs_sample(options):
             return space
         extractor = models.extractor(options.backbone)
@@ -306,7 +307,7 @@ class DeepSet(FeatureSet):
         return FeatureSpace(identity, space.input_range, mean, components, shift, scale)
 
     def sample(self, planes: list[np.ndarray], space: FeatureSpace, extractor: DeepExtractor, device: torch.device,
-               options: FeatureOptions, check: Check) -> Generator[Advance, None, tuple[np.ndarray, np.ndarray | None]]:
+               options: FeatureComputation, check: Check) -> Generator[Advance, None, tuple[np.ndarray, np.ndarray | None]]:
         """(N, C) raw deep feature vectors (and (N, K) classical ones for hybrid) at the sample's pixels."""
         spec, channels = preset(options.preset), extractor.channels(self.what)
         edge, batch = extractor.plan(SAMPLE_EDGE, SAMPLE_EDGE, spec, channels)
@@ -334,7 +335,7 @@ class DeepSet(FeatureSet):
             yield Advance("fitting the feature space", (number + 1) * views, len(crops) * views)
         return np.concatenate(deep), (np.concatenate(classical) if classical else None)
 
-    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureOptions, models: Models | None, check: Check,
+    def blocks(self, plane: np.ndarray, device: torch.device, options: FeatureComputation, models: Models | None, check: Check,
                space: FeatureSpace) -> Iterator[Block | Advance]:
         """The extractor's blended blocks in the space (hybrid: beside the classical bank of the same pixels)."""
         if models is None:
@@ -365,7 +366,7 @@ class AttentionSet(DeepSet):
 
     what = "attention"
 
-    def deep_names(self, models: Models | None, options: FeatureOptions) -> list[str]:
+    def deep_names(self, models: Models | None, options: FeatureComputation) -> list[str]:
         config = models.extractor(options.backbone).model.config if models else official_config(options.backbone)
         k = min(self.components(options), config.heads)
         return [f"attn_pca_{i:02d}" for i in range(k)] if k else [f"attn_h{h}" for h in range(config.heads)]
@@ -376,17 +377,18 @@ class HybridSet(DeepSet):
 
     with_classical = True
 
-    def components(self, options: FeatureOptions) -> int:
+    def components(self, options: FeatureComputation) -> int:
         return options.pca or HYBRID_PCA
 
-    def normalisation(self, options: FeatureOptions) -> str:
+    def normalisation(self, options: FeatureComputation) -> str:
         return "minmax"
 
-    def channel_names(self, image_channels: int, options: FeatureOptions = FeatureOptions(), models: Models | None = None) -> list[str]:
+    def channel_names(self, image_channels: int, options: FeatureComputation = FeatureComputation(), models: Models | None = None) -> list[str]:
         return self.deep_names(models, options) + CLASSICAL.channel_names(image_channels)
 
-    def spec(self, options: FeatureOptions = FeatureOptions()) -> dict:
-        return {**super().spec(options), "classical": CLASSICAL.spec()}
+    def spec(self, options: FeatureComputation = FeatureComputation()) -> dict:
+        bank = {key: value for key, value in CLASSICAL.spec().items() if key != "input_range"}  # the hybrid's own range rules
+        return {**super().spec(options), "classical": bank}
 
 
 def intensity_scaled(image: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 
 import skops.io as sio
+from dinofeat_client.computation import FeatureComputation, stored_computation
 from dinofeat_client.errors import DinofeatError
 from sklearn.base import ClassifierMixin
 
@@ -46,6 +47,14 @@ class TrainedModel:
         """The feature space of the training images (None for /1 classical models: fixed, not fitted)."""
         stored = self.metadata.get("feature_space")
         return FeatureSpace.from_dict(stored) if stored else None
+
+    def computation(self) -> FeatureComputation:
+        """The feature computation the classifier was trained on (rebuilt for files of an earlier dinofeat)."""
+        stored = self.metadata.get("computation")
+        if stored:
+            return stored_computation(stored)
+        spec = {**self.metadata.get("feature_spec", {}), "name": self.metadata["feature_set"]}
+        return stored_computation(None, spec)
 
     def check_features(self, feature_set: str, channels: int) -> None:
         """Refuse features of another set or channel count than the classifier was trained on."""

@@ -11,13 +11,14 @@ import hashlib
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from dinofeat.v1 import feature_service_pb2 as pb
+from dinofeat_client.computation import FeatureComputation
 from dinofeat_client import __version__
+from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import image_axes, image_sha256, spatial_shape
 from dinofeat_client.wire import (
     MAX_MESSAGE_BYTES,
@@ -33,7 +34,6 @@ from ..engine.lending import in_plan_order
 from ..engine.progress import Advance
 from ..engine.space import FeatureSpace
 from ..engine.stacks import (
-    FeatureOptions,
     FeatureSet,
     Models,
     feature_set,
@@ -112,14 +112,23 @@ def progress_of(advance: Advance, prefix: str = "") -> pb.Progress:
     return pb.Progress(stage=f"{prefix}{advance.stage}", done=advance.done, total=advance.total, notice=advance.notice)
 
 
-def fitted_space(images: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+def fitted_space(images: list[np.ndarray], fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,
                  check, like: FeatureSpace | None = None) -> Generator[pb.Progress, None, FeatureSpace]:
     """The dataset's feature space: `like` (checked against these features) or fitted over all `images`."""
     identity = fset.identity(image_channels(images[0]), options, models)  # loads the model of a deep set
+    check_weights(options, identity["weights_sha256"])
     if like is not None:
         like.check_identity(identity)
         return like
     return (yield from relayed(fset.fit_space(dataset_planes(images), device, options, models, check), progress_of))
+
+
+def check_weights(computation: FeatureComputation, served: str) -> None:
+    """Refuse a computation that names other weights than the ones this server computes with."""
+    if computation.weights_sha256 and served and computation.weights_sha256 != served:
+        raise DinofeatError(f"the features were described with {computation.backbone} weights of sha256 "
+                            f"{computation.weights_sha256[:12]}..., but this server's are {served[:12]}...; give the same "
+                            "weights file (--weights), or compute the features again without the stored description.")
 
 
 def image_channels(image: np.ndarray) -> int:
@@ -130,7 +139,7 @@ Block = tuple[int, int, int, np.ndarray]
 """(slice, first row, first column, features (C, rows, columns)) of one image, on whole chunks."""
 
 
-def image_blocks(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+def image_blocks(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,
                  check, space: FeatureSpace, prefix: str = "") -> Iterator[pb.Progress | Block]:
     """Every block of every slice of `image` in `space`, in slice order, with progress (tiles for deep sets,
     rows otherwise). On a pool, slices ahead go whole to idle workers (see lent_slice and
@@ -146,7 +155,7 @@ def image_blocks(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     return in_plan_order(len(slices), here, lend, most_ahead, lambda item: isinstance(item, pb.Progress))
 
 
-def slice_blocks(plane: np.ndarray, z: int, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+def slice_blocks(plane: np.ndarray, z: int, fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,
                  check, space: FeatureSpace, label: str) -> Iterator[pb.Progress | Block]:
     """The blocks of slice `z` with progress labelled `label`."""
     rows = plane.shape[0]
@@ -160,7 +169,7 @@ def slice_blocks(plane: np.ndarray, z: int, fset: FeatureSet, options: FeatureOp
             yield z, y0, x0, block
 
 
-def lent_slice(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+def lent_slice(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models,
                here: Callable[..., Iterator]) -> Callable[[int], Future[list]] | None:
     """On a pool with idle workers to lend (`models` a WorkerModels), a function starting slice z on an idle
     worker (its items, computed whole: None when none is idle); None for one slice, no pool, or slices whose
@@ -172,13 +181,14 @@ def lent_slice(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, mod
     return lambda z: models.lend(lambda device, lent: list(here(z, lent, device)))
 
 
-def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, options: FeatureOptions,
+def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, options: FeatureComputation,
                        models: Models, names: list[str], space: FeatureSpace) -> dict:
     volume = image_axes(image).startswith("z")
     return {
         "axistags": axistags("czyx" if volume else "cyx"),
         "channel_names": names,
         "feature_set": fset.spec(options),
+        "computation": fset.described(options, space),
         "backbone": options.backbone if fset.deep else "",
         "weights_sha256": models.weights_sha256(options.backbone) if fset.deep else "",
         "dinofeat_version": __version__,
@@ -189,7 +199,7 @@ def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, opti
     }
 
 
-def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, encoding: pb.Encoding,
+def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, encoding: pb.Encoding,
                  device: torch.device, cancelled: threading.Event, like: FeatureSpace | None = None,
                  fit_images: list[np.ndarray] | None = None, space_key: str = "") -> Iterator[pb.DatasetStream]:
     """Fit (or take) the dataset's space, then compute `fset` tile by tile and stream it as the dataset "features"."""
@@ -200,7 +210,7 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     yield progress_message("loading", 1, 1)
     space = yield from as_stream(fitted_space(fit_images or [image], fset, options, models, device, check, like))
     layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
-    key = features_result_key(image_sha, fset.name, options.key(), layout.compression, layout.level, space_key)
+    key = features_result_key(image_sha, options, layout.compression, layout.level, space_key)
     volume = len(layout.shape) == 4
 
     def blocks():
@@ -215,7 +225,7 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "features")
 
 
-def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models,
                    encoding: pb.Encoding, wanted: set[int] | None, device: torch.device,
                    cancelled: threading.Event, like: FeatureSpace | None = None, fit_images: list[np.ndarray] | None = None,
                    space_key: str = "") -> Iterator[pb.DatasetStream]:
@@ -228,12 +238,11 @@ def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSe
         yield from only_chunks(compute(), wanted)
         return
     weights = models.weights_sha256(options.backbone) if fset.deep else ""
-    key = result_key(features_result_key(image_sha256(image), fset.name, options.key(), encoding.compression, encoding.level,
-                                         space_key), weights)
+    key = result_key(features_result_key(image_sha256(image), options, encoding.compression, encoding.level, space_key), weights)
     yield from only_chunks(cache.stream(key, compute, cancelled), wanted)
 
 
-def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,
                    check, space: FeatureSpace, stage: str = "") -> Iterator[pb.Progress | np.ndarray]:
     """Progress messages, then the whole (C, Y, X) feature stack of each slice of `image` (for few-shot)."""
     height, width = spatial_shape(image)[-2:]
@@ -268,7 +277,7 @@ class BlockPasses:
     """The blocks of one image in one space for several passes: kept after the first pass when they fit
     KEEP_BYTES, else computed again tile by tile."""
 
-    def __init__(self, image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, device: torch.device,
+    def __init__(self, image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,
                  check, space: FeatureSpace, channels: int, prefix: str = ""):
         self.arguments = (image, fset, options, models, device, check, space, prefix)
         self.kept: list[Block] | None = [] if stack_bytes(image, channels) <= KEEP_BYTES else None
@@ -290,7 +299,7 @@ Trained = tuple["ClassifierMixin", dict]
 that module (segment predicts with them directly; train_work writes them as a model file)."""
 
 
-def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
+def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureComputation, models: Models,
                 kind: str, trees: int, seed: int, device: torch.device, check,
                 passes: list[BlockPasses] | None = None, like: FeatureSpace | None = None,
                 threads: int = -1) -> Generator[pb.Progress, None, Trained]:
@@ -320,12 +329,13 @@ def train_model(images: list[np.ndarray], labels: list[np.ndarray], fset: Featur
                                       [image_sha256(i) for i in images])
 
 
-def model_metadata(fset: FeatureSet, options: FeatureOptions, channels: int, space: FeatureSpace, classifier: ClassifierMixin,
+def model_metadata(fset: FeatureSet, options: FeatureComputation, channels: int, space: FeatureSpace, classifier: ClassifierMixin,
                    kind: str, trees: int, seed: int, labelled: int, training_images: list[str]) -> dict:
     """What a model file records beside its classifier: the features and their space, the classes, the classifier's
     settings and what it was trained on (images' sha256, or a volume's path)."""
     return {
-        "feature_set": fset.name, "options": asdict(options), "feature_spec": fset.spec(options), "channels": channels,
+        "feature_set": fset.name, "computation": fset.described(options, space), "feature_spec": fset.spec(options),
+        "channels": channels,
         "feature_space": space.to_dict(),
         "class_values": class_values(classifier), "classifier": {"kind": kind, "trees": trees or DEFAULT_TREES, "seed": seed,
                                                                   "class_weight": "balanced", **forest_limits(classifier)},
@@ -379,7 +389,7 @@ def as_stream(progress: Generator[pb.Progress, None, Result]) -> Generator[pb.Da
     return (yield from relayed(progress, lambda message: pb.DatasetStream(progress=message)))
 
 
-def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models,
+def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models,
                  kind: str, trees: int, seed: int, encoding: pb.Encoding, device: torch.device,
                  cancelled: threading.Event, max_training_gb: float = float("inf"), threads: int = -1) -> Iterator[pb.DatasetStream]:
     """Train on the image's own labels and stream its class probabilities (features kept between the
@@ -391,11 +401,11 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
     passes = BlockPasses(image, fset, options, models, device, check, space, channels)
     trained = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
                                                [passes], like=space, threads=threads))
-    key = segment_result_key(image_sha256(image), image_sha256(labels), fset.name, options.key(), kind, trees, seed)
+    key = segment_result_key(image_sha256(image), image_sha256(labels), options, kind, trees, seed)
     yield from probability_messages(trained, image, passes(), encoding, key, cancelled)
 
 
-def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureOptions, models: Models,
+def train_work(images: list[np.ndarray], labels: list[np.ndarray], fset: FeatureSet, options: FeatureComputation, models: Models,
                kind: str, trees: int, seed: int, device: torch.device, cancelled: threading.Event,
                max_training_gb: float = float("inf"), threads: int = -1) -> Iterator[pb.TrainReply]:
     """Train on several images in one space (a forest on `threads` threads) and stream the model file back
@@ -418,7 +428,7 @@ def apply_work(model: TrainedModel, model_sha: str, image: np.ndarray, fset: Fea
                device: torch.device, cancelled: threading.Event, threads: int = -1) -> Iterator[pb.DatasetStream]:
     """Compute the model's feature set on a new image in the model's own space and stream the class
     probabilities block by block (a forest predicts on `threads` threads, whatever its file says)."""
-    options = FeatureOptions(**model.metadata["options"])
+    options = model.computation()
     check = cancel_check(cancelled)
     model.check_features(fset.name, len(fset.channel_names(image_channels(image), options, models)))
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check, model.space()))
@@ -439,7 +449,7 @@ ANALYSIS_SAMPLE_PIXELS = 100_000
 """Pixels (evenly strided over all blocks) that k-means, the PCA picture and the foreground threshold are fitted on."""
 
 
-def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, models: Models, analysis: str, clusters: int,
+def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, analysis: str, clusters: int,
                  seed: int, device: torch.device, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """k-means labels, a PCA picture or an attention foreground mask, fitted on a sample of every slice's
     features in one space, then computed block by block as one dataset."""
@@ -476,11 +486,11 @@ def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureOptions, m
     attributes = {"axistags": axistags("czyx" if volume else "cyx"), "channel_names": names, "dinofeat_version": __version__,
                   "source_sha256": image_sha256(image), "analysis": analysis, "clusters": clusters, "seed": seed,
                   "feature_set": fset.spec(options)}
-    key = result_key(analysis, image_sha256(image), fset.name, options.key(), clusters, seed)
+    key = result_key(analysis, image_sha256(image), options.key(), clusters, seed)
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, name)
 
 
-def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, fset: FeatureSet, options: FeatureOptions,
+def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, fset: FeatureSet, options: FeatureComputation,
                  models: Models, window: int, grid: int, components: str, device: torch.device,
                  cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
     """Few-shot segmentation of every slice of the query: dataset "fewshot" with channels [mask, foreground_probability].
@@ -517,7 +527,7 @@ def fewshot_work(supports: list[np.ndarray], masks: list[np.ndarray], query: np.
                               "kept": "most_confident" if one_component else "all", "shots": len(shots),
                               "feature_set": fset.spec(options)},
                              result_key("fewshot", image_sha256(query), [image_sha256(s) for s in supports],
-                                        [image_sha256(m) for m in masks], fset.name, options.key(), window, grid, components))
+                                        [image_sha256(m) for m in masks], options.key(), window, grid, components))
 
 
 def whole_dataset(name: str, dtype: str, channels: list[str], slices: list[np.ndarray], image: np.ndarray,

@@ -20,13 +20,13 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
+from dinofeat_client.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels, check_mask, spatial_shape
 from dinofeat_client.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, space_key
 
 from ..engine.deep import preset
-from ..engine.postprocess import NORMALISATIONS
-from ..engine.stacks import FEATURE_SETS, FeatureOptions, FeatureSet, feature_set
+from ..engine.stacks import FEATURE_SETS, FeatureSet, feature_set
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
@@ -55,21 +55,16 @@ class Stalled(Exception):
     """The client read nothing, or sent nothing, for the server's stall_seconds."""
 
 
-def checked_options(options: pb.FeatureOptions) -> FeatureOptions:
-    """Deep-set options with defaults filled in; unknown backbones, presets or PCA sizes refused."""
-    chosen = FeatureOptions(backbone=options.backbone or FeatureOptions.backbone,
-                            preset=options.preset or FeatureOptions.preset, pca=options.pca,
-                            normalise=options.normalise or "none")
-    if chosen.normalise not in NORMALISATIONS:
-        raise DinofeatError(f"unknown normalisation {chosen.normalise!r}; choose one of {', '.join(NORMALISATIONS)}.")
-    check_backbone(chosen.backbone)
-    preset(chosen.preset)
-    if not 0 <= chosen.pca <= 1024:
-        raise DinofeatError(f"the PCA size must be between 0 (no PCA) and 1024, not {chosen.pca}.")
-    return chosen
+def checked_computation(feature_set: str, options: pb.FeatureOptions, default_set: str = DEFAULT_SET) -> FeatureComputation:
+    """A request's feature computation with defaults filled in; unknown sets, backbones, presets and options that do
+    not apply to the set refused in one sentence."""
+    computation = FeatureComputation.from_proto(feature_set, options, default_set).checked()
+    check_backbone(computation.backbone)
+    preset(computation.preset)  # the engine's presets are the description's (tests/test_packaging checks the names)
+    return computation
 
 
-def check_channels(fset: FeatureSet, options: FeatureOptions, images: list[np.ndarray], limit: int) -> None:
+def check_channels(fset: FeatureSet, options: FeatureComputation, images: list[np.ndarray], limit: int) -> None:
     """Refuse a result with more feature channels than the server allows (known before any work)."""
     for image in images:
         channels = len(fset.channel_names(image_channels(image), options))
@@ -78,7 +73,7 @@ def check_channels(fset: FeatureSet, options: FeatureOptions, images: list[np.nd
                                 "ask for fewer with --pca.")
 
 
-def check_output_size(fset: FeatureSet, options: FeatureOptions, image: np.ndarray, limit_gb: float) -> None:
+def check_output_size(fset: FeatureSet, options: FeatureComputation, image: np.ndarray, limit_gb: float) -> None:
     """Refuse a feature result larger than the server allows (float32 samples), before any work."""
     channels = len(fset.channel_names(image_channels(image), options))
     size = channels * int(np.prod(spatial_shape(image))) * 4
@@ -264,14 +259,13 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(
             None, lambda: [check_labels(lab, image) for lab, image in zip(labels, images)])
 
-    def _feature_set(self, name: str) -> FeatureSet:
-        return feature_set(name or "classical")
-
-    def _requested_features(self, request, images: list[np.ndarray]) -> tuple[FeatureSet, FeatureOptions]:
-        """The request's feature set and options, checked, within this server's channel limit for `images`."""
-        fset, options = self._feature_set(request.feature_set), checked_options(request.options)
-        check_channels(fset, options, images, self.limits.max_channels)
-        return fset, options
+    def _requested_features(self, request, images: list[np.ndarray],
+                            default_set: str = DEFAULT_SET) -> tuple[FeatureSet, FeatureComputation]:
+        """The request's feature set and computation, checked, within this server's channel limit for `images`."""
+        computation = checked_computation(request.feature_set, request.options, default_set)
+        fset = feature_set(computation.feature_set)
+        check_channels(fset, computation, images, self.limits.max_channels)
+        return fset, computation
 
     async def Health(self, request, context):
         return pb.HealthReply(version=__version__, device=self.device_names, feature_sets=list(FEATURE_SETS))
@@ -438,7 +432,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                                     f"apply it with --set {trained_on} or train a new one.")
             image = self._image(request.image_sha256)
             check_probabilities(len(model.metadata["class_values"]), image, self.limits)
-            fset = self._feature_set(trained_on)
+            fset = feature_set(trained_on)
             encoding = checked_encoding(request.encoding)
         except DinofeatError as error:
             await self._fail(context, error)
@@ -466,7 +460,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             supports = [self._image(sha, "support image") for sha in request.support_sha256]
             masks = [check_mask(self._image(sha, "support mask"), image) for sha, image in zip(request.support_mask_sha256, supports)]
             query = self._image(request.query_sha256, "query image")
-            fset, options = self._requested_features(request, [*supports, query])
+            fset, options = self._requested_features(request, [*supports, query], DEEP_DEFAULT_SET)
             window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
             if not (1 <= window <= 64 and 1 <= grid <= 64):
                 raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")

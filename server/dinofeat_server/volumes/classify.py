@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dinofeat_client.computation import FeatureComputation
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
 
-from ..engine.stacks import FeatureOptions, feature_set
+from ..engine.stacks import feature_set
 from ..segment.classifiers import (
     DEFAULT_CLASSIFIER,
     class_probabilities,
@@ -115,7 +116,7 @@ def fit_for_model(request: FeatureRequest, model: ModelFile) -> FittedVolume:
     trained = loaded_model(model)
     fset = feature_set(request.feature_set)
     try:
-        trained.check_features(fset.name, len(fset.channel_names(request.source.channels, request.options, request.models())))
+        trained.check_features(fset.name, len(fset.channel_names(request.source.channels, request.computation, request.models())))
     except DinofeatError as error:
         raise located(error) from None
     return fit_volume(request, trained.space())
@@ -155,7 +156,7 @@ def classify_volume(client, fitted: FittedVolume, model: ModelFile, trained: Tra
     source = fitted.request.source
     attributes = {"class_values": values, "classifier": trained.metadata.get("classifier", {}),
                   "feature_set": trained.metadata.get("feature_spec", trained.metadata["feature_set"]),
-                  "model_sha256": model.sha256, "feature_space": fitted.space.to_dict(), "dinofeat_version": __version__,
+                  "computation": fitted.attributes.get("computation", {}), "model_sha256": model.sha256, "feature_space": fitted.space.to_dict(), "dinofeat_version": __version__,
                   "source": source.path, "source_shape": list(source.shape if source.volume else source.shape[1:])}
     run = Classification(fitted, model, levels, label_dtype(values))
     labels_partial = partial_path(output)
@@ -213,8 +214,11 @@ def classify_to_zarr(volume: str | os.PathLike | VolumeSource, model: str | os.P
     """
     output, wanted = checked_outputs(output, probabilities, overwrite, levels)
     model_file, trained = read_model(model)
-    chosen = feature_set or trained.metadata["feature_set"]
-    request = request_for(volume, chosen, FeatureOptions(**trained.metadata["options"]), device, weights)
+    computation = trained.computation()
+    if feature_set and feature_set != computation.feature_set:
+        raise DinofeatError(f"the model was trained on the {computation.feature_set} set, not {feature_set}; leave --set out "
+                            "(a model carries its features) or train a new one.")
+    request = request_for(volume, computation, device, weights)
     if client is not None:
         check_workers(client, request)
     report = progress or (lambda stage, done, total: None)
@@ -265,17 +269,17 @@ def trained_on_volume(client, fitted: FittedVolume, labels: VolumeSource, kind: 
     classifier = train_classifier(samples, classes, kind, trees, seed)
     report("training", 1, 1)
     request = fitted.request
-    return TrainedModel(classifier, model_metadata(feature_set(request.feature_set), request.options, len(fitted.channel_names),
+    return TrainedModel(classifier, model_metadata(feature_set(request.feature_set), request.computation, len(fitted.channel_names),
                                                    fitted.space, classifier, kind, trees, seed, len(classes), [request.source.path]))
 
 
-def train_volume(volume, labels, feature_set: str = "multiscale", *, options: FeatureOptions = FeatureOptions(),
+def train_volume(volume, labels, computation: FeatureComputation = FeatureComputation(), *,
                  kind: str = DEFAULT_CLASSIFIER, trees: int = 0, seed: int = 0, device: str = "auto",
                  weights: dict[str, str] | None = None, client=None,
                  progress: Progress | None = None) -> tuple[FittedVolume, TrainedModel]:
     """Fit the volume's space over all its slices and train a classifier on its labelled slices: (the fitted volume,
     the model). Parameters as `segment_to_zarr`."""
-    request = request_for(volume, feature_set, options, device, weights)
+    request = request_for(volume, computation, device, weights)
     label_source = checked_labels(labels, request.source)
     if client is not None:
         check_workers(client, request)
@@ -296,7 +300,7 @@ def save_model(trained: TrainedModel, path: str | os.PathLike | None = None) -> 
 
 
 def segment_to_zarr(volume: str | os.PathLike | VolumeSource, labels: str | os.PathLike | np.ndarray, output: str | os.PathLike,
-                    feature_set: str = "multiscale", *, options: FeatureOptions = FeatureOptions(), kind: str = DEFAULT_CLASSIFIER,
+                    computation: FeatureComputation = FeatureComputation(), *, kind: str = DEFAULT_CLASSIFIER,
                     trees: int = 0, seed: int = 0, probabilities: str | os.PathLike | bool | None = None, levels: int = 0,
                     device: str = "auto", weights: dict[str, str] | None = None, client=None, overwrite: bool = False,
                     model: str | os.PathLike | None = None, progress: Progress | None = None) -> tuple[Path, Path | None]:
@@ -308,10 +312,9 @@ def segment_to_zarr(volume: str | os.PathLike | VolumeSource, labels: str | os.P
         As for `classify_to_zarr`.
     labels : path or array
         Class values of the same shape (Z, Y, X): 0 unlabelled; slices without labels cost no training features.
-    feature_set : str, optional
-        A name of `engine.stacks.FEATURE_SETS` (default "multiscale", as `dinofeat segment`).
-    options : FeatureOptions, optional
-        Backbone, preset, PCA and normalisation of the deep sets.
+    computation : FeatureComputation, optional
+        The whole feature computation (set, backbone, preset, PCA, normalisation, input range); default: the
+        multiscale bank, as the command line's.
     kind : {'extra_trees', 'random_forest', 'logistic', 'gradient_boosting'}, optional
         The classifier (default 'extra_trees', as `dinofeat segment`); `trees` (0: 200) and `seed` as `dinofeat segment`.
     model : path, optional
@@ -326,7 +329,7 @@ def segment_to_zarr(volume: str | os.PathLike | VolumeSource, labels: str | os.P
     """
     output, wanted = checked_outputs(output, probabilities, overwrite, levels)
     report = progress or (lambda stage, done, total: None)
-    fitted, trained = train_volume(volume, labels, feature_set, options=options, kind=kind, trees=trees, seed=seed,
+    fitted, trained = train_volume(volume, labels, computation, kind=kind, trees=trees, seed=seed,
                                    device=device, weights=weights, client=client, progress=report)
     model_file = save_model(trained, model)
     return classify_volume(client, fitted, model_file, trained, output, wanted, levels, report)

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 from pathlib import Path
 
+from dinofeat_client.computation import FeatureComputation
 from dinofeat_client.errors import DinofeatError
 
 from ..engine.space import FeatureSpace
-from ..engine.stacks import FeatureOptions
 from ..engine.stacks import feature_set as check_set
 from .sources import VolumeSource, absolute_name, open_volume
 from .tasks import FeatureRequest, FittedVolume, fit_volume, source_problem, weights_problem, write_slice
@@ -96,14 +96,15 @@ def dask_security(address: str, ca: str | None = None, cert: str | None = None, 
     return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
-def request_for(volume: str | os.PathLike | VolumeSource, feature_set: str, options: FeatureOptions, device: str,
+def request_for(volume: str | os.PathLike | VolumeSource, computation: FeatureComputation, device: str,
                 weights: dict[str, str] | None) -> FeatureRequest:
     """A request with absolute paths (workers may start elsewhere than the client); an unknown set is refused here."""
-    check_set(feature_set)
+    computation = computation.checked()
+    check_set(computation.feature_set)
     source = volume if isinstance(volume, VolumeSource) else open_volume(
         volume if not isinstance(volume, (str, os.PathLike)) else absolute_name(volume))
     absolute = tuple(sorted((k, os.path.abspath(v)) for k, v in (weights or {}).items()))
-    return FeatureRequest(source, feature_set, options, device, absolute)
+    return FeatureRequest(source, computation, device, absolute)
 
 
 def check_workers(client, request: FeatureRequest) -> None:
@@ -131,11 +132,11 @@ def fitted_on(client, fit: Callable[..., FittedVolume], *arguments, report: Prog
     return fitted
 
 
-def features_to_zarr(volume: str | os.PathLike | VolumeSource, output: str | os.PathLike, feature_set: str = "classical", *,
-                     options: FeatureOptions = FeatureOptions(), device: str = "auto", weights: dict[str, str] | None = None,
+def features_to_zarr(volume: str | os.PathLike | VolumeSource, output: str | os.PathLike,
+                     computation: FeatureComputation = FeatureComputation(), *, device: str = "auto", weights: dict[str, str] | None = None,
                      client=None, like: FeatureSpace | None = None, overwrite: bool = False,
                      progress: Progress | None = None) -> Path:
-    """Compute `feature_set` of a volume (a path every worker reads: TIFF stack, OME-Zarr, HDF5) into the
+    """Compute the features `computation` describes of a volume (a path every worker reads: TIFF stack, OME-Zarr, HDF5) into the
     OME-Zarr store `output`, one task per slice.
 
     Parameters
@@ -144,10 +145,9 @@ def features_to_zarr(volume: str | os.PathLike | VolumeSource, output: str | os.
         The volume (Z, Y, X) or (Z, Y, X, 3), or a 2-D image.
     output : path
         The store to write, named .zarr. An existing dinofeat store is replaced; anything else only with `overwrite`.
-    feature_set : str, optional
-        A name of `engine.stacks.FEATURE_SETS` (default "classical").
-    options : FeatureOptions, optional
-        Backbone, preset, PCA and normalisation of the deep sets.
+    computation : FeatureComputation, optional
+        The whole feature computation (set, backbone, preset, PCA, normalisation, input range); default: the
+        multiscale bank, as the command line's.
     device : str, optional
         auto, cpu or cuda[:N], resolved on each worker.
     weights : dict, optional
@@ -165,7 +165,7 @@ def features_to_zarr(volume: str | os.PathLike | VolumeSource, output: str | os.
         The complete store: features (C, Z, Y, X) or (C, Y, X) float32 in its array "0".
     """
     output = checked_output(output, overwrite)
-    request = request_for(volume, feature_set, options, device, weights)
+    request = request_for(volume, computation, device, weights)
     if client is not None:
         check_workers(client, request)
     report = progress or (lambda stage, done, total: None)

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dinofeat_client.computation import FeatureComputation
 from dinofeat_client import __version__
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.wire import axistags
 
 from ..engine.progress import Advance, run_to_end
 from ..engine.space import FeatureSpace
-from ..engine.stacks import FeatureOptions, feature_set, no_check
+from ..engine.stacks import feature_set, no_check
 from .sources import VolumeSource
 from .worker_models import where, worker_models
 
@@ -34,12 +35,15 @@ class FeatureRequest:
     """Which features of which volume, computed where: what every task of a run receives."""
 
     source: VolumeSource
-    feature_set: str = "classical"
-    options: FeatureOptions = FeatureOptions()
+    computation: FeatureComputation = FeatureComputation()
     device: str = "auto"
     """auto (a worker's first CUDA GPU, else its CPU), cpu or cuda[:N], resolved on each worker."""
     weights: tuple[tuple[str, str], ...] = ()
     """(backbone or "*", weights file) pairs: paths on the workers; none: $DINOFEAT_WEIGHTS there or the cached download."""
+
+    @property
+    def feature_set(self) -> str:
+        return self.computation.feature_set
 
     def models(self):
         return worker_models(self.device, dict(self.weights))
@@ -72,21 +76,22 @@ def fit_volume(request: FeatureRequest, like: FeatureSpace | None = None) -> Fit
     fset = feature_set(request.feature_set)
     try:
         models = request.models()
-        names = fset.channel_names(source.channels, request.options, models)  # loads a deep set's model
-        identity = fset.identity(source.channels, request.options, models)
+        names = fset.channel_names(source.channels, request.computation, models)  # loads a deep set's model
+        identity = fset.identity(source.channels, request.computation, models)
         if like is not None:
             like.check_identity(identity)
             space = like
         else:
-            space = run_to_end(fset.fit_space(source.lazy_planes(), models.device, request.options, models))
+            space = run_to_end(fset.fit_space(source.lazy_planes(), models.device, request.computation, models))
     except DinofeatError as error:
         raise located(error) from None
     attributes = {
         "axistags": axistags("czyx" if source.volume else "cyx"),
         "channel_names": names,
-        "feature_set": fset.spec(request.options),
-        "backbone": request.options.backbone if fset.deep else "",
-        "weights_sha256": models.weights_sha256(request.options.backbone) if fset.deep else "",
+        "feature_set": fset.spec(request.computation),
+        "computation": fset.described(request.computation, space),
+        "backbone": request.computation.backbone if fset.deep else "",
+        "weights_sha256": models.weights_sha256(request.computation.backbone) if fset.deep else "",
         "dinofeat_version": __version__,
         "source": source.path,
         "source_shape": list(source.shape if source.volume else source.shape[1:]),
@@ -103,7 +108,7 @@ def slice_blocks(fitted: FittedVolume, z: int):
     try:
         models = request.models()
         plane = request.source.plane(z)
-        for item in fset.blocks(plane, models.device, request.options, models, no_check, fitted.space):
+        for item in fset.blocks(plane, models.device, request.computation, models, no_check, fitted.space):
             if not isinstance(item, Advance):
                 yield item
     except DinofeatError as error:
@@ -142,7 +147,7 @@ def weights_problem(request: FeatureRequest) -> str | None:
         return None
     from ..engine.weights import cache_dir, official_url
 
-    backbone = request.options.backbone
+    backbone = request.computation.backbone
     weights = dict(request.weights)
     chosen = weights.get(backbone) or weights.get("*") or os.environ.get("DINOFEAT_WEIGHTS")
     if chosen:
