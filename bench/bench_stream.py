@@ -25,13 +25,14 @@ import grpc
 import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
+from dinofeat_client.chunk_batches import BATCH_BYTES
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.dataset_file import DatasetFile
 from dinofeat_client.wire import feature_layout
 from dinofeat_server.service.device_pool import DevicePool
 from dinofeat_server.service.server import SERVER_OPTIONS
 from dinofeat_server.service.servicer import FeatureServicer, checked_encoding
-from dinofeat_server.service.streaming import MESSAGE_BYTES, dataset_messages
+from dinofeat_server.service.streaming import dataset_messages
 from machine import parse_args, save
 
 RESULT_KEY = "bench-stream"
@@ -61,12 +62,12 @@ class PrecomputedServicer(FeatureServicer):
 
 
 def raw_handler(stack: np.ndarray) -> grpc.GenericRpcHandler:
-    """RAW_METHOD: the stack's bytes in MESSAGE_BYTES messages, nothing else."""
+    """RAW_METHOD: the stack's bytes in BATCH_BYTES messages, nothing else."""
     data = memoryview(stack.tobytes())
 
     async def stream(request: bytes, context):
-        for start in range(0, len(data), MESSAGE_BYTES):
-            await context.write(bytes(data[start : start + MESSAGE_BYTES]))
+        for start in range(0, len(data), BATCH_BYTES):
+            await context.write(bytes(data[start : start + BATCH_BYTES]))
 
     service, method = RAW_METHOD.strip("/").split("/")
     return grpc.method_handlers_generic_handler(service, {method: grpc.unary_stream_rpc_method_handler(stream)})
@@ -135,7 +136,7 @@ def main() -> None:
                 seconds, wire[compression] = feature_seconds(client, Path(folder) / f"{compression}.h5", compression)
                 runs[compression].append(seconds)
     server.terminate()
-    results = {"stack": list(stack.shape), "raw_MB": raw_mb, "message_bytes": MESSAGE_BYTES, "repeats": args.repeats}
+    results = {"stack": list(stack.shape), "raw_MB": raw_mb, "message_bytes": BATCH_BYTES, "repeats": args.repeats}
     for name, seconds in runs.items():
         results[name] = {"seconds": seconds, "raw_MB_per_s": raw_mb / min(seconds),
                          "median_raw_MB_per_s": raw_mb / statistics.median(seconds), "wire_MB": wire[name] / 1e6}

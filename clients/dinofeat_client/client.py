@@ -30,6 +30,7 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
+from .chunk_batches import AskForChunkBatches, chunks_of
 from .connection import FIRST_BACKOFF_S, LONGEST_BACKOFF_S, host_and_port, wait_until_connected
 from .dataset_file import DatasetFile
 from .errors import DinofeatError, ServerUnavailable
@@ -147,7 +148,7 @@ class FeatureClient:
         except BaseException:
             self.channel.close()
             raise
-        channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
+        channel = grpc.intercept_channel(self.channel, AskForChunkBatches(), *([BearerToken(token)] if token else []))
         self.stub = pb_grpc.FeatureServiceStub(channel)
 
     def __enter__(self) -> FeatureClient:
@@ -369,11 +370,11 @@ class FeatureClient:
                         raise DinofeatError("the server describes its result differently from this client; update dinofeat on both sides.")
                     target.open(layout, json.loads(header.attributes_json), resume)
                     expected = header.chunk_count
-                elif kind == "chunk":
-                    chunk = message.chunk
-                    target.write_chunk(tuple(chunk.offset), chunk.data, chunk.filter_mask)
-                    received += 1
-                    nbytes += len(chunk.data)
+                elif kind in ("chunk", "chunks"):
+                    for chunk in chunks_of(message):
+                        target.write_chunk(tuple(chunk.offset), chunk.data, chunk.filter_mask)
+                        nbytes += len(chunk.data)
+                    received += len(chunks_of(message))
                     if progress:
                         progress("receiving", received, expected)
                 elif kind == "trailer":

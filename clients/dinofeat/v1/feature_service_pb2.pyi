@@ -351,16 +351,24 @@ class FewShotRequest(_message.Message):
     def __init__(self, support_sha256: _Optional[_Iterable[str]] = ..., support_mask_sha256: _Optional[_Iterable[str]] = ..., query_sha256: _Optional[str] = ..., feature_set: _Optional[str] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ..., window: _Optional[int] = ..., grid: _Optional[int] = ..., components: _Optional[str] = ...) -> None: ...
 
 class DatasetStream(_message.Message):
-    __slots__ = ("progress", "header", "chunk", "trailer")
+    __slots__ = ("progress", "header", "chunk", "trailer", "chunks")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     header: DatasetHeader
     chunk: DatasetChunk
     trailer: DatasetTrailer
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., chunk: _Optional[_Union[DatasetChunk, _Mapping]] = ..., trailer: _Optional[_Union[DatasetTrailer, _Mapping]] = ...) -> None: ...
+    chunks: DatasetChunks
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., chunk: _Optional[_Union[DatasetChunk, _Mapping]] = ..., trailer: _Optional[_Union[DatasetTrailer, _Mapping]] = ..., chunks: _Optional[_Union[DatasetChunks, _Mapping]] = ...) -> None: ...
+
+class DatasetChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[DatasetChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[DatasetChunk, _Mapping]]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total", "notice")

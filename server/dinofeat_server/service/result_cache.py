@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client import __version__
+from dinofeat_client.chunk_batches import chunks_of
 from dinofeat_client.wire import stream_checksum
 from google.protobuf.message import DecodeError
 
@@ -61,9 +62,9 @@ def entry_is_intact(f: BinaryIO) -> bool:
             message = pb.DatasetStream.FromString(data)
             kind = message.WhichOneof("message")
             messages.append(kind)
-            if kind == "chunk":
-                digests[message.chunk.index] = hashlib.sha256(message.chunk.data).digest()
-            elif kind == "trailer":
+            for chunk in chunks_of(message):
+                digests[chunk.index] = hashlib.sha256(chunk.data).digest()
+            if kind == "trailer":
                 trailer = message.trailer
     except (struct.error, DecodeError):
         return False

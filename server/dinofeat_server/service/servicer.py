@@ -20,6 +20,7 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
+from dinofeat_client.chunk_batches import asks_for_batches
 from dinofeat_client.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels, check_mask, spatial_shape
@@ -198,12 +199,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         try:
             async with self.scheduler.slot(client, allowed) as worker:
                 device = str(worker.device)
-                messages = messages_from_thread(self._on_worker(work, worker), self.executor, max(deadline - loop.time(), 0))
+                messages = messages_from_thread(self._on_worker(work, worker), self.executor, max(deadline - loop.time(), 0),
+                                                batches=asks_for_batches(context.invocation_metadata() or ()))
                 async with contextlib.aclosing(messages):
-                    async for message in messages:
-                        kind = message.WhichOneof("message")
-                        size = len(message.chunk.data) if kind == "chunk" else len(message.model_piece) if kind == "model_piece" else 0
-                        delivered = kind in ("trailer", "summary")  # the client may hang up once it has the end
+                    async for message, size in messages:
+                        delivered = message.WhichOneof("message") in ("trailer", "summary")  # the client may hang up once it has the end
                         await self._send(context, message)
                         sent += size
                         totals.bytes_sent += size

@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
+from dinofeat_client.chunk_batches import BATCH_BYTES, chunks_of
 from dinofeat_client.wire import (
     DatasetLayout,
     encode_chunk,
@@ -26,10 +28,12 @@ from dinofeat_client.wire import (
     stream_checksum,
 )
 
-QUEUE_LENGTH = 8
+QUEUE_LENGTH = 4
 """Messages buffered between the worker thread and the network (backpressure beyond this)."""
 CHUNK_ENCODERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="dinofeat-deflate")
-"""zlib releases the GIL: the chunks of a block are deflated on all cores."""
+"""Deflate and sha256 release the GIL: the chunks of a block are encoded and hashed on all cores, in tasks of
+CHUNKS_PER_TASK chunks (one task per chunk costs as much in hand-overs as hashing a raw chunk)."""
+CHUNKS_PER_TASK = 8
 
 
 class Cancelled(Exception):
@@ -56,8 +60,10 @@ def dataset_messages(
     cancelled: threading.Event,
     stage: str,
 ) -> Iterator[pb.DatasetStream]:
-    """Header, every chunk of `blocks` ((origin, samples) on chunk boundaries), trailer; Progress items
-    among the blocks (work done between chunks: tiles, strips) are passed on as they come."""
+    """Header, every chunk of `blocks` ((origin, samples) on chunk boundaries) in `chunks` messages of at
+    most BATCH_BYTES, trailer; Progress items among the blocks (work done between chunks: tiles, strips)
+    are passed on as they come. Chunks are encoded and hashed by CHUNK_ENCODERS, so this thread only
+    gathers them, and a block's last batch goes out with it."""
     yield header_message(layout, attributes, key)
     digests: dict[int, bytes] = {}
     for item in blocks:
@@ -68,10 +74,18 @@ def dataset_messages(
             continue
         origin, block = item
         chunks = list(iter_chunks(block, origin, layout))
-        encoded = CHUNK_ENCODERS.map(lambda chunk: encode_chunk(chunk[2], layout), chunks)
-        for (index, offset, _), data in zip(chunks, encoded):
-            digests[index] = hashlib.sha256(data).digest()
-            yield pb.DatasetStream(chunk=pb.DatasetChunk(index=index, offset=offset, data=data))
+        groups = [chunks[start : start + CHUNKS_PER_TASK] for start in range(0, len(chunks), CHUNKS_PER_TASK)]
+        batch, size = pb.DatasetStream(chunks=pb.DatasetChunks()), 0
+        for group, encoded in zip(groups, CHUNK_ENCODERS.map(partial(hashed_chunks, layout=layout), groups)):
+            for (index, offset, _), (data, digest) in zip(group, encoded):
+                digests[index] = digest
+                if size and size + len(data) > BATCH_BYTES:
+                    yield batch
+                    batch, size = pb.DatasetStream(chunks=pb.DatasetChunks()), 0
+                batch.chunks.chunks.add(index=index, offset=offset, data=data)  # fields set in place: one copy
+                size += len(data)
+        if size:
+            yield batch
         yield progress_message(stage, len(digests), layout.chunk_count)
     if len(digests) != layout.chunk_count:
         raise RuntimeError(f"the engine produced {len(digests)} of {layout.chunk_count} chunks")
@@ -79,44 +93,80 @@ def dataset_messages(
         chunk_count=layout.chunk_count, sha256=stream_checksum([digests[i] for i in range(layout.chunk_count)])))
 
 
+def hashed_chunks(chunks: list[tuple[int, tuple[int, ...], np.ndarray]], layout: DatasetLayout) -> list[tuple[bytes, bytes]]:
+    """(stored bytes, their sha256) of each (index, offset, samples) chunk: both release the GIL."""
+    encoded = [encode_chunk(samples, layout) for _, _, samples in chunks]
+    return [(data, hashlib.sha256(data).digest()) for data in encoded]
+
+
 def only_chunks(messages: Iterable[pb.DatasetStream], wanted: set[int] | None) -> Iterator[pb.DatasetStream]:
     """Drop the chunks a resuming client already has (all chunks are still computed: the trailer's
     checksum covers them all)."""
     for message in messages:
-        if wanted is None or message.WhichOneof("message") != "chunk" or message.chunk.index in wanted:
+        if wanted is None or message.WhichOneof("message") not in ("chunk", "chunks"):
             yield message
+            continue
+        kept = [chunk for chunk in chunks_of(message) if chunk.index in wanted]
+        if len(kept) == len(chunks_of(message)):
+            yield message
+        elif kept:
+            yield pb.DatasetStream(chunks=pb.DatasetChunks(chunks=kept))
+
+
+Sized = tuple[pb.DatasetStream, int]
+"""A message to send and the bytes of data it carries (stored chunk bytes, a model file's piece)."""
+
+
+def sized(messages: Iterable[pb.DatasetStream], batches: bool) -> Iterator[Sized]:
+    """`messages` each with its bytes of data; for a client that does not ask for batches (`batches`
+    False: older clients), every `chunks` message is sent as single `chunk` messages."""
+    for message in messages:
+        kind = message.WhichOneof("message")
+        if kind == "chunks" and not batches:
+            for chunk in message.chunks.chunks:
+                yield pb.DatasetStream(chunk=chunk), len(chunk.data)
+        elif kind in ("chunk", "chunks"):
+            yield message, sum(len(chunk.data) for chunk in chunks_of(message))
+        else:
+            yield message, len(message.model_piece) if kind == "model_piece" else 0
 
 
 async def messages_from_thread(
     work: Callable[[threading.Event], Iterator[pb.DatasetStream]],
     executor: Executor,
     seconds: float | None = None,
-) -> AsyncIterator[pb.DatasetStream]:
-    """Run the generator `work(cancelled)` in `executor`, yielding its messages on the event loop.
+    batches: bool = False,
+) -> AsyncIterator[Sized]:
+    """Run the generator `work(cancelled)` in `executor`, yielding its messages on the event loop, each
+    with its bytes of data; chunks go in `chunks` messages to a client that asks for `batches`, else one
+    by one (see `sized`).
 
-    Exceptions raised by the work are re-raised here; leaving the iteration early (the client
-    cancelled or stalled, or `seconds` passed: TimeoutError) sets `cancelled`, and the worker stops at
-    its next message. Closing the iteration waits for the worker thread to stop, so a worker counted
-    free is free (close it with contextlib.aclosing, not by dropping it).
+    The worker hands messages over without waiting for the loop, up to QUEUE_LENGTH not yet sent: a
+    message makes room for the next one only once the caller asks for the one after it (has sent it).
+    Exceptions raised by the work are re-raised here; leaving the iteration early (the client cancelled
+    or stalled, or `seconds` passed: TimeoutError) sets `cancelled`, and the worker stops at its next
+    message. Closing the iteration waits for the worker thread to stop, so a worker counted free is
+    free (close it with contextlib.aclosing, not by dropping it).
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue(QUEUE_LENGTH)
+    handed: deque = deque()
+    room = threading.Semaphore(QUEUE_LENGTH)
+    arrived = asyncio.Event()
     cancelled = threading.Event()
     finished = object()
 
     def hand_over(item: object) -> None:
-        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-        while True:
-            try:
-                future.result(timeout=0.2)
-                return
-            except FutureTimeout:
-                if cancelled.is_set():
-                    future.cancel()
-                    raise Cancelled() from None
+        while not room.acquire(timeout=0.2):
+            if cancelled.is_set():
+                raise Cancelled()
+        if cancelled.is_set():
+            raise Cancelled()
+        handed.append(item)
+        wake_loop(loop, arrived.set)
 
     def run() -> None:
-        messages = work(cancelled)
+        produced = work(cancelled)
+        messages = sized(produced, batches)
         try:
             for message in messages:
                 hand_over(message)
@@ -129,18 +179,33 @@ async def messages_from_thread(
             except Cancelled:
                 pass
         finally:
-            messages.close()  # runs the work's own clean-up (partial cache entries, locks) at once
+            messages.close()
+            produced.close()  # runs the work's own clean-up (partial cache entries, locks) at once
 
     worker = loop.run_in_executor(executor, run)
     deadline = None if seconds is None else loop.time() + seconds
     try:
         while True:
-            item = await (queue.get() if deadline is None else asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0)))
+            while not handed:
+                arrived.clear()
+                if not handed:
+                    await asyncio.wait_for(arrived.wait(), None if deadline is None else max(deadline - loop.time(), 0))
+            item = handed.popleft()
             if item is finished:
                 break
             if isinstance(item, BaseException):
                 raise item
             yield item
+            room.release()
     finally:
         cancelled.set()
+        room.release()  # a worker waiting for room sees `cancelled` at once
         await asyncio.wait([worker])
+
+
+def wake_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Run `callback` on `loop` soon, from any thread; nothing once the loop has closed (the server stopped)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass
