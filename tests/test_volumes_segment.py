@@ -33,7 +33,8 @@ import test_volumes_dask  # noqa: E402
 cluster = test_volumes_dask.cluster
 """The same fixture (a LocalCluster of 2 worker processes, 1 thread each), one per module."""
 
-TREES = ("--trees", "10", "--set", "classical", "--device", "cpu", "--quiet")
+TREES = ("--trees", "10", "--device", "cpu", "--quiet")
+"""The default set (multiscale): its features are the same bits on a one-thread Dask worker as on this process's threads."""
 
 
 def dinofeat(*args: str) -> None:

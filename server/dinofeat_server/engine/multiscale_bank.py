@@ -83,9 +83,11 @@ def multiscale_features(images: torch.Tensor, sigmas: tuple[float, ...] = MULTIS
     scales, pairs = len(sigmas), dog_pairs(len(sigmas))
     out = images.new_empty(n, c, len(PER_SCALE) * scales + len(pairs), h, w)
     per_scale = out[:, :, : len(PER_SCALE) * scales].unflatten(2, (scales, len(PER_SCALE)))
-    # Filters see the intensities less their mean, added back to the Gaussians only (every other channel
-    # ignores an offset): a 16-bit image using a sliver of its range keeps float32's precision.
-    offset = images.mean(dim=(-2, -1), keepdim=True)
+    # Filters see the intensities less the middle of their range, added back to the Gaussians only (every
+    # other channel ignores an offset): a 16-bit image using a sliver of its range keeps float32's precision.
+    # The middle of min and max, not the mean: a parallel sum rounds by the thread count, an extremum never,
+    # so the features are the same bits on one thread (a Dask worker) as on many (a server).
+    offset = (images.amin(dim=(-2, -1), keepdim=True) + images.amax(dim=(-2, -1), keepdim=True)) / 2
     gaussians = gaussian_blur_bank(images - offset, list(sigmas), margin=1)  # (N, C, S, H + 2, W + 2)
     for k, sigma in enumerate(sigmas):
         channels = per_scale[:, :, k]
