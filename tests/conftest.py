@@ -153,6 +153,11 @@ def inprocess_deep_server(tiny_weights) -> InProcessServer:
 
 
 @pytest.fixture(scope="session")
+def inprocess_deep_address(inprocess_deep_server) -> str:
+    return inprocess_deep_server.address
+
+
+@pytest.fixture(scope="session")
 def isb_three_phase() -> Path:
     folder = SHARED_DATA / "isb_three_phase"
     if not folder.is_dir():

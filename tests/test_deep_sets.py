@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import dinofeat
+from conftest import run_cli
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.metrics import mean_iou
@@ -23,8 +23,8 @@ def image() -> np.ndarray:
     return (np.random.default_rng(7).random((90, 110)) * 255).astype(np.uint8)
 
 
-def test_dinov2_set_streams_full_resolution_features_equal_to_the_engine(deep_server_address, tiny_weights, image, tmp_path):
-    with FeatureClient(deep_server_address) as client:
+def test_dinov2_set_streams_full_resolution_features_equal_to_the_engine(inprocess_deep_address, tiny_weights, image, tmp_path):
+    with FeatureClient(inprocess_deep_address) as client:
         client.fetch_features(image, tmp_path / "d.h5", "dinov2", preset="fast")
     low, high = input_range([image])  # the dataset's robust intensity range becomes [0, 1]
     scaled = (image.astype(np.float32) - np.float32(low)) / np.float32(high - low)
@@ -40,16 +40,16 @@ def test_dinov2_set_streams_full_resolution_features_equal_to_the_engine(deep_se
         np.testing.assert_allclose(ds[()], expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_set_has_one_channel_per_head(deep_server_address, image, tmp_path):
-    with FeatureClient(deep_server_address) as client:
+def test_attention_set_has_one_channel_per_head(inprocess_deep_address, image, tmp_path):
+    with FeatureClient(inprocess_deep_address) as client:
         client.fetch_features(image, tmp_path / "a.h5", "attention", preset="fast")
     with h5py.File(tmp_path / "a.h5", "r") as f:
         assert list(f["features"].attrs["channel_names"]) == ["attn_h0", "attn_h1"]
         assert (f["features"][()] >= 0).all()
 
 
-def test_hybrid_set_is_deep_pca_then_classical_each_in_the_datasets_robust_range(deep_server_address, image, tmp_path):
-    with FeatureClient(deep_server_address) as client:
+def test_hybrid_set_is_deep_pca_then_classical_each_in_the_datasets_robust_range(inprocess_deep_address, image, tmp_path):
+    with FeatureClient(inprocess_deep_address) as client:
         client.fetch_features(image, tmp_path / "h.h5", "hybrid", preset="fast", pca=8)
     with h5py.File(tmp_path / "h.h5", "r") as f:
         ds = f["features"]
@@ -63,8 +63,8 @@ def test_hybrid_set_is_deep_pca_then_classical_each_in_the_datasets_robust_range
         np.testing.assert_allclose(np.percentile(data, 99.9, axis=(1, 2))[varying], 1, atol=1e-3)
 
 
-def test_paper_preset_uses_stride_4_and_17_views(deep_server_address, image, tmp_path):
-    with FeatureClient(deep_server_address) as client:
+def test_paper_preset_uses_stride_4_and_17_views(inprocess_deep_address, image, tmp_path):
+    with FeatureClient(inprocess_deep_address) as client:
         client.fetch_features(image[:40, :50], tmp_path / "p.h5", "dinov2", preset="paper", pca=4)
     with h5py.File(tmp_path / "p.h5", "r") as f:
         spec = json.loads(f["features"].attrs["feature_set"])
@@ -72,9 +72,9 @@ def test_paper_preset_uses_stride_4_and_17_views(deep_server_address, image, tmp
         assert f["features"].shape == (4, 40, 50)
 
 
-def test_hybrid_segmentation_of_the_isb_data_with_a_random_tiny_vit(isb_three_phase, deep_server_address, tmp_path):
-    result = dinofeat("segment", str(isb_three_phase / "image.tif"), "--labels", str(isb_three_phase / "scribbles.tif"),
-                      "-o", str(tmp_path / "seg.tif"), "--set", "hybrid", "--preset", "fast", "--server", deep_server_address)
+def test_hybrid_segmentation_of_the_isb_data_with_a_random_tiny_vit(isb_three_phase, inprocess_deep_address, tmp_path):
+    result = run_cli("segment", str(isb_three_phase / "image.tif"), "--labels", str(isb_three_phase / "scribbles.tif"),
+                      "-o", str(tmp_path / "seg.tif"), "--set", "hybrid", "--preset", "fast", "--server", inprocess_deep_address)
     assert result.returncode == 0, result.stderr
     prediction = tifffile.imread(tmp_path / "seg.tif")
     # random deep channels add noise to the classical ones; the forest still finds the phases
@@ -83,22 +83,22 @@ def test_hybrid_segmentation_of_the_isb_data_with_a_random_tiny_vit(isb_three_ph
 
 def test_cli_embedded_server_takes_local_weights(tiny_weights, image, tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", image)
-    result = dinofeat("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "f.h5"), "--set", "dinov2",
+    result = run_cli("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "f.h5"), "--set", "dinov2",
                       "--backbone", "dinov2_vits14", "--weights", str(tiny_weights), "--preset", "fast", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert f["features"].shape == (128, 90, 110)
 
 
-def test_weights_cannot_be_sent_to_a_remote_server(server_address, tiny_weights, image, tmp_path):
+def test_weights_cannot_be_sent_to_a_remote_server(inprocess_address, tiny_weights, image, tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", image)
-    result = dinofeat("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "f.h5"), "--set", "dinov2",
-                      "--weights", str(tiny_weights), "--server", server_address)
+    result = run_cli("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "f.h5"), "--set", "dinov2",
+                      "--weights", str(tiny_weights), "--server", inprocess_address)
     assert result.returncode == 1 and "--weights names a file on this machine, but --server computes elsewhere" in result.stderr
 
 
-def test_unknown_preset_and_backbone_are_refused(deep_server_address, image, tmp_path):
-    with FeatureClient(deep_server_address) as client:
+def test_unknown_preset_and_backbone_are_refused(inprocess_deep_address, image, tmp_path):
+    with FeatureClient(inprocess_deep_address) as client:
         with pytest.raises(DinofeatError, match="unknown preset 'slow'; choose one of fast, default, paper, paper_flips"):
             client.fetch_features(image, tmp_path / "x.h5", "dinov2", preset="slow")
         with pytest.raises(DinofeatError, match="unknown backbone 'dinov3'"):
@@ -106,8 +106,8 @@ def test_unknown_preset_and_backbone_are_refused(deep_server_address, image, tmp
     assert not list(tmp_path.iterdir())
 
 
-def test_normalised_dinov2_features_have_unit_length_per_pixel(deep_server_address, image, tmp_path):
-    with FeatureClient(deep_server_address) as client:
+def test_normalised_dinov2_features_have_unit_length_per_pixel(inprocess_deep_address, image, tmp_path):
+    with FeatureClient(inprocess_deep_address) as client:
         client.fetch_features(image, tmp_path / "n.h5", "dinov2", preset="fast", normalise="l2")
     with h5py.File(tmp_path / "n.h5", "r") as f:
         np.testing.assert_allclose(np.linalg.norm(f["features"][()], axis=0), 1.0, atol=1e-5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import SHARED_DATA, dinofeat
+from conftest import SHARED_DATA, run_cli
 
 REFERENCE = SHARED_DATA / "ilastik_reference" / "pc.ilp"
 
@@ -40,7 +40,7 @@ def make_project(crops, folder: Path, server: str, count: int, scribbles: bool) 
             "--preset", "fast", "--server", server]
     if scribbles:
         args += ["--labels", *[str(c[1]) for c in crops[:count]], "--classes", "matrix", "grain", "pit"]
-    return dinofeat(*args)
+    return run_cli(*args)
 
 
 def kind(dataset: h5py.Dataset) -> str:
@@ -49,8 +49,8 @@ def kind(dataset: h5py.Dataset) -> str:
 
 
 @pytest.mark.parametrize("count,scribbles", [(1, False), (1, True), (3, True)])
-def test_project_has_every_group_dataset_and_attribute_ilastik_reads(crops, deep_server_address, tmp_path, count, scribbles):
-    result = make_project(crops, tmp_path / "proj", deep_server_address, count, scribbles)
+def test_project_has_every_group_dataset_and_attribute_ilastik_reads(crops, inprocess_deep_address, tmp_path, count, scribbles):
+    result = make_project(crops, tmp_path / "proj", inprocess_deep_address, count, scribbles)
     assert result.returncode == 0, result.stderr
     with h5py.File(tmp_path / "proj" / "dinofeat.ilp", "r") as ours, h5py.File(REFERENCE, "r") as reference:
         for name in ["ilastikVersion", "workflowName", "time", "Input Data/StorageVersion", "Input Data/Role Names",
@@ -92,8 +92,8 @@ def test_project_has_every_group_dataset_and_attribute_ilastik_reads(crops, deep
                 assert data.shape[0] == 8 + 58 and data.chunks == (66, 64, 64) and data.dtype == np.float32
 
 
-def test_scribbles_become_label_blocks_with_values_1_to_n(crops, deep_server_address, tmp_path):
-    assert make_project(crops, tmp_path / "proj", deep_server_address, 3, True).returncode == 0
+def test_scribbles_become_label_blocks_with_values_1_to_n(crops, inprocess_deep_address, tmp_path):
+    assert make_project(crops, tmp_path / "proj", inprocess_deep_address, 3, True).returncode == 0
     with h5py.File(tmp_path / "proj" / "dinofeat.ilp", "r") as f:
         assert [v.decode() for v in f["PixelClassification/LabelNames"][()]] == ["matrix", "grain", "pit"]
         for lane, (_, scribble_path) in enumerate(crops):
@@ -108,21 +108,21 @@ def test_scribbles_become_label_blocks_with_values_1_to_n(crops, deep_server_add
             assert not expected[:y0].any() and not expected[y1:].any()
 
 
-def test_batch_reuses_the_projects_feature_space(crops, deep_server_address, tmp_path):
+def test_batch_reuses_the_projects_feature_space(crops, inprocess_deep_address, tmp_path):
     folder = tmp_path / "proj"
-    assert make_project(crops, folder, deep_server_address, 2, True).returncode == 0
+    assert make_project(crops, folder, inprocess_deep_address, 2, True).returncode == 0
     space = json.loads((folder / "dinofeat_space.json").read_text())
     assert space["identity"]["feature_set"]["pca"] == 8 and space["components"]["shape"][0] == 8
     with h5py.File(folder / "img0" / "features.h5", "r") as f, h5py.File(folder / "img1" / "features.h5", "r") as g:
         original = f["features"][()]
         assert json.loads(f["feature_space"]["json"][()]) == space == json.loads(g["feature_space"]["json"][()])
     tifffile.imwrite(tmp_path / "again.tif", tifffile.imread(crops[0][0]))
-    first = dinofeat("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", deep_server_address)  # as the README says
+    first = run_cli("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", inprocess_deep_address)  # as the README says
     assert first.returncode == 0, first.stderr
     assert "--headless" in first.stdout and f"{folder / 'again' / 'features.h5'}/features" in first.stdout
     with h5py.File(folder / "again" / "features.h5", "r") as f:
         once = f["features"][()]
-    assert dinofeat("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", deep_server_address).returncode == 0
+    assert run_cli("ilastik", "--batch", str(folder), str(tmp_path / "again.tif"), "--server", inprocess_deep_address).returncode == 0
     with h5py.File(folder / "again" / "features.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][()], once)
     np.testing.assert_allclose(once, original, atol=1e-5)
@@ -130,34 +130,34 @@ def test_batch_reuses_the_projects_feature_space(crops, deep_server_address, tmp
 
 def test_the_project_folder_is_named_once_either_new_or_existing(crops, tmp_path):
     for extra in ([], ["-o", str(tmp_path / "p"), "--batch", str(tmp_path / "q")]):
-        result = dinofeat("ilastik", str(crops[0][0]), *extra)
+        result = run_cli("ilastik", str(crops[0][0]), *extra)
         assert result.returncode == 1
         assert result.stderr.strip() == ("dinofeat: error: give -o FOLDER for a new project, or --batch PROJECT for new "
                                          "images of an existing one.")
 
 
-def test_the_closing_hint_for_new_images_is_a_command_that_works(crops, server_address, tmp_path):
-    made = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--set", "classical", "--server", server_address)
+def test_the_closing_hint_for_new_images_is_a_command_that_works(crops, inprocess_address, tmp_path):
+    made = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--set", "classical", "--server", inprocess_address)
     assert made.returncode == 0, made.stderr
     hint = made.stdout.strip().splitlines()[-1]
     assert hint.endswith(f"dinofeat ilastik --batch {tmp_path / 'p'} IMAGE...")
-    again = dinofeat("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", server_address)
+    again = run_cli("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", inprocess_address)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "p" / "img1" / "features.h5").exists()
 
 
-def test_a_project_reports_its_progress_image_by_image(crops, server_address, tmp_path, monkeypatch):
+def test_a_project_reports_its_progress_image_by_image(crops, inprocess_address, tmp_path, monkeypatch):
     monkeypatch.setenv("DINOFEAT_PROGRESS_SECONDS", "0")
-    result = dinofeat("ilastik", str(crops[0][0]), str(crops[1][0]), "-o", str(tmp_path / "p"), "--set", "classical",
-                      "--server", server_address)
+    result = run_cli("ilastik", str(crops[0][0]), str(crops[1][0]), "-o", str(tmp_path / "p"), "--set", "classical",
+                      "--server", inprocess_address)
     assert result.returncode == 0, result.stderr
     assert re.search(r"^dinofeat: images 1/2 \(50 %\)", result.stderr, re.MULTILINE), result.stderr
     assert re.search(r"^dinofeat: images 2/2 \(100 %\)", result.stderr, re.MULTILINE), result.stderr
 
 
-def test_uint8_quantisation_uses_the_projects_scaling(crops, deep_server_address, tmp_path):
-    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "q"), "--set", "classical", "--quantise", "uint8",
-                      "--server", deep_server_address)
+def test_uint8_quantisation_uses_the_projects_scaling(crops, inprocess_deep_address, tmp_path):
+    result = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "q"), "--set", "classical", "--quantise", "uint8",
+                      "--server", inprocess_deep_address)
     assert result.returncode == 0, result.stderr
     with h5py.File(tmp_path / "q" / "img0" / "features.h5", "r") as f:
         data = f["features"]
@@ -176,8 +176,8 @@ def test_vigra_reads_our_axistags(tmp_path):
     assert out.stdout.strip() == "cyx"
 
 
-def test_a_failed_project_leaves_no_empty_folder(crops, server_address, tmp_path):
-    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "proj"), "--set", "nope", "--server", server_address)
+def test_a_failed_project_leaves_no_empty_folder(crops, inprocess_address, tmp_path):
+    result = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "proj"), "--set", "nope", "--server", inprocess_address)
     assert result.returncode == 1 and "unknown feature set 'nope'" in result.stderr
     assert not (tmp_path / "proj").exists()
 
@@ -185,7 +185,7 @@ def test_a_failed_project_leaves_no_empty_folder(crops, server_address, tmp_path
 def test_ilastik_help_names_the_pca_default_the_project_uses():
     from dinofeat_client.ilastik.provider import IlastikSpec
 
-    result = dinofeat("ilastik", "--help")
+    result = run_cli("ilastik", "--help")
     assert f"PCA components of the deep features (default {IlastikSpec().computation.pca})" in " ".join(result.stdout.split())
     assert IlastikSpec().computation.pca == 48
 
@@ -231,21 +231,21 @@ def test_a_batch_into_a_foreign_or_broken_ilp_is_refused_in_one_sentence_and_wri
     make(project)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     for target in (project, project.parent):  # the .ilp, or its folder
-        result = dinofeat("ilastik", "--batch", str(target), str(crops[0][0]))
+        result = run_cli("ilastik", "--batch", str(target), str(crops[0][0]))
         assert result.returncode == 1
         assert result.stderr.strip() == "dinofeat: error: " + sentence.format(p=project)
         assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
-def test_a_batch_into_a_folder_with_two_projects_asks_which_one(crops, server_address, tmp_path):
-    assert dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--set", "classical",
-                    "--server", server_address).returncode == 0
+def test_a_batch_into_a_folder_with_two_projects_asks_which_one(crops, inprocess_address, tmp_path):
+    assert run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--set", "classical",
+                    "--server", inprocess_address).returncode == 0
     (tmp_path / "p" / "copy.ilp").write_bytes((tmp_path / "p" / "dinofeat.ilp").read_bytes())
-    result = dinofeat("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", server_address)
+    result = run_cli("ilastik", "--batch", str(tmp_path / "p"), str(crops[1][0]), "--server", inprocess_address)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"dinofeat: error: {tmp_path / 'p'} holds 2 ilastik projects (copy.ilp, dinofeat.ilp); "
                                      f"name one: --batch {tmp_path / 'p' / 'copy.ilp'}.")
-    named = dinofeat("ilastik", "--batch", str(tmp_path / "p" / "dinofeat.ilp"), str(crops[1][0]), "--server", server_address)
+    named = run_cli("ilastik", "--batch", str(tmp_path / "p" / "dinofeat.ilp"), str(crops[1][0]), "--server", inprocess_address)
     assert named.returncode == 0, named.stderr
     assert f"--project={tmp_path / 'p' / 'dinofeat.ilp'} " in named.stdout
 
@@ -260,9 +260,9 @@ def test_the_printed_headless_command_keeps_paths_with_spaces_whole_and_names_re
     assert command[-2:] == ["--raw_data", f"{folder / 'new 01' / 'features.h5'}/features"]
 
 
-def test_a_labelled_project_without_ilastik_says_ilastik_trains_on_its_first_run_and_how_to_store_it(crops, server_address, tmp_path):
-    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]), "--set", "classical",
-                      "--server", server_address)
+def test_a_labelled_project_without_ilastik_says_ilastik_trains_on_its_first_run_and_how_to_store_it(crops, inprocess_address, tmp_path):
+    result = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]), "--set", "classical",
+                      "--server", inprocess_address)
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-2]
     assert line.startswith("ilastik will train the classifier from the labels on its first run")
@@ -272,7 +272,7 @@ def test_a_labelled_project_without_ilastik_says_ilastik_trains_on_its_first_run
 
 
 def test_a_missing_ilastik_launcher_is_refused_before_any_feature_is_computed(crops, tmp_path):
-    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]),
+    result = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]),
                       "--ilastik", str(tmp_path / "nowhere" / "run_ilastik.sh"))
     assert result.returncode == 1
     assert result.stderr.strip() == (f"dinofeat: error: --ilastik names {tmp_path / 'nowhere' / 'run_ilastik.sh'}, which is not "
@@ -281,19 +281,19 @@ def test_a_missing_ilastik_launcher_is_refused_before_any_feature_is_computed(cr
 
 
 def test_ilastik_without_labels_has_nothing_to_train(crops, tmp_path):
-    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--ilastik", "run_ilastik.sh")
+    result = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--ilastik", "run_ilastik.sh")
     assert result.returncode == 1
     assert result.stderr.strip() == ("dinofeat: error: --ilastik trains the project's classifier from the scribbles; give them "
                                      "with --labels too.")
     assert not (tmp_path / "p").exists()
 
 
-def test_a_failed_ilastik_training_says_why_and_leaves_the_project_without_a_classifier(crops, server_address, tmp_path):
+def test_a_failed_ilastik_training_says_why_and_leaves_the_project_without_a_classifier(crops, inprocess_address, tmp_path):
     fake = tmp_path / "run_ilastik.sh"
     fake.write_text("#!/bin/sh\necho 'Opening Project'\necho 'ERROR: the forest caught fire' >&2\nexit 3\n")
     fake.chmod(0o755)
-    result = dinofeat("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]), "--set", "classical",
-                      "--ilastik", str(fake), "--server", server_address)
+    result = run_cli("ilastik", str(crops[0][0]), "-o", str(tmp_path / "p"), "--labels", str(crops[0][1]), "--set", "classical",
+                      "--ilastik", str(fake), "--server", inprocess_address)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"dinofeat: error: ilastik could not train the classifier of {tmp_path / 'p' / 'dinofeat.ilp'} (exit code 3: ERROR: "

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import tifffile
-from conftest import dinofeat
+from conftest import run_cli
 from dinofeat_client.metrics import assignment, class_iou, matched_to_truth
 from scipy.optimize import linear_sum_assignment
 
 
 def test_features_refuse_an_output_named_for_another_format(tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32), np.uint8))
-    result = dinofeat("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "a.npy"))
+    result = run_cli("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "a.npy"))
     assert result.returncode == 1
     assert result.stderr.strip() == "dinofeat: error: dinofeat features writes .h5 or .tif files, not '.npy'; name the output a.h5."
     assert not (tmp_path / "a.npy").exists()
@@ -19,28 +19,28 @@ def test_features_refuse_an_output_named_for_another_format(tmp_path):
 
 def test_a_format_flag_that_contradicts_the_suffix_is_refused(tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32), np.uint8))
-    result = dinofeat("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "a.h5"), "--format", "tiff")
+    result = run_cli("features", str(tmp_path / "img.tif"), "-o", str(tmp_path / "a.h5"), "--format", "tiff")
     assert result.returncode == 1 and "--format tiff does not match the output name" in result.stderr
 
 
-def test_pca_writes_png_or_tiff_as_named_and_refuses_other_names(server_address, tmp_path):
+def test_pca_writes_png_or_tiff_as_named_and_refuses_other_names(inprocess_address, tmp_path):
     image = (np.random.default_rng(0).random((64, 70)) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "img.tif", image)
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([image, image[::-1]]))
-    common = ["--server", server_address]
-    assert dinofeat("pca", str(tmp_path / "img.tif"), "-o", str(tmp_path / "p.tif"), *common).returncode == 0
+    common = ["--server", inprocess_address]
+    assert run_cli("pca", str(tmp_path / "img.tif"), "-o", str(tmp_path / "p.tif"), *common).returncode == 0
     assert tifffile.imread(tmp_path / "p.tif").shape == (64, 70, 3)
-    assert dinofeat("pca", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "s.tif"), *common).returncode == 0
+    assert run_cli("pca", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "s.tif"), *common).returncode == 0
     assert tifffile.imread(tmp_path / "s.tif").shape == (2, 64, 70, 3)
-    refused = dinofeat("pca", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "s.png"), *common)
+    refused = run_cli("pca", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "s.png"), *common)
     assert refused.returncode == 1 and "PNG cannot hold; name the output s.tif" in refused.stderr
-    jpeg = dinofeat("pca", str(tmp_path / "img.tif"), "-o", str(tmp_path / "p.jpg"), *common)
+    jpeg = run_cli("pca", str(tmp_path / "img.tif"), "-o", str(tmp_path / "p.jpg"), *common)
     assert jpeg.returncode == 1 and "dinofeat pca writes .png or .tif files, not '.jpg'" in jpeg.stderr
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "p.jpg").exists()
 
 
 def test_status_without_a_server_asks_for_one():
-    result = dinofeat("status")
+    result = run_cli("status")
     assert result.returncode == 1
     assert result.stderr.strip() == "dinofeat: error: dinofeat status reports on a running server; pass --server HOST:PORT."
 
@@ -61,9 +61,9 @@ def test_a_clustering_is_scored_after_matching_its_labels_to_the_classes(tmp_pat
     assert class_iou(matched_to_truth(clusters, truth), truth)[85] == (400 - 5) / 400
     tifffile.imwrite(tmp_path / "clusters.tif", clusters)
     tifffile.imwrite(tmp_path / "truth.tif", truth)
-    unmatched = dinofeat("score", str(tmp_path / "clusters.tif"), str(tmp_path / "truth.tif"))
+    unmatched = run_cli("score", str(tmp_path / "clusters.tif"), str(tmp_path / "truth.tif"))
     assert unmatched.returncode == 1
     assert "the prediction's values (1, 2, 3) share none with the ground truth's (85, 170, 255); for a clustering add --match" in unmatched.stderr
-    matched = dinofeat("score", str(tmp_path / "clusters.tif"), str(tmp_path / "truth.tif"), "--match")
+    matched = run_cli("score", str(tmp_path / "clusters.tif"), str(tmp_path / "truth.tif"), "--match")
     assert matched.returncode == 0, matched.stderr
     assert matched.stdout.splitlines()[-1].split()[0] == "mean" and float(matched.stdout.splitlines()[-1].split()[1]) > 0.98

@@ -7,7 +7,7 @@ import imagecodecs
 import numpy as np
 import pytest
 import tifffile
-from conftest import dinofeat
+from conftest import run_cli
 from dinofeat_client.pictures import PALETTE, class_overlay, colour_names, legend_band
 
 
@@ -38,26 +38,26 @@ def two_phases(tmp_path):
     return image, labels
 
 
-def test_pictures_without_probabilities_still_draw_each_class_and_leave_no_hidden_file(two_phases, tmp_path, server_address):
+def test_pictures_without_probabilities_still_draw_each_class_and_leave_no_hidden_file(two_phases, tmp_path, inprocess_address):
     image, labels = two_phases
     tifffile.imwrite(tmp_path / "img.tif", image)
     tifffile.imwrite(tmp_path / "lab.tif", labels)
-    result = dinofeat("segment", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "seg.tif"),
-                      "--set", "classical", "--pictures", "--server", server_address)
+    result = run_cli("segment", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "seg.tif"),
+                      "--set", "classical", "--pictures", "--server", inprocess_address)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.tif", "lab.tif", "seg.overlay.png", "seg.p1.png", "seg.p2.png", "seg.tif"]
     assert "overlay colours: 1 red, 2 green" in result.stdout
     assert imagecodecs.imread(str(tmp_path / "seg.p2.png"))[:, 30:].mean() > 200
 
 
-def test_pictures_of_a_stack_show_its_middle_slice(two_phases, tmp_path, server_address):
+def test_pictures_of_a_stack_show_its_middle_slice(two_phases, tmp_path, inprocess_address):
     image, labels = two_phases
     stack = np.stack([image, image[:, ::-1], image])
     stack_labels = np.stack([labels, np.zeros_like(labels), labels])
     tifffile.imwrite(tmp_path / "img.tif", stack)
     tifffile.imwrite(tmp_path / "lab.tif", stack_labels)
-    result = dinofeat("segment", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "seg.tif"),
-                      "--set", "classical", "--pictures", "--server", server_address)
+    result = run_cli("segment", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "-o", str(tmp_path / "seg.tif"),
+                      "--set", "classical", "--pictures", "--server", inprocess_address)
     assert result.returncode == 0, result.stderr
     assert "pictures of the middle slice, z = 1 of 0..2" in result.stdout
     overlay = imagecodecs.imread(str(tmp_path / "seg.overlay.png"))
