@@ -114,8 +114,8 @@ def test_normalised_dinov2_features_have_unit_length_per_pixel(inprocess_deep_ad
         assert json.loads(f["features"].attrs["feature_set"])["normalisation"] == "l2"
 
 
-def test_client_and_server_know_the_same_normalisations():
-    from dinofeat_client.computation import NORMALISATIONS as names
-    from dinofeat_server.engine.postprocess import NORMALISATIONS as functions
+def test_the_description_and_the_engine_know_the_same_presets():
+    from dinofeat_client.computation import PRESETS as names
+    from dinofeat_server.engine.deep import PRESETS as views
 
-    assert tuple(functions) == names
+    assert tuple(views) == names

@@ -64,23 +64,7 @@ def principal_axes(samples: np.ndarray, components: int) -> tuple[np.ndarray, np
     return basis.mean.numpy(), basis.components.numpy()
 
 
-def min_max(features: torch.Tensor) -> torch.Tensor:
-    """Each channel scaled to [0, 1] (constant channels become 0)."""
-    low = features.amin(dim=(1, 2), keepdim=True)
-    high = features.amax(dim=(1, 2), keepdim=True)
-    return (features - low) / (high - low).clamp_min(1e-12)
-
-
-def z_score(features: torch.Tensor) -> torch.Tensor:
-    """Each channel to zero mean and unit standard deviation."""
-    mean = features.mean(dim=(1, 2), keepdim=True)
-    std = features.std(dim=(1, 2), keepdim=True, unbiased=False)
-    return (features - mean) / std.clamp_min(1e-12)
-
-
 def l2_per_pixel(features: torch.Tensor) -> torch.Tensor:
     """Each pixel's feature vector to unit length."""
     return features / features.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
-
-NORMALISATIONS = {"none": lambda f: f, "minmax": min_max, "zscore": z_score, "l2": l2_per_pixel}

@@ -25,7 +25,6 @@ from dinofeat_client.wire import (
     apply_result_key,
     axistags,
     feature_layout,
-    features_result_key,
     result_key,
     segment_result_key,
 )
@@ -200,17 +199,16 @@ def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, opti
 
 
 def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, encoding: pb.Encoding,
-                 device: torch.device, cancelled: threading.Event, like: FeatureSpace | None = None,
-                 fit_images: list[np.ndarray] | None = None, space_key: str = "") -> Iterator[pb.DatasetStream]:
-    """Fit (or take) the dataset's space, then compute `fset` tile by tile and stream it as the dataset "features"."""
-    image_sha = image_sha256(image)
+                 key: str, device: torch.device, cancelled: threading.Event, like: FeatureSpace | None = None,
+                 fit_images: list[np.ndarray] | None = None) -> Iterator[pb.DatasetStream]:
+    """Fit (or take) the dataset's space, then compute `fset` tile by tile and stream it as the dataset "features",
+    stamped with the result `key` (wire.features_result_key)."""
     check = cancel_check(cancelled)
     yield progress_message("loading", 0, 1)
     names = fset.channel_names(image_channels(image), options, models)  # loads the model of a deep set
     yield progress_message("loading", 1, 1)
     space = yield from as_stream(fitted_space(fit_images or [image], fset, options, models, device, check, like))
     layout = feature_layout("features", stack_shape(len(names), image), encoding.compression, encoding.level)
-    key = features_result_key(image_sha, options, layout.compression, layout.level, space_key)
     volume = len(layout.shape) == 4
 
     def blocks():
@@ -221,25 +219,24 @@ def feature_work(image: np.ndarray, fset: FeatureSet, options: FeatureComputatio
                 z, y0, x0, block = item
                 yield block_origin(volume, z, y0, x0), block[:, None] if volume else block
 
-    attributes = feature_attributes(image, image_sha, fset, options, models, names, space)
+    attributes = feature_attributes(image, image_sha256(image), fset, options, models, names, space)
     yield from dataset_messages(layout, attributes, key, blocks(), cancelled, "features")
 
 
 def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models,
-                   encoding: pb.Encoding, wanted: set[int] | None, device: torch.device,
-                   cancelled: threading.Event, like: FeatureSpace | None = None, fit_images: list[np.ndarray] | None = None,
-                   space_key: str = "") -> Iterator[pb.DatasetStream]:
-    """feature_work through the result cache (keyed by image, set, options, space, encoding and the weights'
-    checksum), keeping only the chunks a resuming client asked for."""
+                   encoding: pb.Encoding, key: str, wanted: set[int] | None, device: torch.device,
+                   cancelled: threading.Event, like: FeatureSpace | None = None,
+                   fit_images: list[np.ndarray] | None = None) -> Iterator[pb.DatasetStream]:
+    """feature_work through the result cache (keyed by the result `key` and the weights' checksum), keeping only
+    the chunks a resuming client asked for."""
     def compute() -> Iterator[pb.DatasetStream]:
-        return feature_work(image, fset, options, models, encoding, device, cancelled, like, fit_images, space_key)
+        return feature_work(image, fset, options, models, encoding, key, device, cancelled, like, fit_images)
 
     if cache is None:
         yield from only_chunks(compute(), wanted)
         return
     weights = models.weights_sha256(options.backbone) if fset.deep else ""
-    key = result_key(features_result_key(image_sha256(image), options, encoding.compression, encoding.level, space_key), weights)
-    yield from only_chunks(cache.stream(key, compute, cancelled), wanted)
+    yield from only_chunks(cache.stream(result_key(key, weights), compute, cancelled), wanted)
 
 
 def slice_features(image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,

@@ -24,9 +24,8 @@ from dinofeat_client.chunk_batches import asks_for_batches
 from dinofeat_client.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels, check_mask, spatial_shape
-from dinofeat_client.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, space_key
+from dinofeat_client.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, features_result_key, space_key
 
-from ..engine.deep import preset
 from ..engine.stacks import FEATURE_SETS, FeatureSet, feature_set
 from ..engine.weights import check_backbone
 from ..segment.classifiers import CLASSIFIERS
@@ -60,8 +59,7 @@ def checked_computation(feature_set: str, options: pb.FeatureOptions, default_se
     """A request's feature computation with defaults filled in; unknown sets, backbones, presets and options that do
     not apply to the set refused in one sentence."""
     computation = FeatureComputation.from_proto(feature_set, options, default_set).checked()
-    check_backbone(computation.backbone)
-    preset(computation.preset)  # the engine's presets are the description's (tests/test_packaging checks the names)
+    check_backbone(computation.backbone)  # presets are checked by the description (tests/test_deep_sets: the engine's)
     return computation
 
 
@@ -367,9 +365,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         except DinofeatError as error:
             await self._fail(context, error)
         wanted = set(request.chunk_indices) if request.resume else None
-        key = space_key(request.feature_space_json, list(request.fit_image_sha256))
-        work = partial(feature_stream, self.cache, image, fset, options, encoding=encoding, wanted=wanted,
-                       like=like, fit_images=fit_images or None, space_key=key)
+        key = features_result_key(request.image_sha256, options, encoding.compression, encoding.level,
+                                  space_key(request.feature_space_json, list(request.fit_image_sha256)))
+        work = partial(feature_stream, self.cache, image, fset, options, encoding=encoding, key=key, wanted=wanted,
+                       like=like, fit_images=fit_images or None)
         await self._stream(work, context)
 
     async def Segment(self, request, context):
