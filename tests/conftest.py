@@ -130,12 +130,17 @@ class InProcessServer:
         self.embedded.__exit__(None, None, None)
 
 
+def in_process(**settings):
+    """An InProcessServer until the generator is closed (for fixtures: `yield from in_process(...)`)."""
+    server = InProcessServer(**settings)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def inprocess_server() -> InProcessServer:
     """One in-process server for the session (classical sets; the default limits of an embedded server)."""
-    server = InProcessServer()
-    yield server
-    server.stop()
+    yield from in_process()
 
 
 @pytest.fixture(scope="session")
@@ -147,9 +152,7 @@ def inprocess_address(inprocess_server) -> str:
 @pytest.fixture(scope="session")
 def inprocess_deep_server(tiny_weights) -> InProcessServer:
     """One in-process server whose dinov2_vits14 is the tiny random-weight model."""
-    server = InProcessServer(weights={"dinov2_vits14": str(tiny_weights)})
-    yield server
-    server.stop()
+    yield from in_process(weights={"dinov2_vits14": str(tiny_weights)})
 
 
 @pytest.fixture(scope="session")

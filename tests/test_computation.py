@@ -154,3 +154,38 @@ def test_segment_on_the_client_uses_the_same_computation_as_the_command(images, 
     with inprocess_server.client() as client:
         client.segment(tifffile.imread(images / "a.tif"), tifffile.imread(images / "labels.tif"), images / "api.tif", trees=10)
     np.testing.assert_array_equal(tifffile.imread(images / "cli.tif"), tifffile.imread(images / "api.tif"))
+
+
+def test_the_paper_preset_through_the_command_line_divides_8_bit_by_255(images, inprocess_deep_server, inprocess_deep_address):
+    result = run_cli("features", str(images / "a.tif"), "-o", str(images / "p.h5"), "--set", "dinov2", "--preset", "paper",
+                     "--server", inprocess_deep_address, "--quiet")
+    assert result.returncode == 0, result.stderr
+    with inprocess_deep_server.client() as client:
+        client.fetch_features(tifffile.imread(images / "a.tif"), images / "q.h5",
+                              FeatureComputation("dinov2", preset="paper", input_range="dtype"))
+    with h5py.File(images / "p.h5", "r") as p, h5py.File(images / "q.h5", "r") as q:
+        assert json.loads(p["features"].attrs["computation"])["input_range"] == "dtype"
+        np.testing.assert_array_equal(p["features"][()], q["features"][()])
+        assert json.loads(p["feature_space"]["json"][()])["input_range"] == [0.0, 255.0]
+
+
+def test_a_tws_classifiers_description_is_read_back_as_written(tmp_path):
+    from dinofeat_client.fiji.tws import description_path
+
+    computation = FeatureComputation("hybrid", preset="fast", pca=8, normalise="minmax", input_range="dataset")
+    sidecar = description_path(tmp_path / "tws.model")
+    sidecar.write_text(json.dumps({"computation": computation.to_dict(), "feature_space": {"format": "dinofeat-space/1"}}))
+    assert sidecar.name == "tws.model.dinofeat.json"
+    assert read_stored(sidecar).computation == computation
+    sidecar.write_text("{}")
+    with pytest.raises(DinofeatError, match="is not a dinofeat feature description"):
+        read_stored(sidecar)
+
+
+def test_an_ilastik_project_of_an_earlier_dinofeat_keeps_its_computation():
+    from dinofeat_client.ilastik.provider import IlastikSpec
+
+    old = IlastikSpec.from_dict({"feature_set": "hybrid", "backbone": "dinov2_vits14", "preset": "fast", "pca": 48,
+                                 "quantise": "uint8"})
+    assert old.computation == FeatureComputation("hybrid", preset="fast", pca=48, normalise="minmax", input_range="dataset")
+    assert IlastikSpec.from_dict(old.to_dict()) == old

@@ -120,11 +120,9 @@ def narrow_range_crop(height: int, width: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def paper_server(models):
     """An in-process server whose dinov2_vits14 holds the reference model's weights."""
-    from conftest import InProcessServer
+    from conftest import in_process
 
-    server = InProcessServer(weights={"dinov2_vits14": str(models["dinov2_vits14"][3])})
-    yield server
-    server.stop()
+    yield from in_process(weights={"dinov2_vits14": str(models["dinov2_vits14"][3])})
 
 
 @pytest.mark.parametrize("preset, size", [("paper", (42, 56)), ("paper_flips", (28, 42))])
