@@ -134,10 +134,10 @@ def test_a_full_queue_refuses_new_requests_with_resource_exhausted(tmp_path):
                 FeatureClient(server.address) as third, ThreadPoolExecutor(2) as pool:
             running = pool.submit(first.fetch_features, noise(1, 1536), tmp_path / "first.h5")
             wait_for(lambda: first.status().running == 1, what="the first request running")
-            waiting = pool.submit(second.fetch_features, noise(2, 64), tmp_path / "second.h5")
+            waiting = pool.submit(second.fetch_features, noise(2, 512), tmp_path / "second.h5")
             wait_for(lambda: first.status().queued == 1, what="the second request waiting")
             with pytest.raises(DinofeatError, match=r"queue is full \(1 requests waiting\)"):
-                third.fetch_features(noise(3, 64), tmp_path / "third.h5")
+                third.fetch_features(noise(3, 512), tmp_path / "third.h5")
             running.result()
             waiting.result()
             assert third.status().refused == 1

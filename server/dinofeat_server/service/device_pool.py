@@ -115,13 +115,14 @@ class DevicePool:
         with self._lock:
             self.waiting = count
 
-    def take(self, lend: bool = False) -> PoolDevice | None:
+    def take(self, lend: bool = False, beyond: int = 0, on: PoolDevice | None = None) -> PoolDevice | None:
         """A free slot on the least loaded device (busy share, then order), or None when all are busy or,
-        to `lend`, when a request waits."""
+        to `lend`, when a request waits. `beyond`: slots a device may run over its workers (small work,
+        scheduler.py); `on`: that device only."""
         with self._lock:
             if lend and self.waiting:
                 return None
-            free = [d for d in self.devices if d.busy < d.workers]
+            free = [d for d in self.devices if d.busy < d.workers + beyond and (on is None or d is on)]
             if not free:
                 return None
             chosen = min(free, key=lambda d: d.busy / d.workers)

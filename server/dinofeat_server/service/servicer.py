@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -36,9 +35,9 @@ from .device_pool import DevicePool, PoolDevice
 from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
 from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, image_channels, segment_work, train_work
 from .result_cache import ResultCache
-from .scheduler import FairScheduler, QueueFull
+from .scheduler import FairScheduler, QueueFull, Slot, estimated_work
 from .security import TokenAuthentication, client_identity
-from .streaming import messages_from_thread
+from .streaming import ThreadPerCall, messages_from_thread
 from .threads import use_threads
 from .usage import Usage
 
@@ -53,6 +52,12 @@ MAX_MODEL_BYTES = 512 << 20
 
 class Stalled(Exception):
     """The client read nothing, or sent nothing, for the server's stall_seconds."""
+
+
+SET_ASIDE_S = 2.0
+"""A stream whose client has read nothing for this long lends its worker to waiting requests (see _send)."""
+STALL_POLL_S = 0.5
+"""How often a stalled stream looks for waiting requests to hand its worker to."""
 
 
 def checked_computation(feature_set: str, options: pb.FeatureOptions, default_set: str = DEFAULT_SET) -> FeatureComputation:
@@ -131,8 +136,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.usage = Usage()
         self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client, pool)
         self.threads = limits.threads_per_worker(len(pool.devices))
-        self.executor = ThreadPoolExecutor(max_workers=pool.slots, thread_name_prefix="dinofeat-engine",
-                                           initializer=use_threads, initargs=(self.threads,))
+        self.executor = ThreadPerCall("dinofeat-engine", use_threads, self.threads)
 
     @property
     def device_names(self) -> str:
@@ -151,12 +155,27 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.usage.of(client).refused += 1
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
 
-    async def _send(self, context: grpc.aio.ServicerContext, message) -> None:
-        """Write one message, or raise Stalled when the client has read nothing for stall_seconds."""
+    async def _send(self, context: grpc.aio.ServicerContext, message, slot: Slot | None = None) -> None:
+        """Write one message, or raise Stalled when the client has read nothing for stall_seconds. While the
+        client reads nothing for SET_ASIDE_S and other requests wait, `slot`'s worker goes to them; the
+        stream takes it back, before any newcomer, once its client reads again."""
+        loop = asyncio.get_running_loop()
+        write = asyncio.ensure_future(context.write(message))
+        began = loop.time()
         try:
-            await asyncio.wait_for(context.write(message), self.limits.stall_seconds)
-        except TimeoutError:
-            raise Stalled() from None
+            await asyncio.wait([write], timeout=min(SET_ASIDE_S, self.limits.stall_seconds))
+            while not write.done():
+                if slot is not None and self.scheduler.others_wait:
+                    self.scheduler.set_aside(slot)
+                left = self.limits.stall_seconds - (loop.time() - began)
+                if left <= 0:
+                    raise Stalled()
+                await asyncio.wait([write], timeout=min(left, STALL_POLL_S))
+            write.result()
+        finally:
+            write.cancel()  # nothing once written; a stalled write is abandoned
+        if slot is not None and not slot.held:
+            await self.scheduler.take_back(slot)
 
     async def _received(self, request_iterator):
         """An upload's messages, each due within stall_seconds of the one before (else Stalled)."""
@@ -195,14 +214,14 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         deadline = loop.time() + allowed
         sent, delivered, device = 0, False, ""
         try:
-            async with self.scheduler.slot(client, allowed) as worker:
-                device = str(worker.device)
-                messages = messages_from_thread(self._on_worker(work, worker), self.executor, max(deadline - loop.time(), 0),
+            async with self.scheduler.slot(client, allowed, estimated_work(work)) as slot:
+                device = str(slot.device.device)
+                messages = messages_from_thread(self._on_worker(work, slot.device), self.executor, max(deadline - loop.time(), 0),
                                                 batches=asks_for_batches(context.invocation_metadata() or ()))
                 async with contextlib.aclosing(messages):
                     async for message, size in messages:
                         delivered = message.WhichOneof("message") in ("trailer", "summary")  # the client may hang up once it has the end
-                        await self._send(context, message)
+                        await self._send(context, message, slot)
                         sent += size
                         totals.bytes_sent += size
         except DinofeatError as error:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -201,6 +202,31 @@ async def messages_from_thread(
         cancelled.set()
         room.release()  # a worker waiting for room sees `cancelled` at once
         await asyncio.wait([worker])
+
+
+class ThreadPerCall(Executor):
+    """Runs each call in a thread of its own, started with `initializer(*initargs)`: a stream set aside while
+    its client reads nothing keeps its (parked) thread, so a pool with a thread per slot could run out
+    while slots are free."""
+
+    def __init__(self, name: str, initializer: Callable[..., object], *initargs: object):
+        self.name, self.initializer, self.initargs = name, initializer, initargs
+        self._count = itertools.count()
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                self.initializer(*self.initargs)
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as error:  # handed to whoever waits on the future
+                future.set_exception(error)
+
+        threading.Thread(target=run, name=f"{self.name}_{next(self._count)}", daemon=True).start()
+        return future
 
 
 def wake_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
