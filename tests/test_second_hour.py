@@ -31,3 +31,37 @@ def test_the_line_dev_demo_prints_last_puts_dinofeat_on_path_in_a_fresh_shell(tm
                            text=True, timeout=60)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.startswith("dinofeat ")
+
+
+def key_seen_by(package_parent: Path) -> str:
+    """The local server key (device cpu, default weights) that the dinofeat_client under `package_parent` computes."""
+    code = "from dinofeat_client.local_server import server_key; print(server_key('cpu', None))"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(package_parent)},
+                          capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+def test_two_checkouts_of_one_version_have_two_local_server_keys(tmp_path):
+    import shutil
+
+    from dinofeat_client import local_server
+
+    shutil.copytree(ROOT / "clients" / "dinofeat_client", tmp_path / "dinofeat_client")
+    assert key_seen_by(ROOT / "clients") == local_server.server_key("cpu", None)
+    assert key_seen_by(tmp_path) != local_server.server_key("cpu", None)
+
+
+def test_local_status_names_the_installation_a_server_belongs_to(tmp_path, monkeypatch):
+    from conftest import run_cli
+    from dinofeat_client import local_server
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    address = local_server.local_address("cpu", None, notify=lambda line: None)
+    try:
+        assert address is not None
+        status = run_cli("local", "status")
+        assert status.returncode == 0
+        assert f"from {sys.prefix} (code in {ROOT / 'clients'})" in status.stdout
+    finally:
+        for info in local_server.running(tmp_path / "dinofeat"):
+            local_server.stop(info)

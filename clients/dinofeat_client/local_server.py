@@ -2,7 +2,8 @@
 
 A command without --server looks for this user's local server on a Unix socket in a private folder
 ($XDG_RUNTIME_DIR/dinofeat, else ~/.cache/dinofeat/run; mode 0700, so no token is needed), one server per
-key: the dinofeat version, --device and the --weights files (path, size, modification time). When none
+key: the installation (interpreter prefix and package folder, so two checkouts or environments each keep their
+own), the dinofeat version, --device and the --weights files (path, size, modification time). When none
 answers it starts one, detached (`python -m dinofeat_client.local_server SOCKET ...`, one worker with
 every core, its log beside the socket), under an fcntl lock on the key's lock file so that commands started
 at once start one server, and waits until its gRPC health service says SERVING. A socket that does not
@@ -118,9 +119,16 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
+def installation() -> str:
+    """Which dinofeat is running: the interpreter's prefix (its virtual environment) and the package's folder (its
+    checkout, for an editable install), e.g. "/home/me/dinofeat/.venv (code in /home/me/dinofeat/clients)"."""
+    return f"{sys.prefix} (code in {Path(__file__).resolve().parent.parent})"
+
+
 def server_key(device: str, weights: dict[str, str] | None) -> str:
-    """What a server must match to be reused: the dinofeat version, the device and each weights file's path, size
-    and modification time (a file changed in place gets a new server)."""
+    """What a server must match to be reused: the installation, the dinofeat version, the device and each weights
+    file's path, size and modification time (a file changed in place gets a new server). Two checkouts of one version
+    have different keys, so each keeps its own server instead of replacing the other's on every command."""
     files = []
     for backbone, path in sorted((weights or {}).items()):
         try:
@@ -128,7 +136,7 @@ def server_key(device: str, weights: dict[str, str] | None) -> str:
             files.append([backbone, path, found.st_size, found.st_mtime_ns])
         except OSError:
             files.append([backbone, path, None, None])
-    text = json.dumps({"version": __version__, "device": device, "weights": files}, sort_keys=True)
+    text = json.dumps({"installation": installation(), "version": __version__, "device": device, "weights": files}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -333,7 +341,8 @@ def describe(info: dict) -> str:
     """One line about a running local server for `dinofeat local status`."""
     weights = ", ".join(f"{name}={path}" for name, path in (info.get("weights") or {}).items()) or "default"
     minutes = (time.time() - info.get("started", time.time())) / 60
-    return (f"pid {info['pid']}: dinofeat {info.get('version')}, device {info.get('device')}, weights {weights}, up {minutes:.0f} min, "
+    return (f"pid {info['pid']}: dinofeat {info.get('version')} from {info.get('installation', 'an unknown installation')}, "
+            f"device {info.get('device')}, weights {weights}, up {minutes:.0f} min, "
             f"exits after {info.get('idle_minutes', IDLE_MINUTES):g} min idle; socket {info.get('socket')}, log {info.get('log')}")
 
 
@@ -351,7 +360,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     socket = Path(args.socket)
     weights = dict(entry.split("=", 1) for entry in args.weights) or None
     info = socket.with_suffix(".json")
-    info.write_text(json.dumps({"pid": os.getpid(), "version": __version__, "device": args.device, "weights": weights,
+    info.write_text(json.dumps({"pid": os.getpid(), "version": __version__, "installation": installation(),
+                                "device": args.device, "weights": weights,
                                 "idle_minutes": args.idle_minutes, "code": args.code, "started": time.time(), "socket": str(socket),
                                 "log": str(socket.with_suffix(".log"))}))
     try:
