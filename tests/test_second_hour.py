@@ -65,3 +65,62 @@ def test_local_status_names_the_installation_a_server_belongs_to(tmp_path, monke
     finally:
         for info in local_server.running(tmp_path / "dinofeat"):
             local_server.stop(info)
+
+
+def two_phase_image(seed: int) -> "np.ndarray":
+    """A 64x64 two-phase image: dark left, bright right, noise."""
+    import numpy as np
+
+    image = np.full((64, 64), 60.0)
+    image[:, 32:] = 190
+    return np.clip(image + np.random.default_rng(seed).normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def classical_model(tmp_path_factory, inprocess_address) -> Path:
+    """A model of the classical set trained on a two-phase image (two classes: 1 left, 2 right)."""
+    import numpy as np
+    import tifffile
+    from conftest import run_cli
+
+    folder = tmp_path_factory.mktemp("model")
+    tifffile.imwrite(folder / "train.tif", two_phase_image(0))
+    labels = np.zeros((64, 64), np.uint8)
+    labels[10:50, 5:12], labels[10:50, 50:57] = 1, 2
+    tifffile.imwrite(folder / "labels.tif", labels)
+    trained = run_cli("train", str(folder / "train.tif"), "--labels", str(folder / "labels.tif"), "-o", str(folder / "m.dfm"),
+                      "--set", "classical", "--trees", "5", "--server", inprocess_address)
+    assert trained.returncode == 0, trained.stderr
+    return folder / "m.dfm"
+
+
+def test_apply_overwrite_removes_the_probabilities_and_pictures_of_an_earlier_run(classical_model, tmp_path, inprocess_address):
+    import tifffile
+    from conftest import run_cli
+
+    tifffile.imwrite(tmp_path / "cell.tif", two_phase_image(1))
+    tifffile.imwrite(tmp_path / "other.tif", two_phase_image(2))
+    out = tmp_path / "out"
+    first = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), str(tmp_path / "other.tif"), "-o", str(out),
+                    "--probabilities", "--pictures", "--server", inprocess_address)
+    assert first.returncode == 0, first.stderr
+    assert {"cell.probabilities.h5", "cell.overlay.png", "cell.p1.png", "cell.p2.png"} < {p.name for p in out.iterdir()}
+    again = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--overwrite",
+                    "--server", inprocess_address)
+    assert again.returncode == 0, again.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert [name for name in left if name.startswith("cell")] == ["cell.tif"]
+    assert "other.probabilities.h5" in left and "other.p2.png" in left  # another image's outputs stay
+
+
+def test_apply_without_overwrite_skips_the_image_and_keeps_its_earlier_files(classical_model, tmp_path, inprocess_address):
+    import tifffile
+    from conftest import run_cli
+
+    tifffile.imwrite(tmp_path / "cell.tif", two_phase_image(1))
+    out = tmp_path / "out"
+    assert run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--probabilities",
+                   "--server", inprocess_address).returncode == 0
+    again = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--server", inprocess_address)
+    assert "1 skipped" in again.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cell.probabilities.h5", "cell.tif"]

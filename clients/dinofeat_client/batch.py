@@ -8,7 +8,8 @@ One definition serves every command that takes several images (`apply`, `fewshot
   suffix (`-o results`); the folder is created (with its parents) when missing, and each output is
   named after its input's stem. Otherwise (one input, `-o seg.tif`) it names the output file itself
   (outputs.py holds the policy every output follows);
-- outputs in a folder that already exist are skipped unless `--overwrite`;
+- outputs in a folder that already exist are skipped unless `--overwrite`, which also removes what an earlier
+  run wrote for that image and this one does not (its NAME.probabilities.h5, its pictures): earlier_outputs;
 - a failing image is reported and the rest go on; the command exits non-zero if any failed. A server
   that stays unavailable (after the client's retries) ends the batch: the images left are not tried,
   and the same command run again skips what is done.
@@ -17,6 +18,7 @@ One definition serves every command that takes several images (`apply`, `fewshot
 from __future__ import annotations
 
 import glob
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,3 +113,15 @@ def run_batch(inputs: list[Path], work: Callable[[Path], None], exists: Callable
                     break
         progress("images", number, len(inputs))
     return report
+
+
+def remove_earlier_outputs(folder: Path, outputs_of_one_image: str, written: list[Path]) -> list[Path]:
+    """Remove the files in `folder` whose names fully match the regular expression `outputs_of_one_image` (every
+    name a run of the command can write for one image) except those just `written`; the removed files. For
+    --overwrite: an earlier run's probabilities or pictures never stay beside a class map they do not belong to."""
+    kept = {path.resolve() for path in written}
+    removed = [path for path in folder.iterdir()
+               if re.fullmatch(outputs_of_one_image, path.name) and path.is_file() and path.resolve() not in kept]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

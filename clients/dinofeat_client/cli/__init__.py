@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     pictures = argparse.ArgumentParser(add_help=False)
     pictures.add_argument("--pictures", action="store_true", help="also write PNG pictures next to the outputs")
     batch = argparse.ArgumentParser(add_help=False)
-    batch.add_argument("--overwrite", action="store_true", help="replace outputs that exist in the output folder (default: skip those images)")
+    batch.add_argument("--overwrite", action="store_true", help="replace outputs that exist in the output folder, and remove "
+                       "the files an earlier run wrote for the same image that this run does not (probabilities, pictures) "
+                       "(default: skip those images)")
 
     pyramid = argparse.ArgumentParser(add_help=False)
     pyramid.add_argument("--pyramid", type=int, default=0, metavar="N", help="with -o OUT.zarr: N more levels of the label "

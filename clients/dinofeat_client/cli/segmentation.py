@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..batch import image_files, output_folder, run_batch, writes_to_folder
+from ..batch import image_files, output_folder, remove_earlier_outputs, run_batch, writes_to_folder
 from ..errors import DinofeatError
 from ..images import (
     check_image,
@@ -68,8 +69,8 @@ def write_pictures(image: np.ndarray, output: Path, probabilities: Path | None, 
 
 
 def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Path, probabilities: Path | None,
-                        keep: bool = True) -> None:
-    """Say what was written; with --pictures also write the class overlay (with its legend) and one
+                        keep: bool = True) -> list[Path]:
+    """Say what was written, and return it; with --pictures also write the class overlay (with its legend) and one
     probability map per class as PNG, of the middle slice for a stack. Probabilities not asked for
     (`keep` False) are removed once drawn."""
     written = [output] + ([probabilities] if probabilities and keep else [])
@@ -81,6 +82,13 @@ def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Pat
         if probabilities and not keep:
             remove_quietly(probabilities)
     print("wrote " + ", ".join(str(p) for p in written) + note)
+    return written
+
+
+def apply_outputs(output: Path) -> str:
+    """Every file name apply writes for the class map `output`: itself, NAME.probabilities.h5, and the pictures
+    NAME.overlay.png and NAME.pVALUE.png (a regular expression, for remove_earlier_outputs)."""
+    return re.escape(output.stem) + "(" + re.escape(output.suffix) + r"|\.probabilities\.h5|\.overlay\.png|\.p-?\d+\.png)"
 
 
 def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -113,7 +121,9 @@ def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
             output, probabilities = client.apply(args.model, image, args.output, probabilities_target(args, args.output, requested),
                                                  args.set or "", progress=bars)
         bars.close()
-        report_segmentation(args, image, output, probabilities, keep=bool(requested))
+        written = report_segmentation(args, image, output, probabilities, keep=bool(requested))
+        if args.overwrite:
+            remove_earlier_outputs(Path(output).absolute().parent, apply_outputs(Path(output)), written)
         return
     if isinstance(args.probabilities, str):
         raise DinofeatError("with an output folder --probabilities takes no file name: each image's probabilities "
@@ -129,7 +139,9 @@ def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
             output, requested = outputs(path)
             output, probabilities = client.apply(args.model, image, output, probabilities_target(args, output, requested),
                                                  args.set or "", progress=bars)
-            report_segmentation(args, image, output, probabilities, keep=bool(requested))
+            written = report_segmentation(args, image, output, probabilities, keep=bool(requested))
+            if args.overwrite:
+                remove_earlier_outputs(folder, apply_outputs(output), written)
 
         report = run_batch(inputs, work, lambda path: not args.overwrite and outputs(path)[0].exists(), bars)
     bars.close()
@@ -185,6 +197,8 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
                 plane, classes, _, note = drawable(query, mask)
                 written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(plane, classes)))
             print("wrote " + ", ".join(str(p) for p in written) + note)
+            if args.overwrite:
+                remove_earlier_outputs(folder, re.escape(path.stem) + r"_mask(\.tif|\.overlay\.png)", written)
 
         report = run_batch(queries, work, lambda path: not args.overwrite and (folder / f"{path.stem}_mask.tif").exists(), bars)
     bars.close()
