@@ -268,7 +268,8 @@ def test_offline_download_fails_with_one_clear_sentence(tmp_path, monkeypatch):
     with socket_closed_port() as port:
         monkeypatch.setenv("DINOFEAT_WEIGHTS_URL", f"http://127.0.0.1:{port}/mirror/")
         with pytest.raises(DinofeatError, match=r"^cannot download http://127.0.0.1:\d+/mirror/dinov2_vits14/dinov2_vits14_pretrain\.pth "
-                                                r"\(.*\); pass --weights PATH or set DINOFEAT_WEIGHTS\.$"):
+                                                r"\(.*\); the deep sets need DINOv2 weights: pass --weights PATH .*"
+                                                r"`dinofeat weights random .* \(--set multiscale\)\.$"):
             resolve_weights("dinov2_vits14")
     assert list(tmp_path.iterdir()) == []
 

@@ -124,3 +124,77 @@ def test_apply_without_overwrite_skips_the_image_and_keeps_its_earlier_files(cla
     again = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--server", inprocess_address)
     assert "1 skipped" in again.stdout
     assert sorted(p.name for p in out.iterdir()) == ["cell.probabilities.h5", "cell.tif"]
+
+
+@pytest.fixture(scope="module")
+def random_vits14(tmp_path_factory) -> tuple[Path, "subprocess.CompletedProcess"]:
+    """`dinofeat weights random dinov2_vits14 -o random.pth --seed 3`: the file and the command's result."""
+    from conftest import run_cli
+
+    path = tmp_path_factory.mktemp("weights") / "random.pth"
+    return path, run_cli("weights", "random", "dinov2_vits14", "-o", str(path), "--seed", "3")
+
+
+def test_a_random_checkpoint_has_the_official_architecture_and_layout(random_vits14):
+    from dinofeat_server.engine.weights import load_backbone, official_config
+
+    path, written = random_vits14
+    assert written.returncode == 0, written.stderr
+    assert load_backbone(path).config == official_config("dinov2_vits14")
+    assert "22.1 M random parameters" in written.stdout
+
+
+def test_a_random_checkpoint_says_loudly_that_its_features_mean_nothing(random_vits14):
+    path, written = random_vits14
+    assert f"WARNING: {path} holds RANDOM weights (seed 3)" in written.stderr
+    assert "carry NO meaning" in written.stderr and "never for results" in written.stderr
+
+
+def test_one_seed_gives_one_checkpoint_and_another_seed_another():
+    import torch
+    from dinofeat_server.engine.weights import random_backbone
+
+    first, again, other = (random_backbone("dinov2_vits14_reg", seed).state_dict() for seed in (5, 5, 6))
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+    assert first["register_tokens"].shape == (1, 4, 384)
+
+
+def test_a_deep_set_runs_offline_with_the_random_checkpoint(random_vits14, tmp_path):
+    import h5py
+    import tifffile
+    from conftest import run_cli
+
+    path, _ = random_vits14
+    tifffile.imwrite(tmp_path / "cell.tif", two_phase_image(4))
+    done = run_cli("features", str(tmp_path / "cell.tif"), "-o", str(tmp_path / "deep.h5"), "--set", "dinov2", "--preset", "fast",
+                   "--weights", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    with h5py.File(tmp_path / "deep.h5") as f:
+        assert f["features"].shape[-2:] == (64, 64) and f["features"].shape[0] == 384
+
+
+def test_a_failed_download_names_the_random_checkpoint_and_the_filter_bank(tmp_path, monkeypatch):
+    import socket
+
+    from dinofeat_client.errors import DinofeatError
+    from dinofeat_server.engine.weights import resolve_weights
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("DINOFEAT_CACHE", str(tmp_path))
+    monkeypatch.setenv("DINOFEAT_WEIGHTS_URL", f"http://127.0.0.1:{port}/")
+    monkeypatch.delenv("DINOFEAT_WEIGHTS", raising=False)
+    with pytest.raises(DinofeatError) as refused:
+        resolve_weights("dinov2_vits14")
+    assert "`dinofeat weights random BACKBONE -o FILE.pth`" in str(refused.value) and "(--set multiscale)" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["fewshot", "ilastik"])
+def test_the_help_of_a_command_whose_default_needs_weights_says_so_and_names_the_alternatives(command):
+    from conftest import run_cli
+
+    shown = " ".join(run_cli(command, "--help").stdout.split())
+    assert "it needs DINOv2 weights" in shown and "dinofeat weights random BACKBONE -o FILE.pth" in shown
+    assert "--set multiscale needs none" in shown

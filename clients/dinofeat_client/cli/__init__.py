@@ -26,6 +26,7 @@ from .segmentation import (
     command_segment,
     command_train,
 )
+from .weights import command_weights_random
 from .servers import (
     LIMIT_FLAGS,
     command_local,
@@ -52,6 +53,11 @@ def deep_parser(pca_help: str) -> argparse.ArgumentParser:
                            "paper presets, dataset for the other deep presets")
     deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
     return deep
+
+
+NEEDS_WEIGHTS = ("; it needs DINOv2 weights, downloaded once, or --weights FILE; offline, `dinofeat weights random "
+                 "BACKBONE -o FILE.pth` writes a checkpoint that runs but means nothing, and --set multiscale needs none")
+"""What the help of a command whose default set is deep adds to --set."""
 
 
 def set_option(parser: argparse.ArgumentParser, default: str = DEFAULT_SET, why: str = "") -> None:
@@ -211,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", nargs="+", required=True, help="support image(s)")
     p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
     p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files (created if missing)")
-    set_option(p, DEEP_DEFAULT_SET, ", the frozen encoder of seed 001")
+    set_option(p, DEEP_DEFAULT_SET, f", the frozen encoder of seed 001{NEEDS_WEIGHTS}")
     p.add_argument("--window", type=int, default=0, help="ALP pooling window in grid cells (default 4)")
     p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
     p.add_argument("--components", choices=("auto", "most_confident", "all"), default="auto",
@@ -224,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=command_ilastik)
     p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
     p.add_argument("-o", "--output", help="the new project's folder (created if missing)")
-    set_option(p, ILASTIK_DEFAULT_SET, ": ilastik has its own filters")
+    set_option(p, ILASTIK_DEFAULT_SET, f": ilastik has its own filters{NEEDS_WEIGHTS}")
     p.add_argument("--labels", nargs="+", help="scribbles, one per image, shown in ilastik as labels")
     p.add_argument("--classes", nargs="+", help="class names, in ascending scribble value")
     p.add_argument("--quantise", default="float32", help="float32 (default), uint16 or uint8: smaller files, same classes")
@@ -264,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("limits", "override the config file's [limits]; the README lists the defaults")
     for name, (kind, meaning) in LIMIT_FLAGS.items():
         limits.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help=meaning)
+
+    weights = commands.add_parser("weights", help="DINOv2 weights files: a random checkpoint for trying deep sets offline")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="random")
+    p = weights_commands.add_parser("random", help="write a seeded RANDOM checkpoint of a backbone (official layout): "
+                                    "every deep command runs with --weights FILE, but its features carry no meaning",
+                                    description="Write the official architecture of BACKBONE with seeded random weights, "
+                                    "in the layout of the official .pth files, for trying the deep sets offline "
+                                    "(--weights FILE.pth). Its features carry no meaning: never use them for results.")
+    p.set_defaults(run=command_weights_random)
+    p.add_argument("backbone", metavar="BACKBONE", help=f"an official backbone name, e.g. {DEFAULT_BACKBONE} (about 90 MB; "
+                   "vitb14 350 MB, vitl14 1.2 GB, vitg14 4.5 GB), with _reg for 4 registers")
+    p.add_argument("-o", "--output", required=True, help="the .pth file to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same weights (default 0)")
 
     p = commands.add_parser("demo", parents=[remote, deep], help="run the whole job on a generated sample")
     p.set_defaults(run=command_demo)

@@ -5,6 +5,9 @@ Hugging Face `facebook/dinov2-*` and `facebook/dinov2-with-registers-*` files (s
 are converted key by key (q/k/v fused into qkv, layer_scale -> ls, ...). Nothing is unpickled:
 .pth/.bin files load with `torch.load(weights_only=True)`.
 
+DINOv3 backbones (`dinov3.py`) load from `--weights` only: their licence (the DINOv3 License) is accepted by
+each user on Meta's download page, so nothing here downloads them; `dinov3_weights.py` reads their layouts.
+
 Downloads go once into a cache (`$DINOFEAT_CACHE`, else `$XDG_CACHE_HOME/dinofeat`, else
 `~/.cache/dinofeat`), through a temporary file, with a progress bar; the file's sha256 is recorded
 beside it and checked on every later load, so a truncated or altered file is never used. They come
@@ -24,8 +27,13 @@ import torch
 from dinofeat_client.errors import DinofeatError
 
 from .backbone import OFFICIAL_CONFIGS, DinoVisionTransformer, VitConfig
+from .dinov3 import DINOV3_BACKBONES, DINOV3_CONFIGS, Dinov3Config, Dinov3VisionTransformer
+from .dinov3_weights import described, layout, load_dinov3, without_prefix
 
-BACKBONES = tuple(f"dinov2_vit{size}14{suffix}" for size in "sblg" for suffix in ("", "_reg"))
+DINOV2_BACKBONES = tuple(f"dinov2_vit{size}14{suffix}" for size in "sblg" for suffix in ("", "_reg"))
+BACKBONES = DINOV2_BACKBONES + DINOV3_BACKBONES
+DINOV3_DOWNLOADS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+"""Where users accept the DINOv3 License and get the official files (also on Hugging Face, facebook/dinov3-*)."""
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 OFFICIAL_PATH = "dinov2_vit{size}14/dinov2_vit{size}14{reg}_pretrain.pth"
 BASE_URL_VARIABLE = "DINOFEAT_WEIGHTS_URL"
@@ -39,6 +47,8 @@ def official_url(backbone: str) -> str:
     """Download address of an official backbone, e.g. dinov2_vits14_reg -> .../dinov2_vits14_reg4_pretrain.pth,
     below $DINOFEAT_WEIGHTS_URL when set."""
     check_backbone(backbone)
+    if backbone in DINOV3_BACKBONES:
+        raise no_dinov3_download(backbone)
     size = backbone[len("dinov2_vit")]
     base = os.environ.get(BASE_URL_VARIABLE) or OFFICIAL_BASE_URL
     return f"{base.rstrip('/')}/" + OFFICIAL_PATH.format(size=size, reg="_reg4" if backbone.endswith("_reg") else "")
@@ -47,6 +57,13 @@ def official_url(backbone: str) -> str:
 def check_backbone(backbone: str) -> None:
     if backbone not in BACKBONES:
         raise DinofeatError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
+
+
+def no_dinov3_download(backbone: str) -> DinofeatError:
+    """The one sentence for a DINOv3 backbone without a weights file."""
+    return DinofeatError(f"{backbone} needs its weights file: DINOv3 weights come under the DINOv3 License, which each user "
+                         f"accepts at {DINOV3_DOWNLOADS} (or on Hugging Face, facebook/{backbone.replace('_', '-')}-pretrain-lvd1689m); "
+                         "pass the downloaded file with --weights PATH.")
 
 
 def cache_dir() -> Path:
@@ -81,7 +98,10 @@ def download(url: str, target: Path, progress: bool = True) -> Path:
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         partial.unlink(missing_ok=True)
         reason = getattr(error, "reason", error)
-        raise DinofeatError(f"cannot download {url} ({reason}); pass --weights PATH or set DINOFEAT_WEIGHTS.") from None
+        raise DinofeatError(f"cannot download {url} ({reason}); the deep sets need DINOv2 weights: pass --weights PATH "
+                            "(offline, `dinofeat weights random BACKBONE -o FILE.pth` writes a random checkpoint that tries "
+                            "the commands but whose features mean nothing) or set DINOFEAT_WEIGHTS, or choose a filter bank "
+                            "(--set multiscale).") from None
     Path(str(target) + ".sha256").write_text(file_sha256(partial) + "\n")
     os.replace(partial, target)
     return target
@@ -181,9 +201,19 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> VitConfig:
     return VitConfig(dim=dim, depth=depth, mlp_hidden=hidden, registers=registers, swiglu=swiglu, patch=patch, pos_grid=grid)
 
 
-def load_backbone(path: Path) -> DinoVisionTransformer:
-    """Build the model a weights file describes and load it (official or Hugging Face layout)."""
+def load_backbone(path: Path, backbone: str | None = None) -> DinoVisionTransformer | Dinov3VisionTransformer:
+    """Build the model a weights file describes and load it: DINOv2 (official or Hugging Face layout) or DINOv3
+    (official, transformers or timm layout, told by the keys). With `backbone`, a file of the other family, or a
+    DINOv3 file of another size, is refused in one sentence."""
     state = read_state_dict(path)
+    if layout(without_prefix(state)) is not None:
+        if backbone is not None and backbone not in DINOV3_BACKBONES:
+            raise DinofeatError(f"{path} holds DINOv3 weights, but --backbone names the DINOv2 model {backbone}; "
+                                "name the DINOv3 backbone the file holds (e.g. --backbone dinov3_vits16).")
+        return load_dinov3(path, state, backbone)
+    if backbone in DINOV3_BACKBONES:
+        raise DinofeatError(f"{path} is no DINOv3 ViT checkpoint in a known layout (official, transformers or timm), but "
+                            f"--backbone names {described(backbone)}; give that model's file from {DINOV3_DOWNLOADS}.")
     if any(k.startswith(("embeddings.", "encoder.", "dinov2.")) for k in state):
         state = from_hugging_face(state)
     model = DinoVisionTransformer(config_from_state_dict(state))
@@ -194,8 +224,35 @@ def load_backbone(path: Path) -> DinoVisionTransformer:
     return model.eval()
 
 
-def official_config(backbone: str) -> VitConfig:
+def official_config(backbone: str) -> VitConfig | Dinov3Config:
     """The architecture of a named official backbone (for building a model without weights)."""
     check_backbone(backbone)
+    if backbone in DINOV3_BACKBONES:
+        return DINOV3_CONFIGS[backbone]
     base = OFFICIAL_CONFIGS[backbone[len("dinov2_vit")]]
     return VitConfig(**{**base.__dict__, "registers": 4 if backbone.endswith("_reg") else 0})
+
+
+def random_backbone(backbone: str, seed: int = 0) -> DinoVisionTransformer:
+    """The official architecture of `backbone` with seeded random weights: torch's own initialisation of each
+    layer, and normal(0, 0.02) position embeddings, CLS and register tokens, so that tokens differ by place.
+    Its features carry no meaning; it is for trying the deep commands' plumbing without the official download."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = DinoVisionTransformer(official_config(backbone))
+        with torch.no_grad():
+            for tokens in (model.pos_embed, model.cls_token, model.register_tokens):
+                if tokens is not None:
+                    tokens.normal_(0.0, 0.02)
+    finally:
+        torch.random.set_rng_state(generator_state)  # the caller's random stream is left as it was
+    return model.eval()
+
+
+def save_random_checkpoint(backbone: str, path: Path, seed: int = 0) -> int:
+    """Write random_backbone(backbone, seed) to `path` as an official-layout state dict (a .pth that --weights and
+    `serve --weights` load like the real file); the number of parameters."""
+    model = random_backbone(backbone, seed)
+    torch.save(model.state_dict(), path)
+    return sum(p.numel() for p in model.parameters())
