@@ -159,3 +159,56 @@ def hr_dv2_features(net, grey: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
         features = net.forward_sequential(tensor)
         return torch.nn.functional.interpolate(features, grey.shape)
+
+
+DINOV3_TARBALL = "dinov3-6876159.tar.gz"
+
+
+def dinov3_code() -> Path:
+    """The unpacked official DINOv3 code (hubconf.py and the dinov3 package), importable as `dinov3`."""
+    folder = unpacked(DINOV3_TARBALL, "dinov3-6876159")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
+
+
+def official_dinov3(name: str, depth: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """The official DINOv3 backbone `name` (e.g. "dinov3_vits16plus") as its hub function builds it, untrained, with
+    `depth` blocks instead of its own where given (every other setting the hub's: widths, heads, RoPE, storage
+    tokens, LayerScale, SwiGLU, the key-bias mask), and random weights drawn with `seed`: the official
+    initialisation, then LayerScale, norms and biases drawn too, so every part of every block counts."""
+    dinov3_code()
+    backbones = importlib.import_module("dinov3.hub.backbones")
+    vision_transformer = importlib.import_module("dinov3.models.vision_transformer")
+    real = vision_transformer.DinoVisionTransformer
+    vision_transformer.DinoVisionTransformer = lambda **kwargs: real(**{**kwargs, "depth": depth or kwargs["depth"]})
+    try:
+        model = getattr(backbones, name)(pretrained=False)
+    finally:
+        vision_transformer.DinoVisionTransformer = real
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.init_weights()
+    with torch.no_grad():
+        for key, value in model.named_parameters():
+            if key.endswith("gamma") or key.endswith("norm.weight") or ".norm" in key and key.endswith("weight"):
+                value.copy_(0.5 + torch.rand(value.shape, generator=generator))
+            elif key.endswith("bias") or key in ("storage_tokens", "cls_token"):
+                value.copy_(0.1 * torch.randn(value.shape, generator=generator))
+    return model.eval()
+
+
+def official_dinov3_tokens(model: torch.nn.Module, images: torch.Tensor, stride: int | None = None) -> torch.Tensor:
+    """Normalised patch tokens (B, C, rows, cols) of the official model's own `forward_features`, with the patch
+    embedding's stride set to `stride` as HR-Dv2's DINOv3 path does."""
+    proj = model.patch_embed.proj
+    original = proj.stride
+    proj.stride = (stride, stride) if stride else original
+    try:
+        with torch.no_grad():
+            x = model.patch_embed.proj(images)
+            rows, cols = x.shape[-2:]
+            tokens = model.forward_features(images)["x_norm_patchtokens"]
+    finally:
+        proj.stride = original
+    return tokens.transpose(1, 2).reshape(images.shape[0], -1, rows, cols)

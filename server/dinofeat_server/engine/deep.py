@@ -5,6 +5,8 @@ Presets trade quality for time:
 - `default`: stride 7, 9 reflect-shifted views (3 px in 8 directions), aligned bilinear upsampling;
 - `paper`: stride 4, 17 views (1 and 2 px in 8 directions), the reference's exact algorithm;
 - `paper_flips`: the same with the reference's 4 flips (68 views).
+DINOv3 backbones (patch 16) take the same presets at their patch: `fast` stride 16, `default` stride 8 with 4 px
+shifts, `paper` and `paper_flips` stride 4 as HR-Dv2's DINOv3 path (`PATCH16_PRESETS`).
 Images larger than the memory budget are cut into overlapping tiles (see `tiles.py`); each tile's
 tokens are mapped into the dataset's feature space before upsampling, blended with linear ramps, and
 released in strips of rows as soon as they are final, so memory depends on the tile size and the
@@ -29,7 +31,8 @@ from dinofeat_client.errors import DinofeatError
 
 from dinofeat_client.durations import spoken_duration
 
-from .backbone import DinoVisionTransformer, forward_flops, imagenet_normalised, token_grid
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer, forward_flops, token_grid
+from .dinov3 import DINOV3_BACKBONES, Dinov3Config
 from .progress import Advance, run_to_end
 from .lending import in_plan_order
 from .tiles import TILE_OVERLAP, Tile, TileBlender, blend_order, tile_plan, tile_rows
@@ -41,6 +44,13 @@ PRESETS: dict[str, ViewSpec] = {
     "paper": ViewSpec(stride=4, distances=(1, 2), directions=8, mode="paper"),
     "paper_flips": ViewSpec(stride=4, distances=(1, 2), directions=8, flips=True, mode="paper"),
 }
+PATCH16_PRESETS: dict[str, ViewSpec] = {
+    "fast": ViewSpec(stride=16, upsampler="joint_bilateral"),
+    "default": ViewSpec(stride=8, distances=(4,), directions=8, upsampler="bilinear"),
+    "paper": PRESETS["paper"],
+    "paper_flips": PRESETS["paper_flips"],
+}
+"""The presets of the patch-16 (DINOv3) backbones: the same views at strides of the patch and half the patch."""
 CPU_FLOPS_PER_THREAD = 18.5e9
 """ViT operations per second of one CPU thread, end to end (upsampling and blending included),
 measured on the build machine: ViT-S at 518x518 took 2.5 s with `fast` and 138 s with `default` on
@@ -53,22 +63,36 @@ CELL = 256
 """Blocks are released in whole 256 x 256 cells: the (1, 256, 256) chunks of the HDF5 file."""
 Block = tuple[int, int, torch.Tensor]
 """(first row, first column, features (C, rows, columns))."""
+MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
 
 
-def preset(name: str) -> ViewSpec:
+def presets_for(patch: int) -> dict[str, ViewSpec]:
+    """The presets of a backbone with this patch size (14: DINOv2, 16: DINOv3)."""
+    return PATCH16_PRESETS if patch == 16 else PRESETS
+
+
+def preset(name: str, backbone: str = "dinov2_vits14") -> ViewSpec:
+    """The views of preset `name` for `backbone` (its patch decides the strides)."""
     try:
-        return PRESETS[name]
+        return presets_for(16 if backbone in DINOV3_BACKBONES else 14)[name]
     except KeyError:
         raise DinofeatError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.") from None
 
 
-def model_input(image: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, X) or (Y, X, 3) intensities in [0, 1] -> ImageNet-normalised (1, 3, Y, X) and a (1, 1, Y, X) guide.
+def model_input(image: np.ndarray, device: torch.device, mean_std: MeanStd = (IMAGENET_MEAN, IMAGENET_STD)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, X) or (Y, X, 3) intensities in [0, 1] -> normalised (1, 3, Y, X) (ImageNet's mean and std unless the
+    weights want others) and a (1, 1, Y, X) guide.
 
     Greyscale is repeated to three channels, as the reference does (ToTensor + Normalize)."""
     planes = np.repeat(image[None], 3, axis=0) if image.ndim == 2 else np.moveaxis(image, -1, 0)
     rgb = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None].to(device)
-    return imagenet_normalised(rgb), rgb.mean(dim=1, keepdim=True)
+    mean, std = (torch.tensor(values, device=device, dtype=rgb.dtype).view(1, 3, 1, 1) for values in mean_std)
+    return (rgb - mean) / std, rgb.mean(dim=1, keepdim=True)
+
+
+def input_normalisation(model: DinoVisionTransformer) -> MeanStd:
+    """The mean and std a model's weights expect: ImageNet's, or a DINOv3 checkpoint's own (SAT-493M)."""
+    return model.config.mean_std if isinstance(model.config, Dinov3Config) else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def estimated_bytes(height: int, width: int, channels: int, model: DinoVisionTransformer, spec: ViewSpec, batch: int) -> int:
@@ -107,9 +131,12 @@ class SpareWorkers(Protocol):
 
 
 class DeepExtractor:
-    """A loaded DINOv2 model on one device, computing full-resolution features tile by tile within a memory budget."""
+    """A loaded DINOv2 or DINOv3 model on one device, computing full-resolution features tile by tile within a memory budget."""
 
     def __init__(self, model: DinoVisionTransformer, device: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        if isinstance(model.config, Dinov3Config) and model.config.gpu_only and device.type == "cpu":
+            raise DinofeatError("the DINOv3 7B backbone runs on GPU servers only (27 GB of weights, hours per image on a CPU); "
+                                "start the server with --device cuda, or choose dinov3_vitl16 or a smaller backbone.")
         self.model = model.to(device).eval()
         self.device = device
         self.budget_bytes = budget_bytes
@@ -164,16 +191,17 @@ class DeepExtractor:
         seconds = self.expected_seconds(tiles, spec)
         if seconds < NOTICE_SECONDS:
             return ""
-        name = next((n for n, p in PRESETS.items() if p == spec), f"{spec.view_count()} views at stride {spec.stride}")
+        presets = presets_for(self.model.config.patch)
+        name = next((n for n, p in presets.items() if p == spec), f"{spec.view_count()} views at stride {spec.stride}")
         sentence = f"this {height}x{width} image takes about {spoken_duration(seconds)} on this server's CPU with preset {name!r}"
-        if spec != PRESETS["fast"]:  # a ratio of the ViT's operations: fast's other costs (upsampling, writing) weigh more
-            sentence += f"; --preset fast needs about {seconds / self.expected_seconds(tiles, PRESETS['fast']):.0f}x fewer operations"
+        if spec != presets["fast"]:  # a ratio of the ViT's operations: fast's other costs (upsampling, writing) weigh more
+            sentence += f"; --preset fast needs about {seconds / self.expected_seconds(tiles, presets['fast']):.0f}x fewer operations"
         return sentence + " (a GPU server takes seconds)."
 
     def check_size(self, height: int, width: int) -> None:
         patch = self.model.config.patch
         if min(height, width) < patch:
-            raise DinofeatError(f"the image is {height}x{width} pixels; DINOv2 features need at least {patch}x{patch}.")
+            raise DinofeatError(f"the image is {height}x{width} pixels; {'DINOv3' if patch == 16 else 'DINOv2'} features need at least {patch}x{patch}.")
 
     def tile_steps(self, image: np.ndarray, tile: Tile, spec: ViewSpec, what: str, batch: int, affine: Affine = None,
                    check: Callable[[], None] = lambda: None) -> Generator[int, None, torch.Tensor]:
@@ -181,7 +209,7 @@ class DeepExtractor:
         with the whole image's token grid and mapped by `affine` (k = C without it); yields the views
         done after each batch. Inference mode and autocast hold only while a batch computes."""
         height, width = image.shape[:2]
-        normalised, guide = model_input(image[tile.window], self.device)
+        normalised, guide = model_input(image[tile.window], self.device, input_normalisation(self.model))
         whole = tile.height == height and tile.width == width
         origin = None if whole else TileOrigin(height, width, tile.y0, tile.x0)
         steps = view_steps(self.model, normalised, guide, spec, what, batch, check, origin, affine)

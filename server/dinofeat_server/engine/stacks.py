@@ -280,7 +280,7 @@ class DeepSet(FeatureSet):
         return self.deep_names(models, options)
 
     def spec(self, options: FeatureComputation = FeatureComputation()) -> dict:
-        view = preset(options.preset)
+        view = preset(options.preset, options.backbone)
         return {"name": self.name, "backbone": options.backbone, "preset": options.preset, "stride": view.stride,
                 "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler,
                 "pca": self.components(options), "normalisation": self.normalisation(options), "input_range": options.input_rule(deep=True)}
@@ -309,7 +309,7 @@ class DeepSet(FeatureSet):
     def sample(self, planes: list[np.ndarray], space: FeatureSpace, extractor: DeepExtractor, device: torch.device,
                options: FeatureComputation, check: Check) -> Generator[Advance, None, tuple[np.ndarray, np.ndarray | None]]:
         """(N, C) raw deep feature vectors (and (N, K) classical ones for hybrid) at the sample's pixels."""
-        spec, channels = preset(options.preset), extractor.channels(self.what)
+        spec, channels = preset(options.preset, options.backbone), extractor.channels(self.what)
         edge, batch = extractor.plan(SAMPLE_EDGE, SAMPLE_EDGE, spec, channels)
         crops = sample_crops([p.shape[:2] for p in planes], min(edge, SAMPLE_EDGE))
         per_crop = max(1, SAMPLE_BYTES // (4 * channels) // len(crops))
@@ -343,7 +343,7 @@ class DeepSet(FeatureSet):
         extractor = models.extractor(options.backbone)
         normalised = NormalisedPlane(plane, space)
         k = len(self.deep_names(models, options))
-        for item in extractor.blocks(normalised, preset(options.preset), self.what, space.deep_affine(), check):
+        for item in extractor.blocks(normalised, preset(options.preset, options.backbone), self.what, space.deep_affine(), check):
             if isinstance(item, Advance):
                 yield item
                 continue

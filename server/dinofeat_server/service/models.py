@@ -73,7 +73,7 @@ class ModelRegistry:
             if found is not None:
                 return found
             path = resolve_weights(backbone, self.weights.get(backbone) or self.weights.get("*"))
-            loaded = DeepExtractor(load_backbone(path), self.device, self.budget_bytes)
+            loaded = DeepExtractor(load_backbone(path, backbone), self.device, self.budget_bytes)
             checksum = file_sha256(Path(path))
             with self._lock:
                 self._extractors[backbone] = loaded
