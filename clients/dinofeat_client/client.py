@@ -372,8 +372,9 @@ class FeatureClient:
                     expected = header.chunk_count
                 elif kind in ("chunk", "chunks"):
                     for chunk in chunks_of(message):
-                        target.write_chunk(tuple(chunk.offset), chunk.data, chunk.filter_mask)
-                        nbytes += len(chunk.data)
+                        data = chunk.data  # each reading copies the bytes out of the message
+                        target.write_chunk(tuple(chunk.offset), data, chunk.filter_mask)
+                        nbytes += len(data)
                     received += len(chunks_of(message))
                     if progress:
                         progress("receiving", received, expected)

@@ -365,10 +365,12 @@ class DatasetStream(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., chunk: _Optional[_Union[DatasetChunk, _Mapping]] = ..., trailer: _Optional[_Union[DatasetTrailer, _Mapping]] = ..., chunks: _Optional[_Union[DatasetChunks, _Mapping]] = ...) -> None: ...
 
 class DatasetChunks(_message.Message):
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "data_bytes")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[DatasetChunk]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[DatasetChunk, _Mapping]]] = ...) -> None: ...
+    data_bytes: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[DatasetChunk, _Mapping]]] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total", "notice")

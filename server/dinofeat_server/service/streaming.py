@@ -81,11 +81,13 @@ def dataset_messages(
             for (index, offset, _), (data, digest) in zip(group, encoded):
                 digests[index] = digest
                 if size and size + len(data) > BATCH_BYTES:
+                    batch.chunks.data_bytes = size
                     yield batch
                     batch, size = pb.DatasetStream(chunks=pb.DatasetChunks()), 0
                 batch.chunks.chunks.add(index=index, offset=offset, data=data)  # fields set in place: one copy
                 size += len(data)
         if size:
+            batch.chunks.data_bytes = size
             yield batch
         yield progress_message(stage, len(digests), layout.chunk_count)
     if len(digests) != layout.chunk_count:
@@ -111,7 +113,7 @@ def only_chunks(messages: Iterable[pb.DatasetStream], wanted: set[int] | None) -
         if len(kept) == len(chunks_of(message)):
             yield message
         elif kept:
-            yield pb.DatasetStream(chunks=pb.DatasetChunks(chunks=kept))
+            yield pb.DatasetStream(chunks=pb.DatasetChunks(chunks=kept, data_bytes=sum(len(chunk.data) for chunk in kept)))
 
 
 Sized = tuple[pb.DatasetStream, int]
@@ -126,8 +128,10 @@ def sized(messages: Iterable[pb.DatasetStream], batches: bool) -> Iterator[Sized
         if kind == "chunks" and not batches:
             for chunk in message.chunks.chunks:
                 yield pb.DatasetStream(chunk=chunk), len(chunk.data)
-        elif kind in ("chunk", "chunks"):
-            yield message, sum(len(chunk.data) for chunk in chunks_of(message))
+        elif kind == "chunk":
+            yield message, len(message.chunk.data)
+        elif kind == "chunks":
+            yield message, message.chunks.data_bytes
         else:
             yield message, len(message.model_piece) if kind == "model_piece" else 0
 
