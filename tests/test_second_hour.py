@@ -198,3 +198,46 @@ def test_the_help_of_a_command_whose_default_needs_weights_says_so_and_names_the
     shown = " ".join(run_cli(command, "--help").stdout.split())
     assert "it needs DINOv2 weights" in shown and "dinofeat weights random BACKBONE -o FILE.pth" in shown
     assert "--set multiscale needs none" in shown
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")  # ome-zarr's writer, making the input
+def test_a_label_image_of_an_ome_zarr_volume_names_its_parent_and_reads_without_warnings(classical_model, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+    import zarr
+    from dinofeat_server.volumes.classify import classify_to_zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    from ome_zarr.writer import write_image
+
+    volume = np.stack([two_phase_image(5), two_phase_image(6)])
+    write_image(volume, zarr.open_group(str(tmp_path / "cells.zarr"), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
+                scale_factors=[])
+    labels = classify_to_zarr(tmp_path / "cells.zarr", classical_model, tmp_path / "out" / "cells_labels.zarr", device="cpu")[0]
+    source = zarr.open_group(str(labels), mode="r").attrs["image-label"]["source"]
+    assert source == {"image": "../../cells.zarr"}
+    caplog.set_level(logging.DEBUG, logger="ome_zarr")
+    nodes = list(Reader(parse_url(str(labels), fmt=FormatV04()))())
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert [Path(node.zarr.path).resolve() for node in nodes] == [(tmp_path / "cells.zarr").resolve(), labels.resolve()]
+    assert nodes[1].first(Label) is not None and not nodes[0].visible  # the image, shown under its labels
+
+
+def test_an_unreachable_dask_scheduler_is_reported_with_the_time_really_waited():
+    import socket
+    import time
+
+    from dinofeat_client.errors import DinofeatError
+    from dinofeat_server.volumes.dask_run import dask_client
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
+    began = time.monotonic()
+    with pytest.raises(DinofeatError) as refused, dask_client(address, connect_seconds=1):
+        pass
+    waited = time.monotonic() - began
+    said = int(str(refused.value).split(" within ")[1].split(" s ")[0])
+    assert abs(said - waited) < 1

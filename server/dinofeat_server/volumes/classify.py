@@ -54,6 +54,7 @@ from .zarr_io import (
     finish_store,
     label_dtype,
     open_level,
+    parent_image,
     partial_path,
     write_block,
     write_labels,
@@ -160,7 +161,8 @@ def classify_volume(client, fitted: FittedVolume, model: ModelFile, trained: Tra
                   "source": source.path, "source_shape": list(source.shape if source.volume else source.shape[1:])}
     run = Classification(fitted, model, levels, label_dtype(values))
     labels_partial = partial_path(output)
-    create_label_store(labels_partial, source.spatial_shape, run.dtype, values, levels, {**attributes, "kind": "labels"})
+    create_label_store(labels_partial, source.spatial_shape, run.dtype, values, levels, {**attributes, "kind": "labels"},
+                       parent_image(source.kind, source.path, source.dataset, output))
     stores = {"labels": str(labels_partial)}
     if probabilities is not None:
         partial = partial_path(probabilities)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 from pathlib import Path
@@ -42,9 +43,11 @@ Result = TypeVar("Result")
 
 
 @contextlib.contextmanager
-def dask_client(address: str, workers: int = 0, security=None) -> Iterator:
+def dask_client(address: str, workers: int = 0, security=None, connect_seconds: float = CONNECT_SECONDS) -> Iterator:
     """A `distributed.Client` of the scheduler at `address`, or of a new LocalCluster of `workers` processes with
-    one thread each ("local"; 0: one per CPU core), closed (with the cluster) afterwards."""
+    one thread each ("local"; 0: one per CPU core), closed (with the cluster) afterwards. A scheduler that does not
+    answer is one sentence naming the time really waited (distributed may wait longer than its timeout: name
+    resolution, a blackholed address, a busy machine)."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
@@ -59,10 +62,12 @@ def dask_client(address: str, workers: int = 0, security=None) -> Iterator:
     if workers:
         raise DinofeatError("--dask-workers sizes a local cluster; with a scheduler address, start the workers on their "
                             "machines (dask worker ADDRESS).")
+    began = time.monotonic()
     try:
-        client = Client(address, timeout=CONNECT_SECONDS, security=security)
+        client = Client(address, timeout=connect_seconds, security=security)
     except (OSError, TimeoutError, ValueError) as error:
-        raise DinofeatError(f"cannot reach the Dask scheduler at {address} within {CONNECT_SECONDS} s ({type(error).__name__}); "
+        waited = time.monotonic() - began
+        raise DinofeatError(f"cannot reach the Dask scheduler at {address} within {waited:.0f} s ({type(error).__name__}); "
                             "check the address (tcp://HOST:8786, or tls://... with --dask-tls-ca/-cert/-key for a TLS scheduler), "
                             "that `dask scheduler` runs there, or use --dask local.") from None
     with client:

@@ -137,10 +137,20 @@ LABEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (2
 """Colours of the classes in ascending value (as the overlay pictures' legend), repeated past ten."""
 
 
+def parent_image(source_kind: str, source_path: str, source_dataset: str, output: Path) -> str | None:
+    """The NGFF "image-label" "source" of a label image written to `output`: the relative path from it to the OME-Zarr
+    image it labels, so readers (ome-zarr, napari) show the labels over their image; None when the input is no
+    local OME-Zarr image (TIFF, HDF5, a bare Zarr array, an http store), which an NGFF label cannot point to."""
+    if source_kind != "zarr" or not source_dataset or "://" in source_path:
+        return None
+    return os.path.relpath(Path(source_path).absolute(), output.absolute())
+
+
 def create_label_store(path: Path, shape: tuple[int, ...], dtype: str, class_values: list[int], levels: int,
-                       attributes: dict) -> None:
+                       attributes: dict, parent: str | None = None) -> None:
     """An empty NGFF 0.4 label image of class values (Z, Y, X) or (Y, X) of `dtype`, with `levels` downsampled levels
-    ("1", "2", ...): "multiscales" and "image-label" (a colour and the name class_V for each class) in its .zattrs."""
+    ("1", "2", ...): "multiscales" and "image-label" (a colour and the name class_V for each class, and the relative
+    path of the `parent` image it labels as its "source", when there is one) in its .zattrs."""
     group = new_group(path)
     shapes = pyramid_shapes(shape, levels)
     for level, level_shape in enumerate(shapes):
@@ -148,7 +158,8 @@ def create_label_store(path: Path, shape: tuple[int, ...], dtype: str, class_val
     colours = [{"label-value": int(v), "rgba": [*LABEL_COLOURS[i % len(LABEL_COLOURS)], 255]} for i, v in enumerate(class_values)]
     properties = [{"label-value": int(v), "class": f"class_{v}"} for v in class_values]
     write_ngff(group, "labels", shapes, False, {})
-    group.attrs["image-label"] = {"version": "0.4", "colors": colours, "properties": properties}
+    source = {"source": {"image": parent}} if parent else {}
+    group.attrs["image-label"] = {"version": "0.4", "colors": colours, "properties": properties, **source}
     group.attrs["dinofeat"] = {**attributes, "complete": False}
 
 
