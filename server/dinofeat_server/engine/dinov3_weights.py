@@ -59,6 +59,7 @@ TRANSFORMERS_RENAMES = [
     (r"^layer\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.DOWN."),
     (r"^layer\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.UP."),
     (r"^layer\.(\d+)\.", r"blocks.\1."),
+    (r"^norm\.", "norm."),
 ]
 
 
@@ -68,9 +69,8 @@ def from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     up, down = ("w2", "w3") if gated else ("fc1", "fc2")
     converted: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        match = re.match(r"^layer\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)$", key)
-        if match:
-            continue
+        if re.match(r"^layer\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)$", key):
+            continue  # fused below
         for pattern, replacement in TRANSFORMERS_RENAMES:
             if re.search(pattern, key):
                 converted[re.sub(pattern, replacement, key).replace("UP", up).replace("DOWN", down)] = value

@@ -233,18 +233,26 @@ def official_config(backbone: str) -> VitConfig | Dinov3Config:
     return VitConfig(**{**base.__dict__, "registers": 4 if backbone.endswith("_reg") else 0})
 
 
-def random_backbone(backbone: str, seed: int = 0) -> DinoVisionTransformer:
+def random_backbone(backbone: str, seed: int = 0) -> DinoVisionTransformer | Dinov3VisionTransformer:
     """The official architecture of `backbone` with seeded random weights: torch's own initialisation of each
-    layer, and normal(0, 0.02) position embeddings, CLS and register tokens, so that tokens differ by place.
+    layer, and normal(0, 0.02) position embeddings, CLS and register (DINOv3: storage) tokens, so that tokens differ
+    by place; DINOv3's key bias zero, as its checkpoints' mask makes it.
     Its features carry no meaning; it is for trying the deep commands' plumbing without the official download."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = DinoVisionTransformer(official_config(backbone))
+        if backbone in DINOV3_BACKBONES:
+            model = Dinov3VisionTransformer(official_config(backbone))
+            tokens_drawn = (model.cls_token, model.storage_tokens)
+        else:
+            model = DinoVisionTransformer(official_config(backbone))
+            tokens_drawn = (model.pos_embed, model.cls_token, model.register_tokens)
         with torch.no_grad():
-            for tokens in (model.pos_embed, model.cls_token, model.register_tokens):
+            for tokens in tokens_drawn:
                 if tokens is not None:
                     tokens.normal_(0.0, 0.02)
+            for block in model.blocks if backbone in DINOV3_BACKBONES else ():
+                block.attn.qkv.bias[model.config.dim : 2 * model.config.dim] = 0.0
     finally:
         torch.random.set_rng_state(generator_state)  # the caller's random stream is left as it was
     return model.eval()
