@@ -30,7 +30,7 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
-from .chunk_batches import AskForChunkBatches, chunks_of
+from .chunk_batches import AskForChunkBatches, chunks_of, keep_freed_memory
 from .connection import FIRST_BACKOFF_S, LONGEST_BACKOFF_S, host_and_port, wait_until_connected
 from .dataset_file import DatasetFile
 from .errors import DinofeatError, ServerUnavailable
@@ -353,6 +353,7 @@ class FeatureClient:
         (flushed: a resume finds every chunk that arrived). The server's notices go to `notify`, each once."""
         received = nbytes = expected = 0
         notices: set[str] = set()
+        keep_freed_memory()
         try:
             for message in stream:
                 kind = message.WhichOneof("message")

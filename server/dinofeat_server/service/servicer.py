@@ -19,7 +19,7 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client import __version__
-from dinofeat_client.chunk_batches import asks_for_batches
+from dinofeat_client.chunk_batches import asks_for_batches, keep_freed_memory
 from dinofeat_client.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import check_labels, check_mask, spatial_shape
@@ -137,6 +137,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client, pool)
         self.threads = limits.threads_per_worker(len(pool.devices))
         self.executor = ThreadPerCall("dinofeat-engine", use_threads, self.threads)
+        keep_freed_memory()
 
     @property
     def device_names(self) -> str:
