@@ -18,6 +18,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import image_axes, image_sha256
+from dinofeat_client.wire import stream_checksum
 from dinofeat_server.engine.stacks import FEATURE_SETS
 from dinofeat_server.service.checks import check_grid, checked_seed
 from dinofeat_server.service.image_store import check_layout
@@ -132,12 +133,13 @@ def tiny_cache(tmp_path_factory):
 def test_a_result_larger_than_the_cache_streams_whole_and_leaves_the_cache_as_it_was(tiny_cache, tmp_path):
     address, folder = tiny_cache
     with FeatureClient(address) as client:
-        client.fetch_features(np.full((40, 40), 7, np.uint8), tmp_path / "small.h5")  # a few kB: recorded
+        client.fetch_features(np.full((40, 40), 7, np.uint8), tmp_path / "small.h5", "classical")  # a few kB: recorded
         before = sorted(p.name for p in folder.rglob("*.stream"))
         assert len(before) == 1
         image = (np.random.default_rng(30).random((200, 200)) * 255).astype(np.uint8)  # about 8 MB of chunks
         stages: list[str] = []
-        transfer = client.fetch_features(image, tmp_path / "big.h5", progress=lambda stage, done, total: stages.append(stage))
+        transfer = client.fetch_features(image, tmp_path / "big.h5", "classical",
+                                         progress=lambda stage, done, total: stages.append(stage))
     assert transfer.chunks_received == transfer.chunk_count == 58
     with h5py.File(tmp_path / "big.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][()], FEATURE_SETS["classical"].compute(image))
@@ -153,10 +155,11 @@ def test_a_request_waiting_on_a_duplicate_stops_when_its_client_goes(tmp_path):
     cache = ResultCache(tmp_path, 1 << 20)
     computing, finish = threading.Event(), threading.Event()
 
-    def slow_result():
+    def slow_result():  # a whole result of no chunks: header, then trailer (the cache keeps only intact entries)
         computing.set()
         finish.wait(30)
-        yield pb.DatasetStream(trailer=pb.DatasetTrailer(chunk_count=0))
+        yield pb.DatasetStream(header=pb.DatasetHeader(name="features", chunk_count=0))
+        yield pb.DatasetStream(trailer=pb.DatasetTrailer(chunk_count=0, sha256=stream_checksum([])))
 
     holder = threading.Thread(target=lambda: list(cache.stream("key", slow_result)), daemon=True)
     holder.start()
