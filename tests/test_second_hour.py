@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from test_batch_apply import model, phases  # noqa: F401  (model: a fixture, a classical model of two-phase images)
 
 
 def fresh_shell_environment() -> dict[str, str]:
@@ -67,45 +68,18 @@ def test_local_status_names_the_installation_a_server_belongs_to(tmp_path, monke
             local_server.stop(info)
 
 
-def two_phase_image(seed: int) -> "np.ndarray":
-    """A 64x64 two-phase image: dark left, bright right, noise."""
-    import numpy as np
-
-    image = np.full((64, 64), 60.0)
-    image[:, 32:] = 190
-    return np.clip(image + np.random.default_rng(seed).normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def classical_model(tmp_path_factory, inprocess_address) -> Path:
-    """A model of the classical set trained on a two-phase image (two classes: 1 left, 2 right)."""
-    import numpy as np
+def test_apply_overwrite_removes_the_probabilities_and_pictures_of_an_earlier_run(model, tmp_path, inprocess_address):
     import tifffile
     from conftest import run_cli
 
-    folder = tmp_path_factory.mktemp("model")
-    tifffile.imwrite(folder / "train.tif", two_phase_image(0))
-    labels = np.zeros((64, 64), np.uint8)
-    labels[10:50, 5:12], labels[10:50, 50:57] = 1, 2
-    tifffile.imwrite(folder / "labels.tif", labels)
-    trained = run_cli("train", str(folder / "train.tif"), "--labels", str(folder / "labels.tif"), "-o", str(folder / "m.dfm"),
-                      "--set", "classical", "--trees", "5", "--server", inprocess_address)
-    assert trained.returncode == 0, trained.stderr
-    return folder / "m.dfm"
-
-
-def test_apply_overwrite_removes_the_probabilities_and_pictures_of_an_earlier_run(classical_model, tmp_path, inprocess_address):
-    import tifffile
-    from conftest import run_cli
-
-    tifffile.imwrite(tmp_path / "cell.tif", two_phase_image(1))
-    tifffile.imwrite(tmp_path / "other.tif", two_phase_image(2))
+    tifffile.imwrite(tmp_path / "cell.tif", phases(1))
+    tifffile.imwrite(tmp_path / "other.tif", phases(2))
     out = tmp_path / "out"
-    first = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), str(tmp_path / "other.tif"), "-o", str(out),
+    first = run_cli("apply", str(model), str(tmp_path / "cell.tif"), str(tmp_path / "other.tif"), "-o", str(out),
                     "--probabilities", "--pictures", "--server", inprocess_address)
     assert first.returncode == 0, first.stderr
     assert {"cell.probabilities.h5", "cell.overlay.png", "cell.p1.png", "cell.p2.png"} < {p.name for p in out.iterdir()}
-    again = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--overwrite",
+    again = run_cli("apply", str(model), str(tmp_path / "cell.tif"), "-o", str(out), "--overwrite",
                     "--server", inprocess_address)
     assert again.returncode == 0, again.stderr
     left = sorted(p.name for p in out.iterdir())
@@ -113,15 +87,15 @@ def test_apply_overwrite_removes_the_probabilities_and_pictures_of_an_earlier_ru
     assert "other.probabilities.h5" in left and "other.p2.png" in left  # another image's outputs stay
 
 
-def test_apply_without_overwrite_skips_the_image_and_keeps_its_earlier_files(classical_model, tmp_path, inprocess_address):
+def test_apply_without_overwrite_skips_the_image_and_keeps_its_earlier_files(model, tmp_path, inprocess_address):
     import tifffile
     from conftest import run_cli
 
-    tifffile.imwrite(tmp_path / "cell.tif", two_phase_image(1))
+    tifffile.imwrite(tmp_path / "cell.tif", phases(1))
     out = tmp_path / "out"
-    assert run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--probabilities",
+    assert run_cli("apply", str(model), str(tmp_path / "cell.tif"), "-o", str(out), "--probabilities",
                    "--server", inprocess_address).returncode == 0
-    again = run_cli("apply", str(classical_model), str(tmp_path / "cell.tif"), "-o", str(out), "--server", inprocess_address)
+    again = run_cli("apply", str(model), str(tmp_path / "cell.tif"), "-o", str(out), "--server", inprocess_address)
     assert "1 skipped" in again.stdout
     assert sorted(p.name for p in out.iterdir()) == ["cell.probabilities.h5", "cell.tif"]
 
@@ -166,7 +140,7 @@ def test_a_deep_set_runs_offline_with_the_random_checkpoint(random_vits14, tmp_p
     from conftest import run_cli
 
     path, _ = random_vits14
-    tifffile.imwrite(tmp_path / "cell.tif", two_phase_image(4))
+    tifffile.imwrite(tmp_path / "cell.tif", phases(4))
     done = run_cli("features", str(tmp_path / "cell.tif"), "-o", str(tmp_path / "deep.h5"), "--set", "dinov2", "--preset", "fast",
                    "--weights", str(path), "--quiet")
     assert done.returncode == 0, done.stderr
@@ -201,7 +175,7 @@ def test_the_help_of_a_command_whose_default_needs_weights_says_so_and_names_the
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")  # ome-zarr's writer, making the input
-def test_a_label_image_of_an_ome_zarr_volume_names_its_parent_and_reads_without_warnings(classical_model, tmp_path, caplog):
+def test_a_label_image_of_an_ome_zarr_volume_names_its_parent_and_reads_without_warnings(model, tmp_path, caplog):
     import logging
 
     import numpy as np
@@ -212,10 +186,10 @@ def test_a_label_image_of_an_ome_zarr_volume_names_its_parent_and_reads_without_
     from ome_zarr.reader import Label, Reader
     from ome_zarr.writer import write_image
 
-    volume = np.stack([two_phase_image(5), two_phase_image(6)])
+    volume = np.stack([phases(5), phases(6)])
     write_image(volume, zarr.open_group(str(tmp_path / "cells.zarr"), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
                 scale_factors=[])
-    labels = classify_to_zarr(tmp_path / "cells.zarr", classical_model, tmp_path / "out" / "cells_labels.zarr", device="cpu")[0]
+    labels = classify_to_zarr(tmp_path / "cells.zarr", model, tmp_path / "out" / "cells_labels.zarr", device="cpu")[0]
     source = zarr.open_group(str(labels), mode="r").attrs["image-label"]["source"]
     assert source == {"image": "../../cells.zarr"}
     caplog.set_level(logging.DEBUG, logger="ome_zarr")
@@ -241,3 +215,118 @@ def test_an_unreachable_dask_scheduler_is_reported_with_the_time_really_waited()
     waited = time.monotonic() - began
     said = int(str(refused.value).split(" within ")[1].split(" s ")[0])
     assert abs(said - waited) < 1
+
+
+def progress_lines(err: str) -> list[str]:
+    """The lines a progress display showed: each carriage-return rewrite or newline-ended line, escape codes removed."""
+    import re
+
+    return [part for part in re.split(r"[\r\n]", err.replace("\x1b[K", "")) if part]
+
+
+def test_on_a_terminal_a_command_shows_one_line_rewritten_in_place(capsys):
+    from dinofeat_client.cli.progress import ProgressBars
+
+    bars = ProgressBars(enabled=True, terminal=True)
+    for done in range(1, 11):
+        bars("rows", done * 400, 4096)
+        bars("receiving", done, 20)
+        bars("probabilities", done, 20)
+    bars.close()
+    err = capsys.readouterr().err
+    assert "\n" not in err and err.endswith("\r\x1b[K")  # one line, taken away at the end
+    shown = progress_lines(err)
+    assert all(line.startswith("dinofeat: computing features ") for line in shown)
+    assert shown[-1].startswith("dinofeat: computing features 4000/4096 (97 %), ") and shown[-1].count(" left") == 1
+
+
+def test_a_stage_that_counts_again_is_shown_as_a_new_pass_never_as_its_share_going_back(capsys):
+    import re
+
+    from dinofeat_client.cli.progress import ProgressBars
+
+    bars = ProgressBars(enabled=True, terminal=False, every_s=0)
+    for done in (1024, 2048, 4096, 768, 2048):
+        bars("rows", done, 4096)
+        bars("receiving", 1, 20)  # keeps the command running between the passes
+    shares: dict[str, list[int]] = {}
+    for line in capsys.readouterr().err.splitlines():
+        words, share = re.match(r"dinofeat: (.*?) \d+/\d+ \((\d+) %\)", line).groups()
+        shares.setdefault(words, []).append(int(share))
+    assert list(shares) == ["computing features", "receiving the results", "computing features again"]
+    assert all(seen == sorted(seen) for seen in shares.values())  # no share ever goes back
+    assert shares["computing features again"][0] == 18
+
+
+def test_the_one_estimate_counts_the_slices_still_to_come():
+    from dinofeat_client.cli.progress import ProgressBars
+
+    bars = ProgressBars(enabled=True, terminal=False, every_s=3600)
+    bars.record("slice 1/4: tiles", 0, 10, now=100.0)
+    bars.record("slice 1/4: tiles", 5, 10, now=110.0)  # 10 s for half a slice: 10 s more, then 3 slices of 20 s
+    bars.record("receiving", 1, 100, now=110.0)
+    assert bars.seconds_left(110.0) == pytest.approx(70.0)
+    assert bars.current().name == "slice 1/4: tiles"
+
+
+def test_in_a_log_a_long_stage_without_reports_still_prints_a_line_every_few_seconds(capsys):
+    import time
+
+    from dinofeat_client.cli.progress import ProgressBars
+
+    bars = ProgressBars(enabled=True, terminal=False, every_s=0.2)
+    bars("tiles", 0, 1)  # one deep tile: no report until it is done
+    time.sleep(0.75)
+    bars.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("dinofeat: computing deep features, ") for line in lines)
+    assert "\r" not in "".join(lines)
+
+
+def test_under_a_pseudo_terminal_deep_work_shows_its_progress_line(inprocess_deep_address, tmp_path):
+    import pty
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "cell.tif", phases(7))
+    main, child = pty.openpty()
+    command = [sys.executable, "-m", "dinofeat_client.cli", "features", str(tmp_path / "cell.tif"), "-o", str(tmp_path / "f.h5"),
+               "--set", "dinov2", "--preset", "fast", "--server", inprocess_deep_address]
+    process = subprocess.Popen(command, stdin=child, stdout=child, stderr=child)
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert process.wait(timeout=60) == 0, seen.decode(errors="replace")
+    shown = progress_lines(seen.decode(errors="replace"))
+    assert any(line.startswith("dinofeat: fitting the feature space") or line.startswith("dinofeat: computing deep features")
+               for line in shown), shown
+
+
+def test_the_time_estimate_comes_before_the_fit_and_covers_the_fit_and_the_image(monkeypatch):
+    import re
+
+    import numpy as np
+    import torch
+    from dinofeat_client.computation import FeatureComputation
+    from dinofeat_server.engine.backbone import DinoVisionTransformer
+    from dinofeat_server.engine.deep import DeepExtractor
+    from dinofeat_server.engine.stacks import feature_set
+    from dinofeat_server.engine.weights import official_config
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    extractor = DeepExtractor(DinoVisionTransformer(official_config("dinov2_vits14")), torch.device("cpu"))
+    options = FeatureComputation("dinov2", preset="default")
+    fit = feature_set("dinov2").sample([np.zeros((1024, 1024), np.float32)], None, extractor, torch.device("cpu"), options,
+                                       lambda: None)
+    first = next(fit)  # planned, nothing computed yet
+    assert (first.stage, first.done) == ("fitting the feature space", 0)
+    assert re.fullmatch(r"fitting the feature space \(1 crop\) and then this 1024x1024 image takes about \d+ min \d+ s on this "
+                        r"server's CPU with preset 'default'; --preset fast needs about \d+x fewer operations \(a GPU server "
+                        r"takes seconds\)\.", first.notice), first.notice

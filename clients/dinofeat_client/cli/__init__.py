@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     bars = ProgressBars(enabled=not getattr(args, "quiet", False), terminal=sys.stderr.isatty(),
                         every_s=progress_seconds())
     status = run_command(args, bars)
+    bars.close()
     if argv is None or getattr(args, "ends_at_once", False):
         end_process(status)
     return status

@@ -186,6 +186,20 @@ class DeepExtractor:
 
     def time_notice(self, tiles: list[Tile], spec: ViewSpec, height: int, width: int) -> str:
         """On a CPU, a sentence saying how long a long computation will take (and `fast`'s time); else ""."""
+        return self.cpu_time_notice(f"this {height}x{width} image", tiles, spec)
+
+    def fit_notice(self, crops: list[Tile], spec: ViewSpec, shapes: list[tuple[int, int]], channels: int) -> str:
+        """On a CPU, before a feature space's fit: how long the fit on `crops` and then the features of the fitted planes
+        (`shapes`, as `blocks` will tile them) take together, so the estimate comes before the fit's first view; else ""."""
+        tiles = [tile for height, width in shapes for tile in tile_plan(height, width, self.plan(height, width, spec, channels)[0],
+                                                                        align=spec.stride)]
+        what = f"this {shapes[0][0]}x{shapes[0][1]} image" if len(shapes) == 1 else f"these {len(shapes)} planes"
+        crop_count = f"{len(crops)} crop{'s' if len(crops) > 1 else ''}"
+        return self.cpu_time_notice(f"fitting the feature space ({crop_count}) and then {what}", crops + tiles, spec)
+
+    def cpu_time_notice(self, what: str, tiles: list[Tile], spec: ViewSpec) -> str:
+        """On a CPU, "`what` takes about ... with preset ...", with how many times fewer operations `fast` needs, when
+        `tiles` take NOTICE_SECONDS or more; else ""."""
         if self.device.type != "cpu":
             return ""
         seconds = self.expected_seconds(tiles, spec)
@@ -193,7 +207,7 @@ class DeepExtractor:
             return ""
         presets = presets_for(self.model.config.patch)
         name = next((n for n, p in presets.items() if p == spec), f"{spec.view_count()} views at stride {spec.stride}")
-        sentence = f"this {height}x{width} image takes about {spoken_duration(seconds)} on this server's CPU with preset {name!r}"
+        sentence = f"{what} takes about {spoken_duration(seconds)} on this server's CPU with preset {name!r}"
         if spec != presets["fast"]:  # a ratio of the ViT's operations: fast's other costs (upsampling, writing) weigh more
             sentence += f"; --preset fast needs about {seconds / self.expected_seconds(tiles, presets['fast']):.0f}x fewer operations"
         return sentence + " (a GPU server takes seconds)."

@@ -315,7 +315,8 @@ class DeepSet(FeatureSet):
         per_crop = max(1, SAMPLE_BYTES // (4 * channels) // len(crops))
         deep, classical = [], []
         views = spec.view_count()  # progress counts views, so a one-crop fit of a many-view preset moves too
-        yield Advance("fitting the feature space", 0, len(crops) * views)
+        notice = extractor.fit_notice([crop for _, crop in crops], spec, [p.shape[:2] for p in planes], channels)  # before the fit
+        yield Advance("fitting the feature space", 0, len(crops) * views, notice)
         for number, (z, crop) in enumerate(crops):
             check()
             plane = NormalisedPlane(planes[z], space)
