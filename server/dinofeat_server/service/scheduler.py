@@ -35,6 +35,7 @@ from dinofeat_client.images import image_axes, spatial_shape
 
 from ..engine.stacks import FeatureSet
 from .device_pool import DevicePool, PoolDevice
+from .streaming import wake_loop
 
 SMALL_WORK = 2 * 256 * 256 * 64
 """Pixels x channels of the largest small request: a 256 x 256 image and its labels in a filter bank (49-58 channels)."""
@@ -238,11 +239,3 @@ def estimated_work(work: Callable) -> int | None:
     options = next((a for a in arguments if isinstance(a, FeatureComputation)), FeatureComputation())
     channels = len(fset.channel_names(3 if image_axes(images[0]).endswith("c") else 1, options))
     return sum(int(np.prod(spatial_shape(image))) for image in images) * channels
-
-
-def wake_loop(loop: asyncio.AbstractEventLoop, callback) -> None:
-    """Run `callback` on `loop` soon, from any thread; nothing once the loop has closed (the server stopped)."""
-    try:
-        loop.call_soon_threadsafe(callback)
-    except RuntimeError:
-        pass
