@@ -330,3 +330,22 @@ def test_the_time_estimate_comes_before_the_fit_and_covers_the_fit_and_the_image
     assert re.fullmatch(r"fitting the feature space \(1 crop\) and then this 1024x1024 image takes about \d+ min \d+ s on this "
                         r"server's CPU with preset 'default'; --preset fast needs about \d+x fewer operations \(a GPU server "
                         r"takes seconds\)\.", first.notice), first.notice
+
+
+def test_a_line_printed_during_a_batch_never_shares_the_terminal_line_with_the_progress(monkeypatch):
+    import io
+
+    from dinofeat_client.cli.progress import ProgressBars, tell
+
+    terminal = io.StringIO()  # stdout and stderr on one terminal, as a person sees them
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bars = ProgressBars(enabled=True, terminal=True)
+    bars("images", 1, 3)
+    bars("rows", 10, 64)
+    tell("wrote out/cell.tif")
+    bars("rows", 20, 64)
+    bars.close()
+    shown = terminal.getvalue()
+    assert "image 2 of 3, computing features 10/64" in shown
+    assert "\x1b[K\r\x1b[Kwrote out/cell.tif\n\rdinofeat: image 2 of 3, computing features 20/64" in shown

@@ -3,6 +3,7 @@ left for the whole command; rewritten in place on a terminal, a line every few s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -221,8 +222,15 @@ def progress_seconds() -> float:
 
 
 def say(message: str) -> None:
-    """A line for the user on stderr: retries, and notices from the server (e.g. a long computation's estimate); a
-    progress line on the terminal is cleared first and redrawn at its next report."""
-    for bars in ACTIVE:
-        bars.clear()
-    print(message, file=sys.stderr, flush=True)
+    """A line for the user on stderr: retries, and notices from the server (e.g. a long computation's estimate)."""
+    tell(message, sys.stderr)
+
+
+def tell(message: str, stream=None) -> None:
+    """Print a line (on stdout unless `stream` says otherwise) while a command's progress may be on the terminal: the
+    progress line is cleared first, and redrawn at its next report or tick, so the two never share a line."""
+    with contextlib.ExitStack() as held:
+        for bars in list(ACTIVE):
+            held.enter_context(bars.lock)
+            bars.clear()
+        print(message, file=stream or sys.stdout, flush=True)

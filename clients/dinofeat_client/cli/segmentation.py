@@ -32,7 +32,7 @@ from .common import (
     finish_batch,
     take_dataset,
 )
-from .progress import ProgressBars
+from .progress import ProgressBars, tell
 from .volumes import dask_train, wants_zarr, zarr_apply, zarr_segment
 
 
@@ -81,7 +81,7 @@ def report_segmentation(args: argparse.Namespace, image: np.ndarray, output: Pat
     finally:
         if probabilities and not keep:
             remove_quietly(probabilities)
-    print("wrote " + ", ".join(str(p) for p in written) + note)
+    tell("wrote " + ", ".join(str(p) for p in written) + note)
     return written
 
 
@@ -196,7 +196,7 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
             if args.pictures:
                 plane, classes, _, note = drawable(query, mask)
                 written.append(write_png(folder / f"{path.stem}_mask.overlay.png", class_overlay(plane, classes)))
-            print("wrote " + ", ".join(str(p) for p in written) + note)
+            tell("wrote " + ", ".join(str(p) for p in written) + note)
             if args.overwrite:
                 remove_earlier_outputs(folder, re.escape(path.stem) + r"_mask(\.tif|\.overlay\.png)", written)
 
