@@ -212,3 +212,26 @@ def official_dinov3_tokens(model: torch.nn.Module, images: torch.Tensor, stride:
     finally:
         proj.stride = original
     return tokens.transpose(1, 2).reshape(images.shape[0], -1, rows, cols)
+
+
+def hr_dv2_dinov3_featuriser(checkpoint: Path, depth: int, flips: bool = False):
+    """HR-Dv2's own DINOv3 path (`HighResDV2` with a dinov3 name: `torch.hub.load(lib_path, "dinov3_vits16plus",
+    source="local", weights=chk_path)`, stride 4 set on the patch embedding, the model's own `forward_features`) as
+    the paper's featuriser (`with_paper_views`), float32. The hub call, whose hubconf needs packages not installed
+    here, builds the official ViT-S+/16 with `depth` blocks and loads `checkpoint` into it."""
+    reference = hr_dv2()
+    folder, original = dinov3_code(), torch.hub.load
+
+    def load(repo, name, *args, **kwargs):
+        if str(repo) == str(folder):
+            model = official_dinov3(name, depth=depth)
+            model.load_state_dict(torch.load(kwargs["weights"], map_location="cpu", weights_only=True))
+            return model.eval()
+        return original(repo, name, *args, **kwargs)
+
+    torch.hub.load = load
+    try:  # "dinov3_vits16": the name's second part gives HR-Dv2 the width and patch; the class loads dinov3_vits16plus
+        net = reference.HighResDV2("dinov3_vits16", 4, pca_dim=-1, dtype=torch.float32, lib_path=str(folder), chk_path=str(checkpoint))
+    finally:
+        torch.hub.load = original
+    return with_paper_views(net, flips).eval()
