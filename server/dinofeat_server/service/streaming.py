@@ -1,9 +1,11 @@
 """Turn engine output into DatasetStream messages, and run that work off the event loop.
 
 The engine yields blocks of rows; each block is cut into HDF5 chunks, encoded as HDF5 stores them
-and sent as soon as it is ready, so no side holds the whole stack. Work runs in a worker thread and
-hands messages to the event loop through a short queue: a slow client slows the work down instead of
-piling chunks up in memory, and a client that goes away stops the work at the next block.
+(and hashed) on the encoder threads, and sent as soon as it is ready, several chunks to a message
+(at most BATCH_BYTES), so no side holds the whole stack. Work runs in a worker thread of its own and
+hands messages to the event loop through a short queue, without waiting for the loop in between: a
+slow client slows the work down instead of piling chunks up in memory, and a client that goes away
+stops the work at the next block.
 """
 
 from __future__ import annotations
