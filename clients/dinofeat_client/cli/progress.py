@@ -92,6 +92,7 @@ class ProgressBars:
         self.every_s = every_s
         self.stages: dict[str, Stage] = {}
         self.started: float | None = None
+        self.last_heard = time.monotonic()  # when the last report came (or the command began)
         self.last_line = 0.0
         self.shown = False  # a line is on the terminal now
         self.lock = threading.RLock()
@@ -115,12 +116,15 @@ class ProgressBars:
                 self.log(now)
 
     def record(self, name: str, done: int, total: int, now: float) -> None:
-        """Note a report; a count that goes back begins the stage's next pass."""
+        """Note a report; a count that goes back begins the stage's next pass. A stage (or pass) first heard midway
+        began when the report before it came, so that its first units are counted in its rate."""
+        began = self.last_heard if done else now
+        self.last_heard = now
         stage = self.stages.get(name)
         if stage is None:
-            stage = self.stages[name] = Stage(name, now)
+            stage = self.stages[name] = Stage(name, began)
         elif done < stage.done or (done == 0 and not stage.running):
-            stage.began, stage.passes = now, stage.passes + 1
+            stage.began, stage.passes = began, stage.passes + 1
         stage.done, stage.total = done, total
 
     def current(self) -> Stage | None:
