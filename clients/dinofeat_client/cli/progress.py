@@ -24,7 +24,7 @@ STAGE_WORDS = {
     "training": "training the classifier",
     "segmenting": "segmenting the queries",
     "receiving": "receiving the results",
-    "features": "encoding the features",
+    "features": "sending the features",
     "probabilities": "predicting the classes",
     "cached": "reading the cached result",
     "images": "images",
@@ -34,8 +34,9 @@ CONTEXT = re.compile(r"^((?:(?:slice|image) \d+/\d+|support|query): )+")
 """The prefixes jobs.py puts before a stage name ("query: slice 2/5: tiles"): which part of the input it is on."""
 PLACE = re.compile(r"(?:slice|image) (\d+)/(\d+): ")
 """Where a stage is in a sequence of slices or images: ("2", "5") for "slice 2/5: "."""
-BACKGROUND = ("receiving", "images")
-"""Stages that run beside or around the others: shown only when no other stage is running."""
+BACKGROUND = ("receiving", "features", "images")
+"""Stages that run beside or around the others (the client receiving, the server sending the chunks the work makes, a
+batch's images): shown only when no other stage is running."""
 TERMINAL_TICK_S = 1.0
 """How often the line on a terminal is redrawn when no progress arrives (its time so far moves on)."""
 
