@@ -349,3 +349,16 @@ def test_a_line_printed_during_a_batch_never_shares_the_terminal_line_with_the_p
     shown = terminal.getvalue()
     assert "image 2 of 3, computing features 10/64" in shown
     assert "\x1b[K\r\x1b[Kwrote out/cell.tif\n\rdinofeat: image 2 of 3, computing features 20/64" in shown
+
+
+def test_a_volume_applied_again_without_probabilities_loses_the_earlier_probabilities_store(model, tmp_path):
+    import numpy as np
+    import tifffile
+    from dinofeat_server.volumes.classify import classify_to_zarr
+
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([phases(8), phases(9)]), photometric="minisblack")
+    output = tmp_path / "seg.zarr"
+    first = classify_to_zarr(tmp_path / "stack.tif", model, output, probabilities=True, device="cpu")
+    assert first[1] == tmp_path / "seg.probabilities.zarr" and first[1].is_dir()
+    again = classify_to_zarr(tmp_path / "stack.tif", model, output, device="cpu")
+    assert again == (output, None) and sorted(p.name for p in tmp_path.iterdir()) == ["seg.zarr", "stack.tif"]

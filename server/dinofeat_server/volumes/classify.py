@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from .zarr_io import (
     create_feature_store,
     create_label_store,
     finish_store,
+    is_feature_store,
     label_dtype,
     open_level,
     parent_image,
@@ -172,7 +174,17 @@ def classify_volume(client, fitted: FittedVolume, model: ModelFile, trained: Tra
         stores["probabilities"] = str(partial)
     each_slice(client, classify_slice, run, source.planes, report, **stores)
     written = finish_store(Path(stores["probabilities"]), probabilities) if probabilities is not None else None
+    if probabilities is None:
+        remove_earlier_probabilities(output)
     return finish_store(labels_partial, output), written
+
+
+def remove_earlier_probabilities(output: Path) -> None:
+    """Remove the OUT.probabilities.zarr an earlier run wrote beside the label image `output` when this run writes no
+    probabilities: they would no longer belong to the labels beside them."""
+    earlier = probabilities_path(output, True)
+    if earlier.is_dir() and is_feature_store(earlier):
+        shutil.rmtree(earlier)
 
 
 def checked_outputs(output: str | os.PathLike, probabilities: str | os.PathLike | bool | None, overwrite: bool,
