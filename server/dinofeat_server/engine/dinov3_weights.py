@@ -48,33 +48,23 @@ def without_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-TRANSFORMERS_RENAMES = [
-    (r"^embeddings\.register_tokens$", "storage_tokens"),
-    (r"^embeddings\.cls_token$", "cls_token"),
-    (r"^embeddings\.mask_token$", "mask_token"),
-    (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
-    (r"^layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
-    (r"^layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
-    (r"^layer\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.w1."),
-    (r"^layer\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.DOWN."),
-    (r"^layer\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.UP."),
-    (r"^layer\.(\d+)\.", r"blocks.\1."),
-    (r"^norm\.", "norm."),
-]
+def transformers_renames(gated: bool) -> list[tuple[str, str]]:
+    """transformers' names -> the official ones; the feed-forward's depend on its kind (gated: SwiGLU)."""
+    up, down = ("w2", "w3") if gated else ("fc1", "fc2")
+    return [(r"^embeddings\.register_tokens$", "storage_tokens"), (r"^embeddings\.cls_token$", "cls_token"),
+            (r"^embeddings\.mask_token$", "mask_token"), (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+            (r"^layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+            (r"^layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+            (r"^layer\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.w1."), (r"^layer\.(\d+)\.mlp\.up_proj\.", rf"blocks.\1.mlp.{up}."),
+            (r"^layer\.(\d+)\.mlp\.down_proj\.", rf"blocks.\1.mlp.{down}."), (r"^layer\.(\d+)\.(norm\d)\.", r"blocks.\1.\2."),
+            (r"^norm\.", "norm.")]
 
 
 def from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers DINOv3ViTModel state dict in the official layout (q, k, v fused; the absent key bias zero)."""
-    gated = any(k.endswith("mlp.gate_proj.weight") for k in state)
-    up, down = ("w2", "w3") if gated else ("fc1", "fc2")
-    converted: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if re.match(r"^layer\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)$", key):
-            continue  # fused below
-        for pattern, replacement in TRANSFORMERS_RENAMES:
-            if re.search(pattern, key):
-                converted[re.sub(pattern, replacement, key).replace("UP", up).replace("DOWN", down)] = value
-                break
+    renames = transformers_renames(gated=any(k.endswith("mlp.gate_proj.weight") for k in state))
+    converted = {re.sub(pattern, replacement, key): value for key, value in state.items()
+                 for pattern, replacement in renames if re.search(pattern, key)}  # q/k/v_proj match none: fused below
     for layer in sorted({int(m.group(1)) for k in state if (m := re.match(r"^layer\.(\d+)\.attention\.q_proj\.weight$", k))}):
         prefix = f"layer.{layer}.attention"
         converted[f"blocks.{layer}.attn.qkv.weight"] = torch.cat([state[f"{prefix}.{p}_proj.weight"] for p in "qkv"])
