@@ -269,3 +269,13 @@ def test_paper_preset_with_dinov3_through_the_client_equals_hr_dv2s_dinov3_path(
         ours = torch.from_numpy(f["features"][()])[None]
         assert json.loads(f["features"].attrs["feature_set"])["stride"] == 4
     assert rel_l2(ours, expected) <= 1e-5
+
+
+def test_attention_set_with_dinov3_has_one_channel_per_head_through_the_client(vits16plus_server, tmp_path):
+    grey = (np.random.default_rng(12).random((50, 70)) * 255).astype(np.uint8)
+    with vits16plus_server.client() as client:
+        client.fetch_features(grey, tmp_path / "attention.h5", "attention", backbone="dinov3_vits16plus", preset="fast")
+    with h5py.File(tmp_path / "attention.h5", "r") as f:
+        assert list(f["features"].attrs["channel_names"]) == [f"attn_h{h}" for h in range(6)]
+        maps = f["features"][()]
+    assert maps.shape == (6, 50, 70) and (maps >= 0).all() and (maps <= 1).all()

@@ -141,12 +141,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or not a weights file
-        raise DinofeatError(f"cannot read weights from {path}: {type(error).__name__}; give an official DINOv2 checkpoint or a Hugging Face dinov2 file.") from None
+        raise DinofeatError(f"cannot read weights from {path}: {type(error).__name__}; give a DINOv2 file (official or Hugging Face) or a DINOv3 file (official, Hugging Face or timm).") from None
     for wrapper in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DinofeatError(f"{path} does not hold a state dict of tensors; give a DINOv2 weights file.")
+        raise DinofeatError(f"{path} does not hold a state dict of tensors; give a DINOv2 or DINOv3 weights file.")
     return state
 
 
