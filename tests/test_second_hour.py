@@ -267,6 +267,11 @@ def test_the_one_estimate_counts_the_slices_still_to_come():
     bars.record("receiving", 1, 100, now=110.0)
     assert bars.seconds_left(110.0) == pytest.approx(70.0)
     assert bars.current().name == "slice 1/4: tiles"
+    passes = ProgressBars(enabled=True, terminal=False, every_s=3600)
+    passes.record("pass 1/2: rows", 0, 2048, now=0.0)
+    passes.record("pass 1/2: rows", 1024, 2048, now=5.0)  # the features are computed again after training
+    assert passes.seconds_left(5.0) == pytest.approx(15.0)
+    assert passes.line(5.0).startswith("dinofeat: computing features (pass 1/2) 1024/2048 (50 %), ")
 
 
 def test_in_a_log_a_long_stage_without_reports_still_prints_a_line_every_few_seconds(capsys):
@@ -362,3 +367,19 @@ def test_a_volume_applied_again_without_probabilities_loses_the_earlier_probabil
     assert first[1] == tmp_path / "seg.probabilities.zarr" and first[1].is_dir()
     again = classify_to_zarr(tmp_path / "stack.tif", model, output, device="cpu")
     assert again == (output, None) and sorted(p.name for p in tmp_path.iterdir()) == ["seg.zarr", "stack.tif"]
+
+
+def test_features_computed_again_for_a_second_pass_report_each_pass_as_its_own_stage(monkeypatch):
+    import numpy as np
+    import torch
+    from dinofeat_client.computation import FeatureComputation
+    from dinofeat_server.engine.progress import run_to_end
+    from dinofeat_server.engine.stacks import feature_set
+    from dinofeat_server.service import jobs
+
+    monkeypatch.setattr(jobs, "KEEP_BYTES", 0)  # as for an image whose features exceed 256 MiB: computed twice
+    image, fset, options, device = phases(3), feature_set("classical"), FeatureComputation("classical"), torch.device("cpu")
+    space = run_to_end(jobs.fitted_space([image], fset, options, None, device, lambda: None))
+    passes = jobs.BlockPasses(image, fset, options, None, device, lambda: None, space, 58, planned=2)
+    stages = [[item.stage for item in passes() if not isinstance(item, tuple)] for _ in range(2)]
+    assert stages == [["pass 1/2: rows"], ["pass 2/2: rows"]]

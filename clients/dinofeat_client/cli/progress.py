@@ -28,12 +28,14 @@ STAGE_WORDS = {
     "probabilities": "predicting the classes",
     "cached": "reading the cached result",
     "images": "images",
+    "slices": "computing the slices",
 }
 """What the server's and the client's stage names ("tiles", "rows", ...) mean, as the progress line says it."""
-CONTEXT = re.compile(r"^((?:(?:slice|image) \d+/\d+|support|query): )+")
-"""The prefixes jobs.py puts before a stage name ("query: slice 2/5: tiles"): which part of the input it is on."""
-PLACE = re.compile(r"(?:slice|image) (\d+)/(\d+): ")
-"""Where a stage is in a sequence of slices or images: ("2", "5") for "slice 2/5: "."""
+CONTEXT = re.compile(r"^((?:(?:pass|slice|image) \d+/\d+|support|query): )+")
+"""The prefixes jobs.py puts before a stage name ("query: slice 2/5: tiles", "pass 1/2: rows"): which part of the
+work it is on."""
+PLACE = re.compile(r"(?:pass|slice|image) (\d+)/(\d+): ")
+"""Where a stage is in a sequence of passes, slices or images: ("2", "5") for "slice 2/5: "."""
 BACKGROUND = ("receiving", "features", "images")
 """Stages that run beside or around the others (the client receiving, the server sending the chunks the work makes, a
 batch's images): shown only when no other stage is running."""
@@ -69,9 +71,9 @@ class Stage:
     def seconds_left(self, now: float) -> float | None:
         """The time this stage needs still at its rate so far, and as long again for each later slice or image its
         name counts ("slice 2/5: tiles": three more); None before its first unit is done."""
-        if self.total <= 0 or self.done <= 0:
+        spent = now - self.began
+        if self.total <= 0 or self.done <= 0 or spent <= 0:
             return None
-        spent = max(now - self.began, 0.0)
         later = sum(int(total) - int(number) for number, total in PLACE.findall(self.name))
         return spent * (self.total - self.done) / self.done + later * spent * self.total / self.done
 
@@ -105,9 +107,8 @@ class ProgressBars:
             return
         with self.lock:
             now = time.monotonic()
-            if self.started is None:
-                self.started = now
-                self.last_line = now
+            if self.started is None:  # the command's first report: no rate before it (start-up is not work)
+                self.started = self.last_heard = self.last_line = now
                 ACTIVE.append(self)
                 self.start_ticker()
             self.record(stage, done, total, now)

@@ -272,20 +272,25 @@ def stack_bytes(image: np.ndarray, channels: int) -> int:
 
 class BlockPasses:
     """The blocks of one image in one space for several passes: kept after the first pass when they fit
-    KEEP_BYTES, else computed again tile by tile."""
+    KEEP_BYTES, else computed again tile by tile, each of the `planned` passes then reported as its own stage
+    ("pass 2/2: rows"), so that progress never goes back and the client can count the pass still to come."""
 
     def __init__(self, image: np.ndarray, fset: FeatureSet, options: FeatureComputation, models: Models, device: torch.device,
-                 check, space: FeatureSpace, channels: int, prefix: str = ""):
+                 check, space: FeatureSpace, channels: int, prefix: str = "", planned: int = 1):
         self.arguments = (image, fset, options, models, device, check, space, prefix)
         self.kept: list[Block] | None = [] if stack_bytes(image, channels) <= KEEP_BYTES else None
         self.passes = 0
+        self.planned = planned
 
     def __call__(self) -> Iterator[pb.Progress | Block]:
         if self.passes and self.kept is not None:
             yield from self.kept
             return
         self.passes += 1
-        for item in image_blocks(*self.arguments):
+        *arguments, prefix = self.arguments
+        if self.kept is None and self.planned > 1:
+            prefix = f"pass {self.passes}/{self.planned}: {prefix}"
+        for item in image_blocks(*arguments, prefix):
             if self.kept is not None and not isinstance(item, pb.Progress):
                 self.kept.append(item)
             yield item
@@ -395,7 +400,7 @@ def segment_work(image: np.ndarray, labels: np.ndarray, fset: FeatureSet, option
     check = cancel_check(cancelled)
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
     channels = len(fset.channel_names(image_channels(image), options, models))
-    passes = BlockPasses(image, fset, options, models, device, check, space, channels)
+    passes = BlockPasses(image, fset, options, models, device, check, space, channels, planned=2)
     trained = yield from as_stream(train_model([image], [labels], fset, options, models, kind, trees, seed, device, check,
                                                [passes], like=space, threads=threads))
     key = segment_result_key(image_sha256(image), image_sha256(labels), options, kind, trees, seed)
@@ -455,7 +460,7 @@ def analyse_work(image: np.ndarray, fset: FeatureSet, options: FeatureComputatio
     check = cancel_check(cancelled)
     space = yield from as_stream(fitted_space([image], fset, options, models, device, check))
     channels = len(fset.channel_names(image_channels(image), options, models))
-    passes = BlockPasses(image, fset, options, models, device, check, space, channels)
+    passes = BlockPasses(image, fset, options, models, device, check, space, channels, planned=2)
     step = max(1, int(np.prod(spatial_shape(image))) // ANALYSIS_SAMPLE_PIXELS)
     sample = []
     for item in passes():
