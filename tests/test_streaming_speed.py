@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 import h5py
 import numpy as np
+import pytest
 from conftest import noise
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
@@ -41,3 +42,18 @@ def test_raw_and_gzip_batched_streams_write_the_same_features(inprocess_server, 
     with h5py.File(tmp_path / "raw.h5") as raw, h5py.File(tmp_path / "gzip.h5") as packed:
         assert raw["features"].shape == (58, 300, 300)
         np.testing.assert_array_equal(raw["features"][()], packed["features"][()])
+
+
+def test_a_chunk_whose_crc_differs_from_the_servers_is_refused_in_one_sentence(tmp_path):
+    from dinofeat_client.dataset_file import DatasetFile
+    from dinofeat_client.errors import DinofeatError
+    from dinofeat_client.wire import feature_layout
+
+    target = DatasetFile(tmp_path / "f.h5", "key")
+    target.open(feature_layout("features", (1, 256, 256), "none"), {}, False)
+    data = bytes(256 * 256 * 4)
+    try:
+        with pytest.raises(DinofeatError, match=r"^a chunk arrived damaged \(its CRC-32 differs from the server's\); run the same command"):
+            target.write_chunk((0, 0, 0), data, 0, sha256=b"\0" * 32, crc32=12345)
+    finally:
+        target.discard()

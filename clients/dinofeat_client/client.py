@@ -374,11 +374,11 @@ class FeatureClient:
                 elif kind in ("chunk", "chunks"):
                     for chunk in chunks_of(message):
                         data = chunk.data  # each reading copies the bytes out of the message
-                        target.write_chunk(tuple(chunk.offset), data, chunk.filter_mask)
+                        target.write_chunk(tuple(chunk.offset), data, chunk.filter_mask, chunk.sha256, chunk.crc32)
                         nbytes += len(data)
-                    received += len(chunks_of(message))
-                    if progress:
-                        progress("receiving", received, expected)
+                        received += 1
+                        if progress:
+                            progress("receiving", received, expected)
                 elif kind == "trailer":
                     path = target.finish(message.trailer.chunk_count, message.trailer.sha256)
                     return Transfer(path, received, message.trailer.chunk_count, nbytes)

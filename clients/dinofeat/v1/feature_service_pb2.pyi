@@ -405,16 +405,20 @@ class DatasetHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., chunk_shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, _Mapping]] = ..., attributes_json: _Optional[str] = ..., chunk_count: _Optional[int] = ..., result_key: _Optional[str] = ...) -> None: ...
 
 class DatasetChunk(_message.Message):
-    __slots__ = ("index", "offset", "data", "filter_mask")
+    __slots__ = ("index", "offset", "data", "filter_mask", "sha256", "crc32")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     FILTER_MASK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     index: int
     offset: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     filter_mask: int
-    def __init__(self, index: _Optional[int] = ..., offset: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., filter_mask: _Optional[int] = ...) -> None: ...
+    sha256: bytes
+    crc32: int
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., filter_mask: _Optional[int] = ..., sha256: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class DatasetTrailer(_message.Message):
     __slots__ = ("chunk_count", "sha256")

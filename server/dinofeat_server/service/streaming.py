@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from functools import partial
 
+import imagecodecs
 import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client.chunk_batches import BATCH_BYTES, chunks_of
@@ -80,13 +81,13 @@ def dataset_messages(
         groups = [chunks[start : start + CHUNKS_PER_TASK] for start in range(0, len(chunks), CHUNKS_PER_TASK)]
         batch, size = pb.DatasetStream(chunks=pb.DatasetChunks()), 0
         for group, encoded in zip(groups, CHUNK_ENCODERS.map(partial(hashed_chunks, layout=layout), groups)):
-            for (index, offset, _), (data, digest) in zip(group, encoded):
+            for (index, offset, _), (data, digest, crc) in zip(group, encoded):
                 digests[index] = digest
                 if size and size + len(data) > BATCH_BYTES:
                     batch.chunks.data_bytes = size
                     yield batch
                     batch, size = pb.DatasetStream(chunks=pb.DatasetChunks()), 0
-                batch.chunks.chunks.add(index=index, offset=offset, data=data)  # fields set in place: one copy
+                batch.chunks.chunks.add(index=index, offset=offset, data=data, sha256=digest, crc32=crc)  # set in place: one copy
                 size += len(data)
         if size:
             batch.chunks.data_bytes = size
@@ -98,10 +99,10 @@ def dataset_messages(
         chunk_count=layout.chunk_count, sha256=stream_checksum([digests[i] for i in range(layout.chunk_count)])))
 
 
-def hashed_chunks(chunks: list[tuple[int, tuple[int, ...], np.ndarray]], layout: DatasetLayout) -> list[tuple[bytes, bytes]]:
-    """(stored bytes, their sha256) of each (index, offset, samples) chunk: both release the GIL."""
+def hashed_chunks(chunks: list[tuple[int, tuple[int, ...], np.ndarray]], layout: DatasetLayout) -> list[tuple[bytes, bytes, int]]:
+    """(stored bytes, their sha256, their CRC-32) of each (index, offset, samples) chunk: all release the GIL."""
     encoded = [encode_chunk(samples, layout) for _, _, samples in chunks]
-    return [(data, hashlib.sha256(data).digest()) for data in encoded]
+    return [(data, hashlib.sha256(data).digest(), imagecodecs.deflate_crc32(data)) for data in encoded]
 
 
 def only_chunks(messages: Iterable[pb.DatasetStream], wanted: set[int] | None) -> Iterator[pb.DatasetStream]:
