@@ -4,14 +4,46 @@ progress that reads at a glance."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import pty
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
-from conftest import ROOT
+import tifffile
+import torch
+import zarr
+from conftest import ROOT, run_cli
+from dinofeat_client import local_server
+from dinofeat_client.cli.progress import ProgressBars, tell
+from dinofeat_client.computation import FeatureComputation
+from dinofeat_client.errors import DinofeatError
+from dinofeat_server.engine.backbone import DinoVisionTransformer
+from dinofeat_server.engine.deep import DeepExtractor
+from dinofeat_server.engine.progress import run_to_end
+from dinofeat_server.engine.stacks import feature_set
+from dinofeat_server.engine.weights import load_backbone, official_config, random_backbone, resolve_weights
+from dinofeat_server.service import jobs
+from dinofeat_server.volumes.classify import classify_to_zarr
+from dinofeat_server.volumes.dask_run import dask_client
+from ome_zarr.format import FormatV04
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Reader
 from test_batch_apply import model, phases  # noqa: F401  (model: a fixture, a classical model of two-phase images)
+
+with warnings.catch_warnings():  # ome_zarr.writer's import warns of its own deprecated Scaler, which these tests do not use
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ome_zarr.writer import write_image
 
 
 def fresh_shell_environment() -> dict[str, str]:
@@ -43,19 +75,12 @@ def key_seen_by(package_parent: Path) -> str:
 
 
 def test_two_checkouts_of_one_version_have_two_local_server_keys(tmp_path):
-    import shutil
-
-    from dinofeat_client import local_server
-
     shutil.copytree(ROOT / "clients" / "dinofeat_client", tmp_path / "dinofeat_client")
     assert key_seen_by(ROOT / "clients") == local_server.server_key("cpu", None)
     assert key_seen_by(tmp_path) != local_server.server_key("cpu", None)
 
 
 def test_local_status_names_the_installation_a_server_belongs_to(tmp_path, monkeypatch):
-    from conftest import run_cli
-    from dinofeat_client import local_server
-
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     address = local_server.local_address("cpu", None, notify=lambda line: None)
     try:
@@ -69,9 +94,6 @@ def test_local_status_names_the_installation_a_server_belongs_to(tmp_path, monke
 
 
 def test_apply_overwrite_removes_the_probabilities_and_pictures_of_an_earlier_run(model, tmp_path, inprocess_address):
-    import tifffile
-    from conftest import run_cli
-
     tifffile.imwrite(tmp_path / "cell.tif", phases(1))
     tifffile.imwrite(tmp_path / "other.tif", phases(2))
     out = tmp_path / "out"
@@ -88,9 +110,6 @@ def test_apply_overwrite_removes_the_probabilities_and_pictures_of_an_earlier_ru
 
 
 def test_apply_without_overwrite_skips_the_image_and_keeps_its_earlier_files(model, tmp_path, inprocess_address):
-    import tifffile
-    from conftest import run_cli
-
     tifffile.imwrite(tmp_path / "cell.tif", phases(1))
     out = tmp_path / "out"
     assert run_cli("apply", str(model), str(tmp_path / "cell.tif"), "-o", str(out), "--probabilities",
@@ -103,15 +122,12 @@ def test_apply_without_overwrite_skips_the_image_and_keeps_its_earlier_files(mod
 @pytest.fixture(scope="module")
 def random_vits14(tmp_path_factory) -> tuple[Path, "subprocess.CompletedProcess"]:
     """`dinofeat weights random dinov2_vits14 -o random.pth --seed 3`: the file and the command's result."""
-    from conftest import run_cli
 
     path = tmp_path_factory.mktemp("weights") / "random.pth"
     return path, run_cli("weights", "random", "dinov2_vits14", "-o", str(path), "--seed", "3")
 
 
 def test_a_random_checkpoint_has_the_official_architecture_and_layout(random_vits14):
-    from dinofeat_server.engine.weights import load_backbone, official_config
-
     path, written = random_vits14
     assert written.returncode == 0, written.stderr
     assert load_backbone(path).config == official_config("dinov2_vits14")
@@ -125,9 +141,6 @@ def test_a_random_checkpoint_says_loudly_that_its_features_mean_nothing(random_v
 
 
 def test_one_seed_gives_one_checkpoint_and_another_seed_another():
-    import torch
-    from dinofeat_server.engine.weights import random_backbone
-
     first, again, other = (random_backbone("dinov2_vits14_reg", seed).state_dict() for seed in (5, 5, 6))
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
@@ -135,10 +148,6 @@ def test_one_seed_gives_one_checkpoint_and_another_seed_another():
 
 
 def test_a_deep_set_runs_offline_with_the_random_checkpoint(random_vits14, tmp_path):
-    import h5py
-    import tifffile
-    from conftest import run_cli
-
     path, _ = random_vits14
     tifffile.imwrite(tmp_path / "cell.tif", phases(4))
     done = run_cli("features", str(tmp_path / "cell.tif"), "-o", str(tmp_path / "deep.h5"), "--set", "dinov2", "--preset", "fast",
@@ -149,11 +158,6 @@ def test_a_deep_set_runs_offline_with_the_random_checkpoint(random_vits14, tmp_p
 
 
 def test_a_failed_download_names_the_random_checkpoint_and_the_filter_bank(tmp_path, monkeypatch):
-    import socket
-
-    from dinofeat_client.errors import DinofeatError
-    from dinofeat_server.engine.weights import resolve_weights
-
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -167,25 +171,12 @@ def test_a_failed_download_names_the_random_checkpoint_and_the_filter_bank(tmp_p
 
 @pytest.mark.parametrize("command", ["fewshot", "ilastik"])
 def test_the_help_of_a_command_whose_default_needs_weights_says_so_and_names_the_alternatives(command):
-    from conftest import run_cli
-
     shown = " ".join(run_cli(command, "--help").stdout.split())
     assert "it needs DINOv2 weights" in shown and "dinofeat weights random BACKBONE -o FILE.pth" in shown
     assert "--set multiscale needs none" in shown
 
 
-@pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")  # ome-zarr's writer, making the input
 def test_a_label_image_of_an_ome_zarr_volume_names_its_parent_and_reads_without_warnings(model, tmp_path, caplog):
-    import logging
-
-    import numpy as np
-    import zarr
-    from dinofeat_server.volumes.classify import classify_to_zarr
-    from ome_zarr.format import FormatV04
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Label, Reader
-    from ome_zarr.writer import write_image
-
     volume = np.stack([phases(5), phases(6)])
     write_image(volume, zarr.open_group(str(tmp_path / "cells.zarr"), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
                 scale_factors=[])
@@ -200,12 +191,6 @@ def test_a_label_image_of_an_ome_zarr_volume_names_its_parent_and_reads_without_
 
 
 def test_an_unreachable_dask_scheduler_is_reported_with_the_time_really_waited():
-    import socket
-    import time
-
-    from dinofeat_client.errors import DinofeatError
-    from dinofeat_server.volumes.dask_run import dask_client
-
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
@@ -219,14 +204,11 @@ def test_an_unreachable_dask_scheduler_is_reported_with_the_time_really_waited()
 
 def progress_lines(err: str) -> list[str]:
     """The lines a progress display showed: each carriage-return rewrite or newline-ended line, escape codes removed."""
-    import re
 
     return [part for part in re.split(r"[\r\n]", err.replace("\x1b[K", "")) if part]
 
 
 def test_on_a_terminal_a_command_shows_one_line_rewritten_in_place(capsys):
-    from dinofeat_client.cli.progress import ProgressBars
-
     bars = ProgressBars(enabled=True, terminal=True)
     for done in range(1, 11):
         bars("rows", done * 400, 4096)
@@ -241,10 +223,6 @@ def test_on_a_terminal_a_command_shows_one_line_rewritten_in_place(capsys):
 
 
 def test_a_stage_that_counts_again_is_shown_as_a_new_pass_never_as_its_share_going_back(capsys):
-    import re
-
-    from dinofeat_client.cli.progress import ProgressBars
-
     bars = ProgressBars(enabled=True, terminal=False, every_s=0)
     for done in (1024, 2048, 4096, 768, 2048):
         bars("rows", done, 4096)
@@ -259,8 +237,6 @@ def test_a_stage_that_counts_again_is_shown_as_a_new_pass_never_as_its_share_goi
 
 
 def test_the_one_estimate_counts_the_slices_still_to_come():
-    from dinofeat_client.cli.progress import ProgressBars
-
     bars = ProgressBars(enabled=True, terminal=False, every_s=3600)
     bars.record("slice 1/4: tiles", 0, 10, now=100.0)
     bars.record("slice 1/4: tiles", 5, 10, now=110.0)  # 10 s for half a slice: 10 s more, then 3 slices of 20 s
@@ -275,10 +251,6 @@ def test_the_one_estimate_counts_the_slices_still_to_come():
 
 
 def test_in_a_log_a_long_stage_without_reports_still_prints_a_line_every_few_seconds(capsys):
-    import time
-
-    from dinofeat_client.cli.progress import ProgressBars
-
     bars = ProgressBars(enabled=True, terminal=False, every_s=0.2)
     bars("tiles", 0, 1)  # one deep tile: no report until it is done
     time.sleep(0.75)
@@ -289,10 +261,6 @@ def test_in_a_log_a_long_stage_without_reports_still_prints_a_line_every_few_sec
 
 
 def test_under_a_pseudo_terminal_deep_work_shows_its_progress_line(inprocess_deep_address, tmp_path):
-    import pty
-
-    import tifffile
-
     tifffile.imwrite(tmp_path / "cell.tif", phases(7))
     main, child = pty.openpty()
     command = [sys.executable, "-m", "dinofeat_client.cli", "features", str(tmp_path / "cell.tif"), "-o", str(tmp_path / "f.h5"),
@@ -315,16 +283,6 @@ def test_under_a_pseudo_terminal_deep_work_shows_its_progress_line(inprocess_dee
 
 
 def test_the_time_estimate_comes_before_the_fit_and_covers_the_fit_and_the_image(monkeypatch):
-    import re
-
-    import numpy as np
-    import torch
-    from dinofeat_client.computation import FeatureComputation
-    from dinofeat_server.engine.backbone import DinoVisionTransformer
-    from dinofeat_server.engine.deep import DeepExtractor
-    from dinofeat_server.engine.stacks import feature_set
-    from dinofeat_server.engine.weights import official_config
-
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     extractor = DeepExtractor(DinoVisionTransformer(official_config("dinov2_vits14")), torch.device("cpu"))
     options = FeatureComputation("dinov2", preset="default")
@@ -338,10 +296,6 @@ def test_the_time_estimate_comes_before_the_fit_and_covers_the_fit_and_the_image
 
 
 def test_a_line_printed_during_a_batch_never_shares_the_terminal_line_with_the_progress(monkeypatch):
-    import io
-
-    from dinofeat_client.cli.progress import ProgressBars, tell
-
     terminal = io.StringIO()  # stdout and stderr on one terminal, as a person sees them
     monkeypatch.setattr(sys, "stdout", terminal)
     monkeypatch.setattr(sys, "stderr", terminal)
@@ -357,10 +311,6 @@ def test_a_line_printed_during_a_batch_never_shares_the_terminal_line_with_the_p
 
 
 def test_a_volume_applied_again_without_probabilities_loses_the_earlier_probabilities_store(model, tmp_path):
-    import numpy as np
-    import tifffile
-    from dinofeat_server.volumes.classify import classify_to_zarr
-
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([phases(8), phases(9)]), photometric="minisblack")
     output = tmp_path / "seg.zarr"
     first = classify_to_zarr(tmp_path / "stack.tif", model, output, probabilities=True, device="cpu")
@@ -370,13 +320,6 @@ def test_a_volume_applied_again_without_probabilities_loses_the_earlier_probabil
 
 
 def test_features_computed_again_for_a_second_pass_report_each_pass_as_its_own_stage(monkeypatch):
-    import numpy as np
-    import torch
-    from dinofeat_client.computation import FeatureComputation
-    from dinofeat_server.engine.progress import run_to_end
-    from dinofeat_server.engine.stacks import feature_set
-    from dinofeat_server.service import jobs
-
     monkeypatch.setattr(jobs, "KEEP_BYTES", 0)  # as for an image whose features exceed 256 MiB: computed twice
     image, fset, options, device = phases(3), feature_set("classical"), FeatureComputation("classical"), torch.device("cpu")
     space = run_to_end(jobs.fitted_space([image], fset, options, None, device, lambda: None))
