@@ -23,7 +23,7 @@ STAGE_WORDS = {
     "rows": "computing features",
     "training": "training the classifier",
     "segmenting": "segmenting the queries",
-    "receiving": "receiving the results",
+    "receiving": "receiving",
     "features": "sending the features",
     "probabilities": "predicting the classes",
     "cached": "reading the cached result",
@@ -63,6 +63,7 @@ class Stage:
     done: int = 0
     total: int = 0
     passes: int = 1
+    heard: float = 0.0
 
     @property
     def running(self) -> bool:
@@ -127,14 +128,16 @@ class ProgressBars:
             stage = self.stages[name] = Stage(name, began)
         elif done < stage.done or (done == 0 and not stage.running):
             stage.began, stage.passes = began, stage.passes + 1
-        stage.done, stage.total = done, total
+        stage.done, stage.total, stage.heard = done, total, now
 
     def current(self) -> Stage | None:
-        """The stage to name: the oldest one running that is not a background stage, else the oldest one running."""
+        """The stage to name: the oldest one running that is not a background stage, else the oldest one running,
+        else (between stages) the one heard last."""
         running = [s for s in self.stages.values() if s.running]
         foreground = [s for s in running if s.name not in BACKGROUND]
-        chosen = foreground or running
-        return min(chosen, key=lambda s: s.began) if chosen else None
+        if foreground or running:
+            return min(foreground or running, key=lambda s: s.began)
+        return max(self.stages.values(), key=lambda s: s.heard, default=None)
 
     def seconds_left(self, now: float) -> float | None:
         """One estimate for the whole command: the longest time left of the stages running now."""
@@ -150,6 +153,8 @@ class ProgressBars:
             if stage.total > 1:
                 words += f" {stage.done}/{stage.total} ({100 * stage.done // stage.total} %)"
             parts.append(words)
+        parts += [f"{stage_words(s.name)} {s.done}/{s.total}" for s in self.stages.values()  # transfers beside the work
+                  if s.running and s.name in BACKGROUND and s.name != "images" and s is not stage and s.total > 1]
         parts.append(f"{spoken_duration(now - (self.started or now))} so far")
         left = self.seconds_left(now)
         if left is not None:
