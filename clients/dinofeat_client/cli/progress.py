@@ -84,9 +84,10 @@ class ProgressBars:
 
     Called with (stage, done, total) for each report from the server or the client ("tiles", "rows", "receiving",
     "images", ...). The line names the oldest stage still running in words, with its own count and share (a stage
-    that starts counting again is a new pass, "... again", never the same share going back), the time since the
-    command's first report, and one estimate of the time left: the longest of the running stages' (batches: the
-    images left at the rate so far). On a terminal the line is rewritten in place, and redrawn every second when
+    that starts counting again is a new pass, "... again", never the same share going back; in a batch each image
+    begins its stages afresh under "image k of n"), the transfers running beside it ("receiving 40/212"), the time
+    since the command's first report, and one estimate of the time left: the longest of the running stages', each
+    with the passes, slices or images its name says are still to come. On a terminal the line is rewritten in place, and redrawn every second when
     no report comes (a deep tile can take minutes); elsewhere (logs, pipes, batch jobs) a line is printed every
     `every_s` seconds while the command runs, so a log shows that it is alive and when it should end."""
 
@@ -140,16 +141,19 @@ class ProgressBars:
         return max(self.stages.values(), key=lambda s: s.heard, default=None)
 
     def seconds_left(self, now: float) -> float | None:
-        """One estimate for the whole command: the longest time left of the stages running now."""
+        """One estimate for the whole command: the longest time left of the stages running now (Stage.seconds_left)."""
         estimates = [left for s in self.stages.values() if s.running and (left := s.seconds_left(now)) is not None]
         return max(estimates) if estimates else None
 
     def line(self, now: float) -> str:
         """The progress line: stage in words, its count and share, the time so far and the time left."""
         stage = self.current()
+        images = self.stages.get("images")
+        in_batch = images is not None and images.total > 1 and stage is not images and images.running
         parts = []
         if stage is not None:
-            words = stage_words(stage.name) + (" again" if stage.passes == 2 else f", pass {stage.passes}" if stage.passes > 2 else "")
+            again = "" if in_batch else " again" if stage.passes == 2 else f", pass {stage.passes}" if stage.passes > 2 else ""
+            words = stage_words(stage.name) + again
             if stage.total > 1:
                 words += f" {stage.done}/{stage.total} ({100 * stage.done // stage.total} %)"
             parts.append(words)
@@ -159,8 +163,7 @@ class ProgressBars:
         left = self.seconds_left(now)
         if left is not None:
             parts.append(f"about {spoken_duration(left)} left")
-        images = self.stages.get("images")
-        if images is not None and images.total > 1 and stage is not images and images.running:
+        if in_batch:
             parts.insert(0, f"image {min(images.done + 1, images.total)} of {images.total}")
         return "dinofeat: " + ", ".join(parts)
 
