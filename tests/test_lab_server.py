@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, dinofeat, noise, wait_for
 from dinofeat_client.client import FeatureClient
+from dinofeat_client.computation import DEFAULT_SET
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.images import write_tiff
 from dinofeat_server.engine.stacks import FEATURE_SETS, intensity_scaled
@@ -91,7 +92,7 @@ def test_sixteen_concurrent_clients_get_correct_features_and_server_memory_stays
     sixteen_clients = fetch_in_processes(server, paths[:16]) - baseline
     for path, image in images.items():
         with h5py.File(path.with_suffix(".h5"), "r") as f:
-            np.testing.assert_allclose(f["features"][()], FEATURE_SETS["classical"].compute(intensity_scaled(image)), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(f["features"][()], FEATURE_SETS[DEFAULT_SET].compute(intensity_scaled(image)), rtol=1e-5, atol=1e-6)
     # two workers compute at once, whatever the number of clients: memory follows the workers, not the clients
     assert sixteen_clients < 3 * one_client + (64 << 20), f"RSS grew {one_client / 1e6:.0f} MB for one, {sixteen_clients / 1e6:.0f} MB for 16"
     with FeatureClient(server.address, token="token-of-user0-for-tests") as client:

@@ -30,6 +30,7 @@ from dinofeat_client.client import FeatureClient
 from dinofeat_client.errors import DinofeatError
 from dinofeat_client.spaces import read_space
 from dinofeat_client.tokens import read_named_tokens
+from dinofeat_server.engine.weights import BACKBONES
 from dinofeat_server.service.config import ServerLimits, read_config, serve_settings
 from dinofeat_server.service.device_pool import DevicePool
 from dinofeat_server.service.local_server import IdleWatch, start_local, stop_local
@@ -126,8 +127,8 @@ def test_the_backbones_are_a_list_in_the_config_file_and_names_separated_by_comm
     _, limits = read_config(path)
     assert (limits.backbones, limits.backbones_gb) == (("dinov2_vits14", "dinov2_vitb14_reg"), 2.5)
     assert serve_settings(path, {}, {"backbones": "dinov2_vitl14, dinov2_vits14"})[1].backbones == ("dinov2_vitl14", "dinov2_vits14")
-    assert len(ServerLimits().backbones) == 8
-    with pytest.raises(DinofeatError, match=r"^the limit backbones lists 'vit_huge', which is no DINOv2 backbone; choose from "):
+    assert ServerLimits().backbones == BACKBONES  # every DINOv2 and DINOv3 backbone by default
+    with pytest.raises(DinofeatError, match=r"^the limit backbones lists 'vit_huge', which is no backbone dinofeat knows; choose from "):
         ServerLimits(backbones="dinov2_vits14,vit_huge")
 
 

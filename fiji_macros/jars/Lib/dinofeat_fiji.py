@@ -53,6 +53,8 @@ def feature_stack(path, z=None):
     return open_tiff_stack(path)
 
 
+DEEP_SETS = ("dinov2", "attention", "hybrid")
+"""The sets that take --preset (dinofeat refuses it with a filter bank); the command line's computation.DEEP_SETS."""
 PROGRESS_LINE = re.compile(r"^dinofeat: (.+?) (\d+)/(\d+)[ ,]")
 """dinofeat's progress lines outside a terminal: "dinofeat: STAGE DONE/TOTAL (P %), RATE/s, about T left"."""
 

@@ -123,7 +123,7 @@ def checked_backbones(names: tuple[str, ...] | list[str] | str) -> tuple[str, ..
     chosen = tuple(name.strip() for name in names.split(",")) if isinstance(names, str) else tuple(names)
     for name in chosen or ("",):
         if name not in BACKBONES:
-            raise DinofeatError(f"the limit backbones lists {name!r}, which is no DINOv2 backbone; choose from {', '.join(BACKBONES)}.")
+            raise DinofeatError(f"the limit backbones lists {name!r}, which is no backbone dinofeat knows; choose from {', '.join(BACKBONES)}.")
     return chosen
 
 

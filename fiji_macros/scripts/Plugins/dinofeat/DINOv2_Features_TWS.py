@@ -14,12 +14,12 @@
 from ij import IJ
 from ij.plugin.frame import RoiManager
 
-from dinofeat_fiji import apply_tws, image_stacks, label_rois, load_tws, manager_rois, train_tws
+from dinofeat_fiji import DEEP_SETS, apply_tws, image_stacks, label_rois, load_tws, manager_rois, train_tws
 
 
 def run():
     IJ.showStatus("dinofeat: getting the features of " + image.getTitle())
-    options = [] if feature_set == "classical" else ["--preset", preset]
+    options = ["--preset", preset] if feature_set in DEEP_SETS else []  # the filter banks take no preset
     stacks = image_stacks(image, feature_file.getPath() if feature_file else None, dinofeat, server, feature_set, options)
     if load_classifier:
         segmentation = load_tws(image, load_classifier.getPath())
