@@ -9,6 +9,7 @@ as in every DINOv2 model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +50,10 @@ OFFICIAL_CONFIGS = {
 }
 
 
+Positions = Callable[[torch.Tensor], torch.Tensor]
+"""A rotation of queries or keys (B, heads, N, head dim) by their tokens' positions (DINOv3's RoPE)."""
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection; SDPA unless the attention map is wanted."""
 
@@ -58,12 +63,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, return_cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, return_cls_attention: bool = False,
+                positions: Positions | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of x (B, N, D); `positions` rotates queries and keys first (DINOv3's RoPE; DINOv2 adds its
+        position table to the tokens instead)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if positions is not None:
+            q, k = positions(q), positions(k)
         out = F.scaled_dot_product_attention(q, k, v)
         cls_attention = None
-        if return_cls_attention:  # true softmax attention of the CLS query, per head: (B, heads, N)
+        if return_cls_attention:  # true softmax attention of the CLS query (after any rotation), per head: (B, heads, N)
             scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
             cls_attention = scores.softmax(dim=-1)[:, :, 0]
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), cls_attention
@@ -102,17 +112,21 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: VitConfig):
+    """A pre-norm transformer block with LayerScale; the feed-forward is `swiglu` where the config says so
+    (DINOv2's fused w12, or DINOv3's w1/w2/w3), else an MLP; layer norms with epsilon `eps` (DINOv3: 1e-5)."""
+
+    def __init__(self, config: VitConfig, swiglu: type[nn.Module] | None = None, eps: float = LAYER_NORM_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(config.dim, eps=eps)
         self.attn = Attention(config.dim, config.heads)
         self.ls1 = LayerScale(config.dim)
-        self.norm2 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
-        self.mlp = (SwiGLU if config.swiglu else Mlp)(config.dim, config.mlp_hidden)
+        self.norm2 = nn.LayerNorm(config.dim, eps=eps)
+        self.mlp = ((swiglu or SwiGLU) if config.swiglu else Mlp)(config.dim, config.mlp_hidden)
         self.ls2 = LayerScale(config.dim)
 
-    def forward(self, x: torch.Tensor, return_cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, cls_attention = self.attn(self.norm1(x), return_cls_attention)
+    def forward(self, x: torch.Tensor, return_cls_attention: bool = False,
+                positions: Positions | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, cls_attention = self.attn(self.norm1(x), return_cls_attention, positions)
         x = x + self.ls1(attended)
         return x + self.ls2(self.mlp(self.norm2(x))), cls_attention
 

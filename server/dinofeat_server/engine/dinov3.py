@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, Mlp, PatchEmbed, LayerScale, PosRule, PosWindow, VitOutput
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, Block, PatchEmbed, PosRule, PosWindow, VitOutput
 
 LAYER_NORM_EPS = 1e-5
 ROPE_BASE = 100.0
@@ -115,28 +116,6 @@ def with_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Te
     return torch.cat([x[:, :, :prefix], rotated.to(x.dtype)], dim=-2)
 
 
-class Attention(nn.Module):
-    """Self-attention with a fused qkv (its key bias zero, as the official `bias_mask` makes it) and RoPE."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                return_cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = with_rope(q, *rope), with_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
-        cls_attention = None
-        if return_cls_attention:  # softmax attention of the CLS query (after RoPE), per head: (B, heads, N)
-            scores = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            cls_attention = scores.softmax(dim=-1)[:, :, 0]
-        return self.proj(out.transpose(1, 2).reshape(b, n, d)), cls_attention
-
-
 class SwiGLU(nn.Module):
     """silu(x W1) * (x W2), then W3: the official SwiGLUFFN (w1, w2, w3 kept apart)."""
 
@@ -148,23 +127,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-class Block(nn.Module):
-    def __init__(self, config: Dinov3Config):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(config.dim, config.heads)
-        self.ls1 = LayerScale(config.dim)
-        self.norm2 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
-        self.mlp = (SwiGLU if config.swiglu else Mlp)(config.dim, config.mlp_hidden)
-        self.ls2 = LayerScale(config.dim)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                return_cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, cls_attention = self.attn(self.norm1(x), rope, return_cls_attention)
-        x = x + self.ls1(attended)
-        return x + self.ls2(self.mlp(self.norm2(x))), cls_attention
 
 
 class Dinov3VisionTransformer(nn.Module):
@@ -179,7 +141,7 @@ class Dinov3VisionTransformer(nn.Module):
         self.storage_tokens = nn.Parameter(torch.zeros(1, config.registers, config.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, config.dim))  # in the checkpoints; unused at inference
         self.rope_embed = RopeEmbedding(config.head_dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config, SwiGLU, LAYER_NORM_EPS) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
 
     def forward(self, images: torch.Tensor, stride: int | None = None, cls_attention: bool = False,
@@ -198,7 +160,7 @@ class Dinov3VisionTransformer(nn.Module):
         rope = self.rope_embed(rows, cols, pos_window)
         attention = None
         for i, block in enumerate(self.blocks):
-            x, attention = block(x, rope, return_cls_attention=cls_attention and i == len(self.blocks) - 1)
+            x, attention = block(x, cls_attention and i == len(self.blocks) - 1, partial(with_rope, sin=rope[0], cos=rope[1]))
         x = self.norm(x)
         first_patch = 1 + self.config.registers
         patches = x[:, first_patch:].transpose(1, 2).reshape(b, d, rows, cols)
