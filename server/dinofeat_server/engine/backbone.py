@@ -228,15 +228,23 @@ class DinoVisionTransformer(nn.Module):
         x = x + pos.to(x.dtype)
         if self.register_tokens is not None:
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
-        attention = None
-        for i, block in enumerate(self.blocks):
-            x, attention = block(x, return_cls_attention=cls_attention and i == len(self.blocks) - 1)
-        x = self.norm(x)
-        first_patch = 1 + self.config.registers
-        patches = x[:, first_patch:].transpose(1, 2).reshape(b, d, rows, cols)
-        if attention is not None:
-            attention = attention[:, :, first_patch:].reshape(b, -1, rows, cols)
-        return VitOutput(patch_tokens=patches, cls_token=x[:, 0], cls_attention=attention)
+        return encoded(self.blocks, self.norm, x, (rows, cols), 1 + self.config.registers, cls_attention)
+
+
+def encoded(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor, grid: tuple[int, int], first_patch: int,
+            cls_attention: bool, positions: Positions | None = None) -> VitOutput:
+    """The blocks and final norm over tokens x (B, N, D) whose patches, from `first_patch` on, form a `grid`
+    (rows, cols): the patch tokens as (B, D, rows, cols), the CLS token and, asked for, the last block's CLS
+    attention over the patches."""
+    attention = None
+    for i, block in enumerate(blocks):
+        x, attention = block(x, cls_attention and i == len(blocks) - 1, positions)
+    x = norm(x)
+    b, d = x.shape[0], x.shape[-1]
+    patches = x[:, first_patch:].transpose(1, 2).reshape(b, d, *grid)
+    if attention is not None:
+        attention = attention[:, :, first_patch:].reshape(b, -1, *grid)
+    return VitOutput(patch_tokens=patches, cls_token=x[:, 0], cls_attention=attention)
 
 
 def imagenet_normalised(images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, Block, PatchEmbed, PosRule, PosWindow, VitOutput
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, Block, PatchEmbed, PosRule, PosWindow, VitOutput, encoded
 
 LAYER_NORM_EPS = 1e-5
 ROPE_BASE = 100.0
@@ -157,13 +157,6 @@ class Dinov3VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # NCHW -> NLC
         prefix = torch.cat([self.cls_token, self.storage_tokens], dim=1).expand(b, -1, -1).to(x.dtype)
         x = torch.cat([prefix, x], dim=1)
-        rope = self.rope_embed(rows, cols, pos_window)
-        attention = None
-        for i, block in enumerate(self.blocks):
-            x, attention = block(x, cls_attention and i == len(self.blocks) - 1, partial(with_rope, sin=rope[0], cos=rope[1]))
-        x = self.norm(x)
-        first_patch = 1 + self.config.registers
-        patches = x[:, first_patch:].transpose(1, 2).reshape(b, d, rows, cols)
-        if attention is not None:
-            attention = attention[:, :, first_patch:].reshape(b, -1, rows, cols)
-        return VitOutput(patch_tokens=patches, cls_token=x[:, 0], cls_attention=attention)
+        sin, cos = self.rope_embed(rows, cols, pos_window)
+        return encoded(self.blocks, self.norm, x, (rows, cols), 1 + self.config.registers, cls_attention,
+                       partial(with_rope, sin=sin, cos=cos))
