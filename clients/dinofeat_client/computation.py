@@ -10,7 +10,7 @@ Fields
 feature_set : str
     The set users type (`--set`): multiscale (the default), classical, ilastik, dinov2, attention, hybrid.
 backbone, preset : str
-    The DINOv2 model and view ensemble of the deep sets (classical sets have neither: kept at the defaults).
+    The backbone (DINOv2 or DINOv3) and view ensemble of the deep sets (filter banks have neither: kept at the defaults).
 pca : int
     PCA components of the deep features (0: every channel for dinov2 and attention, HYBRID_PCA for hybrid).
 normalise : str

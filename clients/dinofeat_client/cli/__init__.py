@@ -40,7 +40,8 @@ def deep_parser(pca_help: str) -> argparse.ArgumentParser:
     """The options of a feature computation beside --set (backbone, preset, PCA, normalisation, input range, weights);
     left out, each comes from the file the command adopts (--like, a model) or its default."""
     deep = argparse.ArgumentParser(add_help=False)
-    deep.add_argument("--backbone", help=f"DINOv2 backbone of the deep sets (default {DEFAULT_BACKBONE})")
+    deep.add_argument("--backbone", help=f"backbone of the deep sets: dinov2_vit{{s,b,l,g}}14[_reg] or dinov3_vit{{s16,s16plus,b16,l16,"
+                      f"h16plus,7b16}} (default {DEFAULT_BACKBONE}; DINOv3 only with --weights, see README)")
     deep.add_argument("--preset", choices=PRESETS, help=f"views of the deep sets: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; "
                       "paper and paper_flips reproduce the paper's pipeline, its input scaling included)")
     deep.add_argument("--pca", type=int, help=pca_help)
@@ -51,7 +52,8 @@ def deep_parser(pca_help: str) -> argparse.ArgumentParser:
                       help="how intensities become the input: dtype (8-bit / 255, 16-bit / 65535, floats as they are) or "
                            "dataset (its 0.1-99.9 percentiles become 0 and 1); default dtype for the filter banks and the "
                            "paper presets, dataset for the other deep presets")
-    deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: official download)")
+    deep.add_argument("--weights", help="weights file for the backbone (embedded server only; default: DINOv2's official "
+                      "download; DINOv3 needs one)")
     return deep
 
 
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, meaning) in LIMIT_FLAGS.items():
         limits.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help=meaning)
 
-    weights = commands.add_parser("weights", help="DINOv2 weights files: a random checkpoint for trying deep sets offline")
+    weights = commands.add_parser("weights", help="weights files: a random checkpoint of a DINOv2 or DINOv3 backbone for trying deep sets offline")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="random")
     p = weights_commands.add_parser("random", help="write a seeded RANDOM checkpoint of a backbone (official layout): "
                                     "every deep command runs with --weights FILE, but its features carry no meaning",

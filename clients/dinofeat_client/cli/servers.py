@@ -105,5 +105,5 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "stall_seconds": (float, "a client that reads or sends nothing for this long is cut off, freeing its worker"),
                "client_upload_gb": (float, "uploads in flight of one client (images and model files)"),
                "models_gb": (float, "uploaded model files held in memory"),
-               "backbones": (str, "DINOv2 backbones this server may load, separated by commas (default: all eight)"),
+               "backbones": (str, "DINOv2 and DINOv3 backbones this server may load, separated by commas (default: all of them)"),
                "backbones_gb": (float, "loaded backbones on each device; the least recently used go first")}
