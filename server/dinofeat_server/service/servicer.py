@@ -54,6 +54,10 @@ class Stalled(Exception):
     """The client read nothing, or sent nothing, for the server's stall_seconds."""
 
 
+class ClientGone(Exception):
+    """A message could not be written: the call ended on the client's side (cancelled, disconnected, killed)."""
+
+
 SET_ASIDE_S = 2.0
 """A stream whose client has read nothing for this long lends its worker to waiting requests (see _send)."""
 STALL_POLL_S = 0.5
@@ -172,7 +176,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 if left <= 0:
                     raise Stalled()
                 await asyncio.wait([write], timeout=min(left, STALL_POLL_S))
-            write.result()
+            if write.exception() is not None:  # a write fails only on a call that has ended: the client went away
+                raise ClientGone() from write.exception()
         finally:
             write.cancel()  # nothing once written; a stalled write is abandoned
         if slot is not None and not slot.held:
@@ -245,6 +250,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 self.cancelled += 1
                 totals.cancelled += 1
             raise
+        except ClientGone:
+            outcome = "cancelled"  # the client went away while a message was being written: its call ended, no fault
+            self.cancelled += 1
+            totals.cancelled += 1
         except Exception:
             outcome = "error"
             raise
