@@ -189,7 +189,7 @@ def feature_attributes(image: np.ndarray, image_sha: str, fset: FeatureSet, opti
         "feature_set": fset.spec(options),
         "computation": fset.described(options, space),
         "backbone": options.backbone if fset.deep else "",
-        "weights_sha256": models.weights_sha256(options.backbone) if fset.deep else "",
+        "weights_sha256": fset.weights_sha256(options, models),
         "dinofeat_version": __version__,
         "source_sha256": image_sha,
         "source_shape": list(image.shape),
@@ -235,7 +235,7 @@ def feature_stream(cache: ResultCache | None, image: np.ndarray, fset: FeatureSe
     if cache is None:
         yield from only_chunks(compute(), wanted)
         return
-    weights = models.weights_sha256(options.backbone) if fset.deep else ""
+    weights = fset.weights_sha256(options, models)
     yield from only_chunks(cache.stream(result_key(key, weights), compute, cancelled), wanted)
 
 

@@ -91,7 +91,7 @@ def fit_volume(request: FeatureRequest, like: FeatureSpace | None = None) -> Fit
         "feature_set": fset.spec(request.computation),
         "computation": fset.described(request.computation, space),
         "backbone": request.computation.backbone if fset.deep else "",
-        "weights_sha256": models.weights_sha256(request.computation.backbone) if fset.deep else "",
+        "weights_sha256": fset.weights_sha256(request.computation, models),
         "dinofeat_version": __version__,
         "source": source.path,
         "source_shape": list(source.shape if source.volume else source.shape[1:]),
