@@ -10,7 +10,7 @@ import argparse
 import time
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_client.fiji.imagestack import array_from_stack, stack_from_array
 from dinofeat_client.fiji.jvm import start_imagej1
 from machine import parse_args, save, skip

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.computation import FeatureComputation
+from dinofeat.contract.computation import FeatureComputation
 from dinofeat_client.ilastik.provider import IlastikSpec, build_project
 from dinofeat_server.engine.backbone import DinoVisionTransformer
 from dinofeat_server.engine.weights import official_config

@@ -25,10 +25,10 @@ import grpc
 import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
-from dinofeat_client.chunk_batches import BATCH_BYTES
+from dinofeat.contract.chunk_batches import BATCH_BYTES
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.dataset_file import DatasetFile
-from dinofeat_client.wire import feature_layout
+from dinofeat.contract.wire import feature_layout
 from dinofeat_server.service.device_pool import DevicePool
 from dinofeat_server.service.server import SERVER_OPTIONS
 from dinofeat_server.service.servicer import FeatureServicer, checked_encoding

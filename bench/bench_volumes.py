@@ -52,7 +52,7 @@ ESTIMATE_CHANNELS = 32
 
 def timed_run(volume: Path, output: Path, feature_set: str, client, model: Path | None = None) -> float:
     """Seconds of one whole run into `output` (removed afterwards): the features, or with `model` its apply."""
-    from dinofeat_client.computation import FeatureComputation
+    from dinofeat.contract.computation import FeatureComputation
     from dinofeat_server.volumes import classify_to_zarr, features_to_zarr
 
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def timed_run(volume: Path, output: Path, feature_set: str, client, model: Path 
 def trained_model(volume: Path, folder: Path) -> Path:
     """A 50-tree forest on `classical` features of scribbles on the middle slice, saved as a model file."""
     import tifffile
-    from dinofeat_client.computation import FeatureComputation
+    from dinofeat.contract.computation import FeatureComputation
     from dinofeat_server.volumes import segment_to_zarr
 
     image = tifffile.imread(volume)

@@ -204,7 +204,7 @@ def ilastik_own_project(folder: Path, image: np.ndarray, scribbles: np.ndarray) 
     selection (all 37: SelectionMatrix all True except the five non-Gaussian features at sigma 0.3) and the
     scribbles as labels, written with dinofeat's project writer."""
     from dinofeat_client.ilastik.project import FEATURE_IDS, SCALES, Lane, write_project
-    from dinofeat_client.wire import axistags
+    from dinofeat.contract.wire import axistags
 
     values = class_values(scribbles)
     with h5py.File(folder / "raw.h5", "w") as f:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import dinofeat, free_port, run_cli
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_image
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import check_image
 
 
 def assert_refused(result, message: str, folder) -> None:

@@ -22,14 +22,8 @@ import tifffile
 from conftest import free_port
 from dinofeat_client.client import FeatureClient, plaintext_token_refusal
 from dinofeat_client.dataset_file import FLUSH_EVERY_CHUNKS, DatasetFile
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.outputs import (
-    atomic_write,
-    output_file,
-    output_folder,
-    write_failure,
-    writing,
-)
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import atomic_write, output_file, output_folder, write_failure, writing
 
 
 def run_cli(*args: str, limit_bytes: int | None = None, env: dict[str, str] | None = None,

@@ -16,8 +16,8 @@ import tifffile
 from conftest import run_cli
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client.cli import build_parser
-from dinofeat_client.computation import DEFAULT_SET, FeatureComputation, stored_computation
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.computation import DEFAULT_SET, FeatureComputation, stored_computation
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_client.spaces import read_stored
 
 

@@ -17,7 +17,7 @@ import tifffile
 from conftest import ServerProcess, dinofeat, free_port
 from dinofeat_client.client import FeatureClient
 from dinofeat_client.connection import connection_problem
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 FAST_S = 5.0
 """A refused or mismatched connection is reported within this long (the command's start included)."""

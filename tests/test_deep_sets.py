@@ -11,7 +11,7 @@ import tifffile
 import torch
 from conftest import run_cli
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_client.metrics import mean_iou
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from dinofeat_server.engine.space import input_range
@@ -115,7 +115,7 @@ def test_normalised_dinov2_features_have_unit_length_per_pixel(inprocess_deep_ad
 
 
 def test_the_description_and_the_engine_know_the_same_presets():
-    from dinofeat_client.computation import PRESETS as names
+    from dinofeat.contract.computation import PRESETS as names
     from dinofeat_server.engine.deep import PRESETS as views
 
     assert tuple(views) == names

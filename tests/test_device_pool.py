@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, dinofeat, free_port, noise, wait_for
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.service.config import ServerLimits, serve_settings
 from dinofeat_server.service.device_pool import pick_devices
 

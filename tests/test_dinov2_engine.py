@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.engine import weights as weights_module
 from dinofeat_server.engine.backbone import imagenet_normalised, token_grid
 from dinofeat_server.engine.deep import (

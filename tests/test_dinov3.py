@@ -18,9 +18,15 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from conftest import run_cli
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.engine.deep import PATCH16_PRESETS, DeepExtractor, input_normalisation
-from dinofeat_server.engine.dinov3 import DINOV3_BACKBONES, SATELLITE_MEAN, SATELLITE_STD, Dinov3Config, Dinov3VisionTransformer
+from dinofeat_server.engine.dinov3 import (
+    DINOV3_BACKBONES,
+    SATELLITE_MEAN,
+    SATELLITE_STD,
+    Dinov3Config,
+    Dinov3VisionTransformer,
+)
 from dinofeat_server.engine.space import input_range
 from dinofeat_server.engine.tiles import tile_plan
 from dinofeat_server.engine.weights import check_backbone, file_sha256, load_backbone, resolve_weights

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from conftest import ServerProcess, dinofeat
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_client.spaces import read_space
 from dinofeat_server.engine.deep import PRESETS, DeepExtractor
 from dinofeat_server.engine.space import FeatureSpace
-from dinofeat_client.computation import FeatureComputation
+from dinofeat.contract.computation import FeatureComputation
 from dinofeat_server.engine.stacks import FEATURE_SETS
 from dinofeat_server.engine.tiles import TILE_OVERLAP, tile_plan
 from dinofeat_server.engine.weights import file_sha256, load_backbone

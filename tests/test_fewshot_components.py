@@ -14,8 +14,8 @@ import pytest
 import tifffile
 from conftest import SHARED_DATA, dinofeat
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_image
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import check_image
 from dinofeat_server.segment.fewshot import keeps_one_component, most_confident_component, one_solid_object, solidity
 
 EM = SHARED_DATA / "em_membranes"

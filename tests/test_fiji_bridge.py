@@ -257,7 +257,7 @@ def test_a_folder_that_is_not_a_fiji_with_tws_is_named_in_one_sentence(tmp_path,
 
 
 def test_without_jpype_the_fiji_bridge_says_how_to_install_it_from_a_release_and_a_checkout(tmp_path, monkeypatch):
-    from dinofeat_client.errors import DinofeatError
+    from dinofeat.contract.errors import DinofeatError
     from dinofeat_client.fiji.jvm import start_fiji
 
     (tmp_path / "Fiji.app" / "jars").mkdir(parents=True)

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from conftest import dinofeat
 from dinofeat_client.batch import run_batch
-from dinofeat_client.errors import DinofeatError, ServerUnavailable
+from dinofeat.contract.errors import DinofeatError, ServerUnavailable
 from dinofeat_client.pictures import class_overlay, drawable
 
 

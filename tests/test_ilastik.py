@@ -169,7 +169,7 @@ def test_vigra_reads_our_axistags(tmp_path):
     probe = subprocess.run(["/usr/bin/python3", "-c", "import vigra"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("Debian's python3-vigra is not installed for the system Python here")
-    from dinofeat_client.wire import axistags
+    from dinofeat.contract.wire import axistags
 
     out = subprocess.run(["/usr/bin/python3", "-c", "import sys, vigra; t = vigra.AxisTags.fromJSON(sys.argv[1]); "
                           "print(''.join(a.key for a in t))", axistags("cyx")], capture_output=True, text=True, check=True)
@@ -211,7 +211,7 @@ def object_classification(path: Path) -> None:
 
 def pixel_classification_not_ours(path: Path) -> None:
     from dinofeat_client.ilastik.project import Lane, write_project
-    from dinofeat_client.wire import axistags
+    from dinofeat.contract.wire import axistags
 
     write_project(path, [Lane("raw/features.h5", "features", (1, 8, 8), axistags("cyx"), "raw")], ["a", "b"])
 

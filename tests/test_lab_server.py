@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, dinofeat, noise, wait_for
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.computation import DEFAULT_SET
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import write_tiff
+from dinofeat.contract.computation import DEFAULT_SET
+from dinofeat.contract.errors import DinofeatError
+from dinofeat_client.image_files import write_tiff
 from dinofeat_server.engine.stacks import FEATURE_SETS, intensity_scaled
 
 

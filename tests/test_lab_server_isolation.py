@@ -17,7 +17,8 @@ from conftest import ServerProcess, dinofeat, noise, wait_for
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.images import image_sha256, write_tiff
+from dinofeat.contract.images import image_sha256
+from dinofeat_client.image_files import write_tiff
 
 
 def token_file(folder: Path, lines: list[str]) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import skops.io as sio
 from conftest import ServerProcess
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.segment.classifiers import PREDICTION_BYTES, class_probabilities, make_classifier, train_classifier
 from dinofeat_server.segment.model_file import TrainedModel, model_bytes, model_from_bytes
 from dinofeat_server.service.checks import check_classes, check_probabilities

@@ -8,7 +8,7 @@ import numpy as np
 import tifffile
 from conftest import dinofeat
 from dinofeat_client.cli import ProgressBars
-from dinofeat_client.durations import spoken_duration
+from dinofeat.contract.durations import spoken_duration
 
 
 def test_outside_a_terminal_each_stage_logs_its_words_done_total_and_time_left(capsys):

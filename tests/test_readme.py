@@ -143,7 +143,7 @@ def command_parser(words: list[str]):
 
 @pytest.mark.parametrize("command", [c for d in DOCUMENTS for c in documented_commands(d.read_text(encoding="utf-8"))])
 def test_every_documented_command_names_options_and_values_that_exist(command):
-    from dinofeat_client.feature_sets import SETS
+    from dinofeat.contract.feature_sets import SETS
 
     parser, rest = command_parser(command.split()[1:])
     assert parser.prog != "dinofeat", f"{command!r}: no such dinofeat command"

@@ -26,8 +26,8 @@ import zarr
 from conftest import ROOT, run_cli
 from dinofeat_client import local_server
 from dinofeat_client.cli.progress import ProgressBars, tell
-from dinofeat_client.computation import FeatureComputation
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.engine.backbone import DinoVisionTransformer
 from dinofeat_server.engine.deep import DeepExtractor
 from dinofeat_server.engine.progress import run_to_end
@@ -75,9 +75,9 @@ def key_seen_by(package_parent: Path) -> str:
 
 
 def test_two_checkouts_of_one_version_have_two_local_server_keys(tmp_path):
-    shutil.copytree(ROOT / "clients" / "dinofeat_client", tmp_path / "dinofeat_client")
+    shutil.copytree(ROOT / "clients", tmp_path / "clients")
     assert key_seen_by(ROOT / "clients") == local_server.server_key("cpu", None)
-    assert key_seen_by(tmp_path) != local_server.server_key("cpu", None)
+    assert key_seen_by(tmp_path / "clients") != local_server.server_key("cpu", None)
 
 
 def test_local_status_names_the_installation_a_server_belongs_to(tmp_path, monkeypatch):

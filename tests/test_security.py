@@ -11,7 +11,7 @@ import tifffile
 
 from conftest import dinofeat, free_port, running_server
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 TOKEN = "s3cret-token-for-tests"
 

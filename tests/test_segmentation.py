@@ -153,7 +153,7 @@ def test_fewshot_uses_dinov2_features_by_default(isb_three_phase, inprocess_deep
 def test_a_training_beyond_the_servers_size_limit_is_refused_before_any_work(tmp_path):
     from conftest import ServerProcess
     from dinofeat_client.client import FeatureClient
-    from dinofeat_client.errors import DinofeatError
+    from dinofeat.contract.errors import DinofeatError
 
     image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     labels = np.arange(1, 64 * 64 + 1, dtype=np.uint16).reshape(64, 64)  # every pixel its own class

@@ -9,7 +9,7 @@ import pytest
 import skops.io as sio
 import tifffile
 import torch
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.engine.stacks import CLASSICAL, intensity_scaled
 from dinofeat_server.segment.classifiers import (
     CLASSIFIERS,

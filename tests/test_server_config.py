@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import dinofeat
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.service.config import ServerLimits, read_config, serve_settings
 
 

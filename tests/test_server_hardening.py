@@ -16,9 +16,9 @@ import pytest
 from conftest import dinofeat, free_port, running_server
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import image_axes, image_sha256
-from dinofeat_client.wire import stream_checksum
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import image_axes, image_sha256
+from dinofeat.contract.wire import stream_checksum
 from dinofeat_server.engine.stacks import FEATURE_SETS
 from dinofeat_server.service.checks import check_grid, checked_seed
 from dinofeat_server.service.image_store import check_layout

@@ -27,9 +27,9 @@ from conftest import InProcessServer, ServerProcess, noise
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_client.spaces import read_space
-from dinofeat_client.tokens import read_named_tokens
+from dinofeat.contract.tokens import read_named_tokens
 from dinofeat_server.engine.weights import BACKBONES
 from dinofeat_server.service.config import ServerLimits, read_config, serve_settings
 from dinofeat_server.service.device_pool import DevicePool

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.wire import axistags
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import axistags
 from dinofeat_server.engine.stacks import FEATURE_SETS, intensity_scaled
 
 

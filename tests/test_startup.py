@@ -7,7 +7,7 @@ import ast
 import subprocess
 import sys
 
-from dinofeat_client.feature_sets import SETS
+from dinofeat.contract.feature_sets import SETS
 from dinofeat_server.engine.stacks import FEATURE_SETS
 
 HEAVY = ("torch", "sklearn", "skops", "dinofeat_server", "h5py")
@@ -25,7 +25,7 @@ def loaded_after(command: list[str]) -> tuple[str, list[str]]:
 
 def test_listing_sets_without_a_server_loads_no_torch_and_starts_no_server():
     output, loaded = loaded_after(["sets"])
-    assert [line.split()[0] for line in output.splitlines()] == [s.name for s in SETS]
+    assert [line.split()[0] for line in output.split("\n\n")[0].splitlines()] == [s.name for s in SETS]  # then the backbones
     assert "torch" not in loaded and "dinofeat_server" not in loaded and "sklearn" not in loaded
     classical = next(line for line in output.splitlines() if line.startswith("classical "))
     assert classical.split()[1:3] == ["58", "channels"]

@@ -11,7 +11,7 @@ import pytest
 from conftest import noise
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
-from dinofeat_client.chunk_batches import BATCH_BYTES, CHUNK_BATCHES, chunks_of
+from dinofeat.contract.chunk_batches import BATCH_BYTES, CHUNK_BATCHES, chunks_of
 
 
 def streamed(address: str, sha: str, metadata: tuple = ()) -> list[pb.DatasetStream]:
@@ -46,8 +46,8 @@ def test_raw_and_gzip_batched_streams_write_the_same_features(inprocess_server, 
 
 def test_a_chunk_whose_crc_differs_from_the_servers_is_refused_in_one_sentence(tmp_path):
     from dinofeat_client.dataset_file import DatasetFile
-    from dinofeat_client.errors import DinofeatError
-    from dinofeat_client.wire import feature_layout
+    from dinofeat.contract.errors import DinofeatError
+    from dinofeat.contract.wire import feature_layout
 
     target = DatasetFile(tmp_path / "f.h5", "key")
     target.open(feature_layout("features", (1, 256, 256), "none"), {}, False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, dinofeat
 from dinofeat_client.client import FeatureClient
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.segment.classifiers import train_classifier
 from dinofeat_server.segment.model_file import model_from_bytes
 from dinofeat_server.service.config import ServerLimits, read_config, serve_settings

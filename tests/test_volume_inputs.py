@@ -25,7 +25,7 @@ from conftest import dinofeat
 
 pytest.importorskip("distributed")
 import zarr  # noqa: E402
-from dinofeat_client.errors import DinofeatError  # noqa: E402
+from dinofeat.contract.errors import DinofeatError  # noqa: E402
 from dinofeat_server.volumes.remote import HostAllowance  # noqa: E402
 from dinofeat_server.volumes.sources import open_volume  # noqa: E402
 

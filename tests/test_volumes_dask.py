@@ -20,11 +20,17 @@ import tifffile
 from conftest import dinofeat, free_port
 
 pytest.importorskip("distributed")
-from dinofeat_client.errors import DinofeatError  # noqa: E402
+from dinofeat.contract.errors import DinofeatError  # noqa: E402
 from dinofeat_client.spaces import read_space  # noqa: E402
 from dinofeat_server.engine.space import FeatureSpace  # noqa: E402
-from dinofeat_client.computation import FeatureComputation  # noqa: E402
-from dinofeat_server.volumes import features_to_zarr, fitted_features, lazy_features, open_features, open_volume  # noqa: E402
+from dinofeat.contract.computation import FeatureComputation  # noqa: E402
+from dinofeat_server.volumes import (  # noqa: E402
+    features_to_zarr,
+    fitted_features,
+    lazy_features,
+    open_features,
+    open_volume,
+)
 
 TINY_DEEP = {"set": "dinov2", "preset": "fast", "pca": 4, "normalise": "minmax"}
 

@@ -21,7 +21,7 @@ pytest.importorskip("distributed")
 import zarr  # noqa: E402
 from dinofeat_client.cli import main  # noqa: E402
 from dinofeat_client.spaces import read_space  # noqa: E402
-from dinofeat_client.computation import FeatureComputation  # noqa: E402
+from dinofeat.contract.computation import FeatureComputation  # noqa: E402
 from dinofeat_server.volumes import classify_to_zarr, open_features  # noqa: E402
 from dinofeat_server.volumes.classify import labelled_samples  # noqa: E402
 from dinofeat_server.volumes.dask_run import fitted_on, request_for  # noqa: E402

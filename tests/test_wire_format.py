@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from dinofeat_client.dataset_file import DatasetFile
-from dinofeat_client.wire import axistags, encode_chunk, feature_layout, iter_chunks
+from dinofeat.contract.wire import axistags, encode_chunk, feature_layout, iter_chunks
 
 
 def written_by_stream(path, data: np.ndarray, compression: str) -> None:

@@ -5,15 +5,10 @@ a feature computation: set, backbone, preset, PCA, normalisation, input range) a
 server offers, with their channel counts).
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from dinofeat import __version__
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat.contract.feature_sets import SETS, SetInfo
 
-try:
-    __version__ = version("dinofeat")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
-
-from .client import FeatureClient  # noqa: E402
-from .computation import FeatureComputation  # noqa: E402
-from .feature_sets import SETS, SetInfo  # noqa: E402
+from .client import FeatureClient
 
 __all__ = ["FeatureClient", "FeatureComputation", "SETS", "SetInfo", "__version__"]

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import outputs
-from .errors import DinofeatError, ServerUnavailable
+from dinofeat.contract import outputs
+from dinofeat.contract.errors import DinofeatError, ServerUnavailable
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 

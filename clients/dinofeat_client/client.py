@@ -30,16 +30,27 @@ import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
-from .chunk_batches import AskForChunkBatches, chunks_of, keep_freed_memory
+from dinofeat.contract.chunk_batches import AskForChunkBatches, chunks_of, keep_freed_memory
+from dinofeat.contract.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
+from dinofeat.contract.errors import DinofeatError, ServerUnavailable
+from dinofeat.contract.images import check_image, check_labels, image_axes, image_sha256, without_singleton_axes
+from dinofeat.contract.outputs import atomic_write, output_file, remove_quietly
+from dinofeat.contract.tokens import read_credential
+from dinofeat.contract.wire import (
+    DEFAULT_CLASSIFIER,
+    DEFAULT_LEVEL,
+    MAX_MESSAGE_BYTES,
+    DatasetLayout,
+    apply_result_key,
+    features_result_key,
+    result_key,
+    segment_result_key,
+    space_key,
+)
+
 from .connection import FIRST_BACKOFF_S, LONGEST_BACKOFF_S, host_and_port, wait_until_connected
 from .dataset_file import DatasetFile
-from .errors import DinofeatError, ServerUnavailable
-from .images import check_image, check_labels, image_axes, image_sha256, without_singleton_axes, write_tiff
-from .outputs import atomic_write, output_file, remove_quietly
-from .tokens import read_credential
-from .computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
-from .wire import (DEFAULT_CLASSIFIER, DEFAULT_LEVEL, MAX_MESSAGE_BYTES, DatasetLayout, apply_result_key, features_result_key,
-                   result_key, segment_result_key, space_key)
+from .image_files import write_tiff
 
 Progress = Callable[[str, int, int], None]
 CONNECT_TIMEOUT_S = 10.0

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
-from .errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 FIRST_BACKOFF_S = 0.5
 LONGEST_BACKOFF_S = 8.0

@@ -37,10 +37,11 @@ import h5py
 import imagecodecs
 import numpy as np
 
-from .errors import DinofeatError
-from .outputs import remove_quietly, writing
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import remove_quietly, writing
+from dinofeat.contract.wire import DatasetLayout, stream_checksum
+
 from .spaces import SPACE_GROUP, write_space
-from .wire import DatasetLayout, stream_checksum
 
 RESULT_KEY_ATTRIBUTE = "dinofeat_result_key"
 FLUSH_EVERY_CHUNKS = 16

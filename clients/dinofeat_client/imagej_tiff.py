@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import tifffile
 
-from .images import atomic_write
+from dinofeat.contract.outputs import atomic_write
 
 
 def channel_names(dataset: h5py.Dataset) -> list[str]:

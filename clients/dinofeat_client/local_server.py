@@ -4,7 +4,7 @@ A command without --server looks for this user's local server on a Unix socket i
 ($XDG_RUNTIME_DIR/dinofeat, else ~/.cache/dinofeat/run; mode 0700, so no token is needed), one server per
 key: the installation (interpreter prefix and package folder, so two checkouts or environments each keep their
 own), the dinofeat version, --device and the --weights files (path, size, modification time). When none
-answers it starts one, detached (`python -m dinofeat_client.local_server SOCKET ...`, one worker with
+answers it starts one, detached (`python -m dinofeat_server.service.local_server SOCKET ...`, one worker with
 every core, its log beside the socket), under an fcntl lock on the key's lock file so that commands started
 at once start one server, and waits until its gRPC health service says SERVING. A socket that does not
 answer (its server died) is removed and a new server started. The server exits after
@@ -12,7 +12,8 @@ $DINOFEAT_LOCAL_IDLE_MINUTES (default 15) minutes without a call, deciding so un
 (server/dinofeat_server/service/local_server.py, serve_local). DINOFEAT_LOCAL_SERVER=0 or --no-local-server
 keep the embedded server in the command's own process.
 
-Nothing here imports torch: the server side is imported only in the started process (serve_main).
+The files' names and the lock are dinofeat.contract.local_server's, shared with the started server. Nothing here
+imports the server or torch: the server part is imported only in the started process.
 """
 
 from __future__ import annotations
@@ -24,21 +25,28 @@ import importlib.util
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # as client.py: before grpc loads
 import grpc  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .errors import DinofeatError  # noqa: E402
+from dinofeat import __version__  # noqa: E402
+from dinofeat.contract.errors import DinofeatError  # noqa: E402
+from dinofeat.contract.local_server import (  # noqa: E402
+    IDLE_MINUTES,
+    SERVER_MODULE,
+    LocalServer,
+    installation,
+    locked,
+    private_folder,
+    read_info,
+    runtime_folder,
+)
 
-IDLE_MINUTES = 15.0
 START_TIMEOUT_S = 120.0
 """Longest wait for a new server to answer (importing torch on a busy machine can take many seconds)."""
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
@@ -49,34 +57,6 @@ SOCKET_PATH_MAX = 107
 OFF = ("0", "false", "no", "off")
 LOG_BYTES = 1 << 20
 """A server log larger than this is started afresh when its next server starts (one line per request)."""
-
-
-@dataclass(frozen=True)
-class LocalServer:
-    """The files of one local server, all in the user's private folder and named by its key."""
-
-    folder: Path
-    key: str
-
-    @property
-    def socket(self) -> Path:
-        return self.folder / f"{self.key}.sock"
-
-    @property
-    def lock(self) -> Path:
-        return self.folder / f"{self.key}.lock"
-
-    @property
-    def log(self) -> Path:
-        return self.folder / f"{self.key}.log"
-
-    @property
-    def info(self) -> Path:
-        return self.folder / f"{self.key}.json"
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.socket}"
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -93,36 +73,6 @@ def idle_minutes() -> float:
         return float(value) if value and float(value) > 0 else IDLE_MINUTES
     except ValueError:
         raise DinofeatError(f"DINOFEAT_LOCAL_IDLE_MINUTES is {value!r}, not a number of minutes; unset it or give e.g. 15.") from None
-
-
-def runtime_folder() -> Path:
-    """The folder of this user's local servers: $XDG_RUNTIME_DIR/dinofeat, else ~/.cache/dinofeat/run."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "dinofeat" if runtime else Path.home() / ".cache" / "dinofeat" / "run"
-
-
-def private_folder(folder: Path) -> Path:
-    """`folder`, created with mode 0700 when missing; refused in one sentence when another user owns it or
-    others may enter it, since anyone who can reach the socket can use the server (it takes no token)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
-    found = os.lstat(folder)
-    if not stat.S_ISDIR(found.st_mode):
-        raise DinofeatError(f"the local server's folder {folder} is not a folder; remove it, or pass --no-local-server.")
-    if found.st_uid != os.getuid():
-        raise DinofeatError(f"the local server's folder {folder} belongs to another user, so its socket could be theirs; "
-                            "remove it, set XDG_RUNTIME_DIR to a folder of yours, or pass --no-local-server.")
-    if found.st_mode & 0o077:
-        raise DinofeatError(f"the local server's folder {folder} is open to other users (mode {stat.S_IMODE(found.st_mode):o}), "
-                            f"who could use its server; run `chmod 700 {folder}`, or pass --no-local-server.")
-    return folder
-
-
-def installation() -> str:
-    """Which dinofeat is running: the interpreter's prefix (its virtual environment) and the package's folder (its
-    checkout, for an editable install), e.g. "/home/me/dinofeat/.venv (code in /home/me/dinofeat/clients)"."""
-    return f"{sys.prefix} (code in {Path(__file__).resolve().parent.parent})"
 
 
 def server_key(device: str, weights: dict[str, str] | None) -> str:
@@ -151,34 +101,13 @@ def answers(server: LocalServer, timeout_s: float = 2.0) -> bool:
             return False
 
 
-@contextlib.contextmanager
-def locked(path: Path, timeout_s: float) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `path` (created 0600); TimeoutError when another holds it for `timeout_s`."""
-    import fcntl  # POSIX only: imported where used, so that the client loads elsewhere too
-
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path} stayed locked for {timeout_s:.0f} s") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
 def local_address(device: str, weights: dict[str, str] | None, notify: Callable[[str], None]) -> str | None:
     """The address of this user's local server for (device, weights), started if none answers; None (after one
     notice line) when it cannot start for a reason the embedded server does not share, or when the server part
     is not installed (the embedded server then says so). A failure the embedded server would have too (an
     unusable --device) raises its sentence."""
-    if importlib.util.find_spec("dinofeat_server") is None:
-        return None
+    if importlib.util.find_spec("dinofeat_server") is None or importlib.util.find_spec("torch") is None:
+        return None  # no server part installed: the embedded server says so
     weights = {name: os.path.abspath(path) for name, path in weights.items()} if weights else None
     minutes = idle_minutes()
     server = usable_files(device, weights, notify)
@@ -228,10 +157,7 @@ def code_stamp() -> int:
 
 def served_code(server: LocalServer) -> int | None:
     """The code stamp the running server started with, as its info file says."""
-    try:
-        return json.loads(server.info.read_text()).get("code")
-    except (OSError, ValueError):
-        return None
+    return (read_info(server.info) or {}).get("code")
 
 
 def start(server: LocalServer, device: str, weights: dict[str, str] | None, minutes: float, stamp: int) -> int:
@@ -240,7 +166,7 @@ def start(server: LocalServer, device: str, weights: dict[str, str] | None, minu
     removed first: the latter finishes its open calls and exits (serve_local)."""
     with contextlib.suppress(FileNotFoundError):
         server.socket.unlink()
-    command = [sys.executable, "-m", "dinofeat_client.local_server", str(server.socket), "--device", device,
+    command = [sys.executable, "-m", SERVER_MODULE, str(server.socket), "--device", device,
                "--idle-minutes", f"{minutes:g}", "--code", str(stamp)]
     for backbone, path in (weights or {}).items():
         command += ["--weights", f"{backbone}={path}"]
@@ -285,9 +211,8 @@ def running(folder: Path | None = None) -> list[dict]:
     folder = folder or runtime_folder()
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
+        info = read_info(path)
+        if info is None:
             continue
         if is_local_server(info.get("pid", 0)):
             found.append(info)
@@ -309,7 +234,7 @@ def is_local_server(pid: int) -> bool:
             return False
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return b"dinofeat_client.local_server" in command and os.stat(f"/proc/{pid}").st_uid == os.getuid()
+        return SERVER_MODULE.encode() in command and os.stat(f"/proc/{pid}").st_uid == os.getuid()
     except OSError:
         return False
 
@@ -346,41 +271,4 @@ def describe(info: dict) -> str:
             f"exits after {info.get('idle_minutes', IDLE_MINUTES):g} min idle; socket {info.get('socket')}, log {info.get('log')}")
 
 
-def serve_main(argv: list[str] | None = None) -> int:
-    """The started server process: write its info file, serve until idle or stopped, remove the file; exit status
-    1 with `dinofeat: error: SENTENCE` in its log when it cannot serve (the starting command repeats the sentence)."""
-    parser = argparse.ArgumentParser(prog="python -m dinofeat_client.local_server")
-    parser.add_argument("socket")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH")
-    parser.add_argument("--idle-minutes", type=float, default=IDLE_MINUTES)
-    parser.add_argument("--code", type=int, default=0, help="the starting command's code_stamp()")
-    args = parser.parse_args(argv)
-    os.umask(0o077)
-    socket = Path(args.socket)
-    weights = dict(entry.split("=", 1) for entry in args.weights) or None
-    info = socket.with_suffix(".json")
-    info.write_text(json.dumps({"pid": os.getpid(), "version": __version__, "installation": installation(),
-                                "device": args.device, "weights": weights,
-                                "idle_minutes": args.idle_minutes, "code": args.code, "started": time.time(), "socket": str(socket),
-                                "log": str(socket.with_suffix(".log"))}))
-    try:
-        from dinofeat_server.service.local_server import serve_local
 
-        serve_local(str(socket), str(socket.with_suffix(".lock")), args.device, weights, args.idle_minutes * 60)
-    except ImportError as error:
-        print(f"dinofeat: error: the local server cannot load the server part ({error}); install dinofeat[server], "
-              "or pass --server ADDRESS.", file=sys.stderr, flush=True)
-        return 1
-    except DinofeatError as error:
-        print(f"dinofeat: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        with contextlib.suppress(OSError):
-            if json.loads(info.read_text()).get("pid") == os.getpid():
-                info.unlink()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(serve_main())

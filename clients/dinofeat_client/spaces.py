@@ -10,7 +10,6 @@ in their metadata.
 
 from __future__ import annotations
 
-import base64
 import json
 import zipfile
 from dataclasses import dataclass
@@ -19,17 +18,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .computation import FeatureComputation, stored_computation
-from .errors import DinofeatError
+from dinofeat.contract.computation import FeatureComputation, stored_computation
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import space_array
 
 SPACE_GROUP = "feature_space"
-
-
-def space_array(value: dict | None) -> np.ndarray | None:
-    """A float32 array of the space JSON (base64 little-endian float32 with its shape)."""
-    if value is None:
-        return None
-    return np.frombuffer(base64.b64decode(value["float32_base64"]), dtype="<f4").reshape(value["shape"])
 
 
 def write_space(file: h5py.File, space: dict) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import DinofeatError
-from .images import atomic_write
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import atomic_write
+
 from .imagej_tiff import channel_names
 
 

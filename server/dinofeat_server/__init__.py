@@ -7,6 +7,6 @@ import os
 # other work: on a busy 2-core CPU the default bank took 2-5 s at 2 threads instead of 0.2 s.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dinofeat_client import __version__
+from dinofeat import __version__
 
 __all__ = ["__version__"]

@@ -6,13 +6,22 @@ import argparse
 import os
 import sys
 
-from .. import __version__
+from dinofeat import __version__
+from dinofeat.contract.computation import (
+    DEEP_DEFAULT_SET,
+    DEFAULT_BACKBONE,
+    DEFAULT_PRESET,
+    DEFAULT_SET,
+    INPUT_RANGES,
+    NORMALISATIONS,
+    PRESETS,
+)
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import io_failure, is_write_error, tidy_on_failure
+from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
+
 from ..client import PLAINTEXT_TOKEN_FLAG, PLAINTEXT_TOKEN_VARIABLE
-from ..errors import DinofeatError
-from ..outputs import io_failure, is_write_error, tidy_on_failure
-from ..computation import DEEP_DEFAULT_SET, DEFAULT_BACKBONE, DEFAULT_PRESET, DEFAULT_SET, INPUT_RANGES, NORMALISATIONS, PRESETS
 from ..ilastik.provider import ILASTIK_DEFAULT_SET, ILASTIK_PCA
-from ..wire import CLASSIFIERS, DEFAULT_CLASSIFIER
 from .features import command_features
 from .peers import command_arff, command_fiji_apply, command_fiji_train, command_ilastik
 from .progress import ProgressBars, progress_seconds

@@ -12,13 +12,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dinofeat.contract.computation import DEEP_SETS, DEFAULT_SET, FeatureComputation
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import output_file, remove_quietly
+from dinofeat.contract.tokens import read_tokens
+
 from .. import local_server
 from ..batch import BatchReport
 from ..client import PLAINTEXT_TOKEN_VARIABLE, FeatureClient
-from ..computation import DEEP_SETS, DEFAULT_BACKBONE, DEFAULT_SET, FeatureComputation
-from ..errors import DinofeatError
-from ..outputs import output_file, remove_quietly
-from ..tokens import read_tokens
+from ..server_part import embedded_server
 from .progress import say
 
 
@@ -42,12 +44,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
         with FeatureClient(address, notify=say) as client:
             yield client
         return
-    try:
-        from dinofeat_server.service.server import EmbeddedServer
-    except ImportError:
-        raise DinofeatError("no --server was given and the server part is not installed here; "
-                            "pass --server ADDRESS or install dinofeat[server].") from None
-    with EmbeddedServer(args.device, weights) as address, FeatureClient(address, notify=say) as client:
+    with embedded_server(args.device, weights) as address, FeatureClient(address, notify=say) as client:
         yield client
 
 
@@ -101,9 +98,10 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
 
 
 def backbone_weights(args: argparse.Namespace) -> dict[str, str] | None:
-    """--weights as {backbone: file} for the computing side (None without it; the backbone is --backbone's)."""
+    """--weights as {backbone: file} for the computing side (None without it): --backbone's, else "*", whichever backbone
+    the computation names (the default, or a DINOv3 one stored in the file, model or project the command adopts)."""
     weights = getattr(args, "weights", None)
-    return {getattr(args, "backbone", None) or DEFAULT_BACKBONE: weights} if weights else None
+    return {getattr(args, "backbone", None) or "*": weights} if weights else None
 
 
 DEEP_ONLY = ("backbone", "preset", "weights")

@@ -10,11 +10,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat.contract.images import check_image
+from dinofeat.contract.outputs import output_file, remove_quietly
+
 from ..client import Transfer
 from ..imagej_tiff import write_imagej_hyperstack
-from ..images import check_image, read_image
-from ..outputs import output_file, remove_quietly
-from ..computation import FeatureComputation
+from ..image_files import read_image
 from ..spaces import read_stored
 from .common import computation_from_args, connect, output_format
 from .progress import ProgressBars

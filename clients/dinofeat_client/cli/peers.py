@@ -11,11 +11,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import check_image, check_labels, image_axes
+from dinofeat.contract.outputs import atomic_result, atomic_write, output_file, writing
+
 from ..batch import image_files, output_folder, run_batch
-from ..errors import DinofeatError
 from ..ilastik.provider import ILASTIK_PCA
-from ..images import check_image, check_labels, image_axes, read_image, write_tiff
-from ..outputs import atomic_result, atomic_write, output_file, writing
+from ..image_files import read_image, write_tiff
 from ..spaces import read_stored
 from ..weka_arff import write_arff
 from .common import check_outputs, computation_from_args, connect, finish_batch

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..durations import spoken_duration
+from dinofeat.contract.durations import spoken_duration
 
 STAGE_WORDS = {
     "loading": "loading the model",

@@ -9,19 +9,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import check_image, check_labels, check_mask, image_axes
+from dinofeat.contract.outputs import output_file, remove_quietly
+
 from ..batch import image_files, output_folder, remove_earlier_outputs, run_batch, writes_to_folder
-from ..errors import DinofeatError
-from ..images import (
-    check_image,
-    check_labels,
-    check_mask,
-    image_axes,
-    read_image,
-    write_png,
-    write_tiff,
-)
+from ..image_files import read_image, write_png, write_tiff
 from ..metrics import class_dice, class_iou, matched_to_truth
-from ..outputs import output_file, remove_quietly
 from ..pictures import class_overlay, colour_names, drawable, probability_pictures
 from ..sample import three_phase_sample
 from .common import (

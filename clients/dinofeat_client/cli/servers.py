@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .. import local_server
-from ..errors import DinofeatError
-from ..feature_sets import SETS
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.feature_sets import SETS
+
+from .. import local_server, server_part
 from .common import connect, weights_map
 from .progress import ProgressBars
 
@@ -33,6 +34,21 @@ def command_sets(args: argparse.Namespace, bars: ProgressBars) -> None:
         listed = [(s.name, s.channels, s.description) for s in SETS]
     for name, channels, description in listed:
         print(f"{name:<12} {channels:>4} channels  {description}")
+    print_backbones()
+
+
+DINOV2_BACKBONES = tuple(f"dinov2_vit{size}14{registers}" for size in "sblg" for registers in ("", "_reg"))
+DINOV3_BACKBONES = ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vith16plus", "dinov3_vit7b16")
+"""The backbones of the deep sets, as the server's engine/weights.py BACKBONES (tests/test_dinov3_clients.py checks)."""
+
+
+def print_backbones() -> None:
+    """The --backbone choices of the deep sets and where each family's weights come from."""
+    print("\nbackbones of the deep sets (--backbone; a server may offer fewer, see its backbones setting):")
+    print(f"  DINOv2  {', '.join(DINOV2_BACKBONES)}: official weights, downloaded once (default dinov2_vits14)")
+    named = [name + (" (GPU servers only)" if name == "dinov3_vit7b16" else "") for name in DINOV3_BACKBONES]
+    print(f"  DINOv3  {', '.join(named)}: weights under the DINOv3 License, "
+          "which you accept with Meta; pass the file with --weights (README, DINOv3 backbones)")
 
 
 def command_status(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -74,17 +90,11 @@ def print_devices(devices) -> None:
 
 
 def command_serve(args: argparse.Namespace, bars: ProgressBars) -> None:
-    try:
-        from dinofeat_server.service.config import serve_settings
-        from dinofeat_server.service.server import serve
-    except ImportError:
-        raise DinofeatError("serving needs the server part; install dinofeat[server].") from None
     given = vars(args)
     flags = {key: given[key] for key in SERVE_FLAGS}
     flags["weights"] = weights_map(args.weights) if args.weights else None
     flags["insecure"] = True if args.insecure else None
-    settings, limits = serve_settings(args.config, flags, {key: given[key] for key in LIMIT_FLAGS})
-    serve(settings, limits)
+    server_part.serve(args.config, flags, {key: given[key] for key in LIMIT_FLAGS})
 
 
 SERVE_FLAGS = ("host", "port", "device", "devices", "token_file", "tls_cert", "tls_key", "tls_client_ca", "cache_dir", "cache_gb")

@@ -8,8 +8,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import DinofeatError
-from ..outputs import output_file
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import output_file
+
+from .. import server_part
 from .common import backbone_weights, computation_from_args
 from .progress import ProgressBars
 
@@ -18,12 +20,10 @@ def zarr_features(args: argparse.Namespace, bars: ProgressBars) -> None:
     """features -o OUT.zarr: OME-Zarr computed in this process, or as one Dask task per slice on the workers of
     --dask (which read the volume from the same path); needs dinofeat[server,volumes] (imported only here)."""
     volumes = zarr_run(args, "features")
-    from dinofeat_server.engine.space import FeatureSpace
-
     from .features import requested_computation
 
     computation, space = requested_computation(args)
-    like = FeatureSpace.from_dict(json.loads(space)) if space else None
+    like = volumes.FeatureSpace.from_dict(json.loads(space)) if space else None
     weights = backbone_weights(args)
     with dask_or_here(args, volumes) as client:
         written = volumes.features_to_zarr(args.image, args.output, computation, device=args.device, weights=weights, client=client, like=like,
@@ -44,12 +44,7 @@ def zarr_run(args: argparse.Namespace, command: str, suffix: str = ".zarr"):
     if args.server:
         raise DinofeatError(f"dinofeat {command} -o OUT{suffix} with --dask computes on Dask workers (or in this process), "
                             "not by --server; leave out one of them.")
-    try:
-        import dinofeat_server.volumes as volumes
-    except ImportError:
-        raise DinofeatError("OME-Zarr outputs and --dask need dinofeat[server,volumes] here (torch, dask, distributed, "
-                            "zarr, ome-zarr).") from None
-    return volumes
+    return server_part.volumes()
 
 
 @contextlib.contextmanager

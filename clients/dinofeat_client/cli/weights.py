@@ -7,14 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import DinofeatError
-from ..outputs import atomic_result
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.outputs import atomic_result
+
+from ..server_part import write_random_checkpoint
 from .progress import ProgressBars
 
 
 def random_weights_warning(path: Path, seed: int) -> str:
     """The sentence every random checkpoint is written with: what it is for, and what it is not for."""
-    return (f"dinofeat: WARNING: {path} holds RANDOM weights (seed {seed}), not a trained DINOv2: features computed with it "
+    return (f"dinofeat: WARNING: {path} holds RANDOM weights (seed {seed}), not trained ones: features computed with it "
             "carry NO meaning. Use it to try the deep commands offline (--weights " f"{path}), never for results.")
 
 
@@ -23,12 +25,7 @@ def command_weights_random(args: argparse.Namespace, bars: ProgressBars) -> None
     path = Path(args.output)
     if path.suffix != ".pth":
         raise DinofeatError(f"a checkpoint in the official layout is a .pth file; name the output {path.stem}.pth.")
-    try:
-        from dinofeat_server.engine.weights import check_backbone, save_random_checkpoint
-    except ImportError:
-        raise DinofeatError("writing a checkpoint needs torch, which the server part brings: install dinofeat[server].") from None
-    check_backbone(args.backbone)
-    parameters = atomic_result(path, lambda temporary: save_random_checkpoint(args.backbone, temporary, args.seed))
+    parameters = atomic_result(path, lambda temporary: write_random_checkpoint(args.backbone, temporary, args.seed))
     print(f"wrote {path}: {args.backbone} (official architecture and layout), {parameters / 1e6:.1f} M random parameters, "
           f"{path.stat().st_size / 1e6:.0f} MB")
     print(random_weights_warning(path, args.seed), file=sys.stderr)

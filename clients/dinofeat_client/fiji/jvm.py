@@ -10,7 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from ..errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 DEBIAN_JARS = ("/usr/share/java/ij.jar", "/usr/share/java/sis-jhdf5.jar")
 """ImageJ1 and JHDF5 as Debian installs them (libij-java, libsis-jhdf5-java)."""

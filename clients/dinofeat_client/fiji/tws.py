@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
+
 from .imagestack import array_from_stack, labelled_stack, stack_from_h5
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
+
 from .project import CLASSIFIER_GROUP
 
 ENV_LAUNCHER = "DINOFEAT_ILASTIK"

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 ILASTIK_VERSION = "1.4.1"
 FEATURE_IDS = ["GaussianSmoothing", "LaplacianOfGaussian", "GaussianGradientMagnitude", "DifferenceOfGaussians",

@@ -20,12 +20,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dinofeat.contract.computation import FeatureComputation, stored_computation
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import image_axes
+from dinofeat.contract.wire import axistags
+
 from ..client import FeatureClient, Progress
-from ..computation import FeatureComputation, stored_computation
-from ..errors import DinofeatError
-from ..images import image_axes
 from ..spaces import SPACE_GROUP, read_space, write_space
-from ..wire import axistags
 from .headless import headless_command, launcher_from, store_classifier, training_command
 from .project import Lane, ProjectState, check_project, write_project
 

@@ -27,9 +27,9 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
-from dinofeat_client.durations import spoken_duration
+from dinofeat.contract.durations import spoken_duration
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer, forward_flops, token_grid
 from .dinov3 import DINOV3_BACKBONES, Dinov3Config

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 import torch
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 from .dinov3 import DINOV3_CONFIGS, SATELLITE_MEAN, Dinov3Config, Dinov3VisionTransformer, rope_periods
 

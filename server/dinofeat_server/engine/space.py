@@ -20,15 +20,14 @@ On disk and on the wire the space is a JSON object (`to_dict`); arrays are float
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.spaces import space_array
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import encoded_array, space_array
 
 SPACE_FORMAT = "dinofeat-space/1"
 INPUT_PERCENTILES = (0.1, 99.9)
@@ -39,13 +38,6 @@ INPUT_LIMIT = 2.0**40
 """Largest magnitude of a normalised input: the filter banks multiply intensities by a few hundred and
 square them (structure tensor, Hessian eigenvalues), which stays far inside float32 from here, while
 intensities near the float32 maximum (3.4e38) would give inf and NaN features."""
-
-
-def encoded_array(array: np.ndarray | None) -> dict | None:
-    if array is None:
-        return None
-    array = np.ascontiguousarray(array, dtype="<f4")
-    return {"shape": list(array.shape), "float32_base64": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
 def decoded_array(value: dict | None) -> np.ndarray | None:

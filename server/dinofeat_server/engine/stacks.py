@@ -22,8 +22,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.computation import HYBRID_PCA, FeatureComputation
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.computation import HYBRID_PCA, FeatureComputation
 
 from .classical import (
     WEKA_BLUR_FACTOR,

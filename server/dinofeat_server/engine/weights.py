@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 from .backbone import OFFICIAL_CONFIGS, DinoVisionTransformer, VitConfig
 from .dinov3 import DINOV3_BACKBONES, DINOV3_CONFIGS, Dinov3Config, Dinov3VisionTransformer

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from sklearn._loss.link import LogitLink, MultinomialLogit
 from sklearn._loss.loss import HalfBinomialLoss, HalfMultinomialLoss
 from sklearn.ensemble import ExtraTreesClassifier, HistGradientBoostingClassifier, RandomForestClassifier

@@ -27,8 +27,8 @@ Classifiers, all with classes balanced by their label counts:
 from __future__ import annotations
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import (
     ExtraTreesClassifier,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 

@@ -19,8 +19,8 @@ import zlib
 from dataclasses import dataclass
 
 import skops.io as sio
-from dinofeat_client.computation import FeatureComputation, stored_computation
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.computation import FeatureComputation, stored_computation
+from dinofeat.contract.errors import DinofeatError
 from sklearn.base import ClassifierMixin
 
 from ..engine.space import FeatureSpace

@@ -7,8 +7,8 @@ import json
 import math
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import spatial_shape
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import spatial_shape
 
 from ..engine.space import FeatureSpace
 from ..engine.stacks import CLASSICAL, FEATURE_SETS

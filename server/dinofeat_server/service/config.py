@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 from ..engine.weights import BACKBONES
 

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import torch
 from dinofeat.v1 import feature_service_pb2 as pb
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 from ..engine.deep import DeepExtractor
 from .models import ModelRegistry

@@ -11,13 +11,8 @@ from collections.abc import Callable, Iterator
 from operator import attrgetter
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import (
-    SUPPORTED_DTYPES,
-    check_image,
-    image_axes,
-    image_sha256,
-)
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import SUPPORTED_DTYPES, check_image, image_axes, image_sha256
 
 DEFAULT_BUDGET_BYTES = 4 << 30
 DEFAULT_MAX_PIXELS = 1 << 30

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 from dinofeat.v1 import feature_service_pb2 as pb
-from dinofeat_client.computation import FeatureComputation
-from dinofeat_client import __version__
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import image_axes, image_sha256, spatial_shape
-from dinofeat_client.wire import (
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat import __version__
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import image_axes, image_sha256, spatial_shape
+from dinofeat.contract.wire import (
     MAX_MESSAGE_BYTES,
     apply_result_key,
     axistags,

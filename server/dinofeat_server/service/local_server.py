@@ -1,23 +1,36 @@
 """A per-user local server: one user's server on a Unix socket that exits when idle.
 
-The client side (clients/dinofeat_client/local_server.py) finds or starts it; this side serves with the
-embedded server's limits, counts open calls (IdleWatch) and leaves when idle, deciding so under the clients'
-start lock so that no client picks a server that is about to exit.
+The client side (clients/dinofeat_client/local_server.py) finds or starts it as `python -m
+dinofeat_server.service.local_server SOCKET ...` (`main`); this side writes its info file, serves with the embedded
+server's limits, counts open calls (IdleWatch) and leaves when idle, deciding so under the clients' start lock so
+that no client picks a server that is about to exit. The files and the lock are dinofeat.contract.local_server's.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import inspect
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import grpc
-from dinofeat_client.local_server import locked
+from dinofeat import __version__
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.local_server import (
+    IDLE_MINUTES,
+    SERVER_MODULE,
+    LocalServer,
+    installation,
+    locked,
+    remove_own_info,
+    write_info,
+)
 
 from .server import EMBEDDED_LIMITS, LOG, start_server
 from .servicer import FeatureServicer
@@ -164,3 +177,32 @@ def _remove_socket(socket_path: str, mine: tuple) -> None:
     with contextlib.suppress(OSError):
         if _file_identity(socket_path) == mine:
             os.unlink(socket_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The started server process: write its info file, serve until idle or stopped, remove the file; exit status
+    1 with `dinofeat: error: SENTENCE` in its log when it cannot serve (the starting command repeats the sentence)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {SERVER_MODULE}")
+    parser.add_argument("socket")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH")
+    parser.add_argument("--idle-minutes", type=float, default=IDLE_MINUTES)
+    parser.add_argument("--code", type=int, default=0, help="the starting command's code stamp")
+    args = parser.parse_args(argv)
+    os.umask(0o077)
+    files = LocalServer.of_socket(Path(args.socket))
+    weights = dict(entry.split("=", 1) for entry in args.weights) or None
+    write_info(files, version=__version__, installation=installation(), device=args.device, weights=weights,
+               idle_minutes=args.idle_minutes, code=args.code)
+    try:
+        serve_local(str(files.socket), str(files.lock), args.device, weights, args.idle_minutes * 60)
+    except DinofeatError as error:
+        print(f"dinofeat: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        remove_own_info(files)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

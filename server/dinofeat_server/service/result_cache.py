@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dinofeat.v1 import feature_service_pb2 as pb
-from dinofeat_client import __version__
-from dinofeat_client.chunk_batches import chunks_of
-from dinofeat_client.wire import stream_checksum
+from dinofeat import __version__
+from dinofeat.contract.chunk_batches import chunks_of
+from dinofeat.contract.wire import stream_checksum
 from google.protobuf.message import DecodeError
 
 from ..engine.stacks import FEATURE_SETS

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dinofeat_client.computation import FeatureComputation
-from dinofeat_client.images import image_axes, spatial_shape
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat.contract.images import image_axes, spatial_shape
 
 from ..engine.stacks import FeatureSet
 from .device_pool import DevicePool, PoolDevice

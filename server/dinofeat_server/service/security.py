@@ -1,7 +1,7 @@
 """Who may talk to the server and who a request belongs to: bearer tokens (compared in constant time),
 TLS credentials, and client identity.
 
-Tokens come from a file, one per line, optionally after a name (dinofeat_client.tokens); a request
+Tokens come from a file, one per line, optionally after a name (dinofeat.contract.tokens); a request
 must carry `authorization: Bearer <token>` metadata. A client is its token's name, or a keyed hash of
 its token (a secret of this server process) when the line names none; without tokens, the peer's IP
 address without its port. So identity comes only from authentication: a made-up header or a new
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.tokens import read_credential, read_named_tokens
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.tokens import read_credential, read_named_tokens
 
 REFUSAL = "missing or wrong token; pass --token-file (or set DINOFEAT_TOKEN) with a token this server accepts."
 
@@ -126,7 +126,7 @@ def check_certificate_pair(cert: str, key: str) -> None:
     import re
     import ssl
 
-    from dinofeat_client.errors import DinofeatError
+    from dinofeat.contract.errors import DinofeatError
 
     certificate, private_key = read_credential(cert, "TLS certificate"), read_credential(key, "TLS key")
     holds_certificate = b"-----BEGIN CERTIFICATE-----" in certificate

@@ -15,7 +15,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 from ..engine.weights import cache_dir as cache_root
 from .config import ServerLimits

@@ -18,12 +18,12 @@ import numpy as np
 
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
-from dinofeat_client import __version__
-from dinofeat_client.chunk_batches import asks_for_batches, keep_freed_memory
-from dinofeat_client.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import check_labels, check_mask, spatial_shape
-from dinofeat_client.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, features_result_key, space_key
+from dinofeat import __version__
+from dinofeat.contract.chunk_batches import asks_for_batches, keep_freed_memory
+from dinofeat.contract.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import check_labels, check_mask, spatial_shape
+from dinofeat.contract.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, features_result_key, space_key
 
 from ..engine.stacks import FEATURE_SETS, FeatureSet, feature_set
 from ..engine.weights import check_backbone
@@ -33,7 +33,16 @@ from .checks import check_classes, check_grid, check_probabilities, checked_seed
 from .config import ServerLimits
 from .device_pool import DevicePool, PoolDevice
 from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
-from .jobs import ANALYSES, analyse_work, apply_work, feature_stream, fewshot_work, image_channels, segment_work, train_work
+from .jobs import (
+    ANALYSES,
+    analyse_work,
+    apply_work,
+    feature_stream,
+    fewshot_work,
+    image_channels,
+    segment_work,
+    train_work,
+)
 from .result_cache import ResultCache
 from .scheduler import FairScheduler, QueueFull, Slot, estimated_work
 from .security import TokenAuthentication, client_identity

@@ -24,13 +24,8 @@ from functools import partial
 import imagecodecs
 import numpy as np
 from dinofeat.v1 import feature_service_pb2 as pb
-from dinofeat_client.chunk_batches import BATCH_BYTES, chunks_of
-from dinofeat_client.wire import (
-    DatasetLayout,
-    encode_chunk,
-    iter_chunks,
-    stream_checksum,
-)
+from dinofeat.contract.chunk_batches import BATCH_BYTES, chunks_of
+from dinofeat.contract.wire import DatasetLayout, encode_chunk, iter_chunks, stream_checksum
 
 QUEUE_LENGTH = 4
 """Messages buffered between the worker thread and the network (backpressure beyond this)."""

@@ -13,12 +13,13 @@ _missing = [name for name in ("dask", "distributed", "zarr", "ome_zarr") if find
 if _missing:  # the extra's packages: a missing one is an ImportError at once, not in the middle of a run
     raise ImportError(f"dinofeat_server.volumes needs {', '.join(_missing)} (pip install dinofeat[server,volumes])")
 
+from ..engine.space import FeatureSpace
 from .classify import classify_to_zarr, save_model, segment_to_zarr, train_volume
 from .dask_run import dask_client, dask_security, features_to_zarr
 from .lazy import fitted_features, lazy_features
 from .sources import VolumeSource, open_volume
 from .zarr_io import open_features
 
-__all__ = ["VolumeSource", "classify_to_zarr", "dask_client", "dask_security", "features_to_zarr", "fitted_features",
+__all__ = ["FeatureSpace", "VolumeSource", "classify_to_zarr", "dask_client", "dask_security", "features_to_zarr", "fitted_features",
            "lazy_features", "open_features", "open_volume", "save_model", "segment_to_zarr",
            "train_volume"]

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dinofeat_client.computation import FeatureComputation
-from dinofeat_client import __version__
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat import __version__
+from dinofeat.contract.errors import DinofeatError
 
 from ..engine.stacks import feature_set
 from ..segment.classifiers import (
@@ -305,7 +305,7 @@ def train_volume(volume, labels, computation: FeatureComputation = FeatureComput
 
 def save_model(trained: TrainedModel, path: str | os.PathLike | None = None) -> ModelFile:
     """The model file of a trained model, written to `path` (under a temporary name, then renamed) when given."""
-    from dinofeat_client.outputs import atomic_write
+    from dinofeat.contract.outputs import atomic_write
 
     model = ModelFile.of(model_bytes(trained))
     if path is not None:

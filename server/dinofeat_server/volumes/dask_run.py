@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 from pathlib import Path
 
-from dinofeat_client.computation import FeatureComputation
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat.contract.errors import DinofeatError
 
 from ..engine.space import FeatureSpace
 from ..engine.stacks import feature_set as check_set

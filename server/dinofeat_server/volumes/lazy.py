@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from dinofeat_client.computation import FeatureComputation
+from dinofeat.contract.computation import FeatureComputation
 
 from ..engine.space import FeatureSpace
 from .dask_run import fitted_on, request_for

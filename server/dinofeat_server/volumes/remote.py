@@ -25,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from dinofeat_client.errors import DinofeatError
+from dinofeat.contract.errors import DinofeatError
 
 HOSTS_VARIABLE = "DINOFEAT_HTTP_HOSTS"
 PUBLIC = "public"

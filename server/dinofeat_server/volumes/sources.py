@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.images import SUPPORTED_DTYPES, check_image, image_axes
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.images import SUPPORTED_DTYPES, check_image, image_axes
 
 from .remote import HostAllowance, is_http
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dinofeat_client.computation import FeatureComputation
-from dinofeat_client import __version__
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.wire import axistags
+from dinofeat.contract.computation import FeatureComputation
+from dinofeat import __version__
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import axistags
 
 from ..engine.progress import Advance, run_to_end
 from ..engine.space import FeatureSpace

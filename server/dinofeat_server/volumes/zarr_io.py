@@ -24,8 +24,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from dinofeat_client.errors import DinofeatError
-from dinofeat_client.wire import CHUNK_EDGE
+from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import CHUNK_EDGE
 
 from ..engine.space import FeatureSpace
 
@@ -56,7 +56,7 @@ def is_feature_store(path: Path) -> bool:
 def checked_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
     """The output store's path: named .zarr; when it exists, a store dinofeat wrote or an empty folder is
     replaced, anything else only with `overwrite`. Its folder is created and must take new files."""
-    from dinofeat_client.outputs import output_folder
+    from dinofeat.contract.outputs import output_folder
 
     path = Path(output)
     if path.suffix.lower() != ZARR_SUFFIX:

@@ -1,4 +1,4 @@
-"""Read, check and write images (TIFF incl. 16-bit and stacks, PNG, JPEG) as numpy arrays.
+"""What an image must be, on either side of the wire: its axes, dtypes, labels and masks, and its content address.
 
 Every failure is a DinofeatError with one sentence for the user; nothing here imports torch.
 """
@@ -6,34 +6,13 @@ Every failure is a DinofeatError with one sentence for the user; nothing here im
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
-import imagecodecs
 import numpy as np
-import tifffile
 
 from .errors import DinofeatError
-from .outputs import atomic_write
-from .outputs import output_file as check_output_path  # noqa: F401  (the one output policy: outputs.py)
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "float32", "float64")
 LABEL_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32")
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode TIFF, PNG or JPEG into an array; TIFF stacks keep their Z axis."""
-    path = Path(path)
-    if not path.is_file():
-        raise DinofeatError(f"cannot read {path}: no such file.")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            image = tifffile.imread(path)
-        else:
-            image = imagecodecs.imread(str(path))
-    except Exception as error:  # decoders raise many types; the user needs one sentence
-        raise DinofeatError(f"cannot read {path}: not a readable TIFF, PNG or JPEG image, or the file is truncated ({type(error).__name__}).") from None
-    return np.asarray(image)
 
 
 def image_axes(image: np.ndarray) -> str:
@@ -116,11 +95,3 @@ def image_sha256(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def write_tiff(path: Path, array: np.ndarray) -> Path:
-    """Write an array as TIFF (ImageJ-compatible for 2-D and stacks), atomically."""
-    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, imagej=array.dtype != np.int32))
-
-
-def write_png(path: Path, array: np.ndarray) -> Path:
-    """Write an 8-bit greyscale or RGB array as PNG, atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(imagecodecs.png_encode(np.ascontiguousarray(array))))

@@ -8,6 +8,7 @@ standard HDF5 file that h5py, Fiji (JHDF5) and ilastik read without plug-ins.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -157,3 +158,18 @@ def segment_result_key(image_sha: str, labels_sha: str, computation: FeatureComp
 def apply_result_key(model_sha: str, image_sha: str) -> str:
     """Result key of applying a model file to an image."""
     return result_key("apply", model_sha, image_sha)
+
+
+def encoded_array(array: np.ndarray | None) -> dict | None:
+    """An array as the feature-space JSON holds it: its shape and little-endian float32 samples in base64."""
+    if array is None:
+        return None
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return {"shape": list(array.shape), "float32_base64": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def space_array(value: dict | None) -> np.ndarray | None:
+    """A read-only float32 array of the feature-space JSON (`encoded_array`'s inverse)."""
+    if value is None:
+        return None
+    return np.frombuffer(base64.b64decode(value["float32_base64"]), dtype="<f4").reshape(value["shape"])
