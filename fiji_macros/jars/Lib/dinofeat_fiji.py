@@ -55,6 +55,16 @@ def feature_stack(path, z=None):
 
 DEEP_SETS = ("dinov2", "attention", "hybrid")
 """The sets that take --preset (dinofeat refuses it with a filter bank); the command line's computation.DEEP_SETS."""
+
+
+def deep_options(feature_set, preset, backbone, weights=None):
+    """The `dinofeat features` options of the chosen set: a deep set's preset, backbone and weights file (None:
+    the server's own); none for a filter bank, which dinofeat refuses them with."""
+    if feature_set not in DEEP_SETS:
+        return []
+    return ["--preset", preset, "--backbone", backbone] + (["--weights", weights] if weights else [])
+
+
 PROGRESS_LINE = re.compile(r"^dinofeat: (.+?) (\d+)/(\d+)[ ,]")
 """dinofeat's progress lines outside a terminal: "dinofeat: STAGE DONE/TOTAL (P %), RATE/s, about T left"."""
 
