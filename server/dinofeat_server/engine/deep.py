@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from typing import Protocol, TypeVar
@@ -31,6 +32,7 @@ from dinofeat.contract.errors import DinofeatError
 
 from dinofeat.contract.durations import spoken_duration
 
+from . import anyup
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer, forward_flops, token_grid
 from .dinov3 import DINOV3_BACKBONES, Dinov3Config
 from .progress import Advance, run_to_end
@@ -71,12 +73,19 @@ def presets_for(patch: int) -> dict[str, ViewSpec]:
     return PATCH16_PRESETS if patch == 16 else PRESETS
 
 
-def preset(name: str, backbone: str = "dinov2_vits14") -> ViewSpec:
-    """The views of preset `name` for `backbone` (its patch decides the strides)."""
+def preset(name: str, backbone: str = "dinov2_vits14", upsampler: str = "") -> ViewSpec:
+    """The views of preset `name` for `backbone` (its patch decides the strides), upsampled by `upsampler` instead of
+    the preset's own where one is named ("anyup": the learned AnyUp, anyup.py)."""
     try:
-        return presets_for(16 if backbone in DINOV3_BACKBONES else 14)[name]
+        spec = presets_for(16 if backbone in DINOV3_BACKBONES else 14)[name]
     except KeyError:
         raise DinofeatError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.") from None
+    if not upsampler or upsampler == spec.upsampler:
+        return spec
+    if spec.mode == "paper":
+        raise DinofeatError(f"the {name} preset reproduces the paper's own resizing, so --upsampler {upsampler} cannot apply; "
+                            "leave --upsampler out, or choose --preset fast or default.")
+    return replace(spec, upsampler=upsampler)
 
 
 def model_input(image: np.ndarray, device: torch.device, mean_std: MeanStd = (IMAGENET_MEAN, IMAGENET_STD)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +110,8 @@ def estimated_bytes(height: int, width: int, channels: int, model: DinoVisionTra
     tokens = token_grid(height, model.config.patch, spec.stride) * token_grid(width, model.config.patch, spec.stride)
     activations = batch * (tokens + 5) * model.config.dim * 4 * 12
     full_resolution = channels * height * width * 4 * (4 if spec.upsampler == "joint_bilateral" else 3)
-    return activations + full_resolution + 16 * height * width * 4  # input, guide and upsampling weights
+    learned = anyup.peak_bytes(height, width) if spec.upsampler == "anyup" else 0
+    return activations + full_resolution + learned + 16 * height * width * 4  # input, guide and upsampling weights
 
 
 MOST_VIEWS_PER_BATCH = {False: 1, True: 8}
@@ -133,13 +143,16 @@ class SpareWorkers(Protocol):
 class DeepExtractor:
     """A loaded DINOv2 or DINOv3 model on one device, computing full-resolution features tile by tile within a memory budget."""
 
-    def __init__(self, model: DinoVisionTransformer, device: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+    def __init__(self, model: DinoVisionTransformer, device: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                 *, anyup_weights: str | None = None):
         if isinstance(model.config, Dinov3Config) and model.config.gpu_only and device.type == "cpu":
             raise DinofeatError("the DINOv3 7B backbone runs on GPU servers only (27 GB of weights, hours per image on a CPU); "
                                 "start the server with --device cuda, or choose dinov3_vitl16 or a smaller backbone.")
         self.model = model.to(device).eval()
         self.device = device
         self.budget_bytes = budget_bytes
+        self.anyup_weights = anyup_weights
+        """AnyUp's weights file (None: $DINOFEAT_ANYUP_WEIGHTS or the authors' release, see anyup.weights_file)."""
         self.spare: SpareWorkers | None = None
 
     def lending(self, spare: SpareWorkers | None) -> DeepExtractor:
@@ -226,7 +239,8 @@ class DeepExtractor:
         normalised, guide = model_input(image[tile.window], self.device, input_normalisation(self.model))
         whole = tile.height == height and tile.width == width
         origin = None if whole else TileOrigin(height, width, tile.y0, tile.x0)
-        steps = view_steps(self.model, normalised, guide, spec, what, batch, check, origin, affine)
+        learned = anyup.loaded_upsampler(str(anyup.weights_file(self.anyup_weights)), self.device) if spec.upsampler == "anyup" else None
+        steps = view_steps(self.model, normalised, guide, spec, what, batch, check, origin, affine, learned)
         while True:
             with torch.inference_mode(), self.autocast():
                 try:

@@ -32,6 +32,11 @@ class TokenPlacement:
 
 
 Upsampler = Callable[[torch.Tensor, TokenPlacement, tuple[int, int], torch.Tensor | None], torch.Tensor]
+LearnedUpsampler = Callable[[torch.Tensor, TokenPlacement, tuple[int, int], torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None,
+                             tuple[int, int] | None], torch.Tensor]
+"""A learned upsampler (AnyUp, anyup.py): raw tokens, placement, size, the normalised image (1, 3, H, W), the
+feature space's affine map, which it applies itself (its weights depend on the raw tokens), and the whole image's
+token grid where the image is a tile (None: untiled) -> (1, K, H, W)."""
 
 
 def nearest(tokens: torch.Tensor, placement: TokenPlacement, size: tuple[int, int], guide: torch.Tensor | None = None) -> torch.Tensor:

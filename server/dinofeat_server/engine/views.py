@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .backbone import DinoVisionTransformer, PosRule, PosWindow, token_grid
 from .progress import run_to_end
-from .upsample import UPSAMPLERS, TokenPlacement
+from .upsample import UPSAMPLERS, LearnedUpsampler, TokenPlacement
 
 DIRECTIONS = ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 """Shift directions (dy, dx): the first 4 are the axis directions, all 8 include the diagonals."""
@@ -172,21 +172,27 @@ def aligned_views(image: torch.Tensor, spec: ViewSpec) -> list[tuple[torch.Tenso
 
 def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
                      batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
-                     affine: Affine = None) -> Steps:
-    """Reflect-padded shifts and flips, each view's tokens placed at their true pixel centres."""
+                     affine: Affine = None, learned: LearnedUpsampler | None = None) -> Steps:
+    """Reflect-padded shifts and flips, each view's tokens placed at their true pixel centres. A `learned`
+    upsampler (AnyUp) takes the raw tokens, the image itself and `affine` (its weights depend on the tokens)."""
     size = image.shape[-2:]
-    upsample = UPSAMPLERS[spec.upsampler]
+    upsample = UPSAMPLERS[spec.upsampler] if learned is None else None
+    patch = model.config.patch
+    whole_grid = None if origin is None else (token_grid(origin.full_height, patch, spec.stride), token_grid(origin.full_width, patch, spec.stride))
     views = aligned_views(image, spec)
     total = None
     for start, end in view_batches([v[1] for v in views], batch):
         check()
         images = torch.cat([v[0] for v in views[start:end]])
         window = tile_pos_window(origin, tuple(size), views[start][1], spec.stride, model.config.patch)
-        tokens = view_tokens(model, images, spec.stride, what, window, affine)
+        tokens = view_tokens(model, images, spec.stride, what, window, affine if learned is None else None)
         for k in range(tokens.shape[0]):
             _, flip, dy, dx = views[start + k]
             placement = view_placement(flip, dy, dx, tokens.shape[-2:], size, spec.stride, model.config.patch)
-            full = upsample(flipped(tokens[k : k + 1], flip), placement, tuple(size), guide)
+            if learned is not None:
+                full = learned(flipped(tokens[k : k + 1], flip), placement, tuple(size), image, affine, whole_grid)
+            else:
+                full = upsample(flipped(tokens[k : k + 1], flip), placement, tuple(size), guide)
             total = full if total is None else total + full
         yield start + tokens.shape[0]
     return total / len(views)
@@ -194,7 +200,7 @@ def aligned_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: t
 
 def view_steps(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,
                batch: int = 1, check: Callable[[], None] = lambda: None, origin: TileOrigin | None = None,
-               affine: Affine = None) -> Steps:
+               affine: Affine = None, learned: LearnedUpsampler | None = None) -> Steps:
     """Features (1, C, H, W) of one ImageNet-normalised image (1, 3, H, W) averaged over the views of `spec`,
     yielding the views done after each batch (for progress) and returning the features.
 
@@ -202,7 +208,7 @@ def view_steps(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.T
     `affine` maps each view's tokens into a feature space (C becomes its k channels)."""
     if spec.mode == "paper":
         return (yield from paper_ensemble(model, image, spec, what, batch, check, origin, affine))
-    return (yield from aligned_ensemble(model, image, guide, spec, what, batch, check, origin, affine))
+    return (yield from aligned_ensemble(model, image, guide, spec, what, batch, check, origin, affine, learned))
 
 
 def view_ensemble(model: DinoVisionTransformer, image: torch.Tensor, guide: torch.Tensor, spec: ViewSpec, what: str,

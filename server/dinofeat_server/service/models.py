@@ -34,7 +34,8 @@ class ModelRegistry:
     """Backbone name -> loaded extractor on one device (a server's pool holds one registry per device).
 
     `weights` maps backbone names to local files; the key "*" applies to any backbone without its own
-    entry. Backbones with neither come from $DINOFEAT_WEIGHTS or the cached official download.
+    entry. Backbones with neither come from $DINOFEAT_WEIGHTS or the cached official download. The key "anyup"
+    names the AnyUp upsampler's weights (engine/anyup.py).
     `allowed`: the backbones this registry may load (others are refused in one sentence);
     `memory_bytes`: what its loaded models may take together (least recently used, unheld, go first).
     """
@@ -76,7 +77,7 @@ class ModelRegistry:
             if found is not None:
                 return found
             path = resolve_weights(backbone, self.weights.get(backbone) or self.weights.get("*"))
-            loaded = DeepExtractor(load_backbone(path, backbone), self.device, self.budget_bytes)
+            loaded = DeepExtractor(load_backbone(path, backbone), self.device, self.budget_bytes, anyup_weights=self.weights.get("anyup"))
             checksum = file_sha256(Path(path))
             with self._lock:
                 self._extractors[backbone] = loaded
