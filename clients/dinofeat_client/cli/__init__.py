@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "in the layout of the official .pth files, for trying the deep sets offline "
                                     "(--weights FILE.pth). Its features carry no meaning: never use them for results.")
     p.set_defaults(run=command_weights_random)
-    p.add_argument("backbone", metavar="BACKBONE", help=f"an official backbone name, e.g. {DEFAULT_BACKBONE} (about 90 MB; "
-                   "vitb14 350 MB, vitl14 1.2 GB, vitg14 4.5 GB), with _reg for 4 registers")
+    p.add_argument("backbone", metavar="BACKBONE", help=f"an official backbone name (`dinofeat sets` lists them), e.g. {DEFAULT_BACKBONE} "
+                   "(about 90 MB; vitb14 350 MB, vitl14 1.2 GB, vitg14 4.5 GB; _reg for 4 registers) or dinov3_vits16 (86 MB)")
     p.add_argument("-o", "--output", required=True, help="the .pth file to write")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same weights (default 0)")
 
