@@ -31,7 +31,8 @@ from dinofeat_client.dataset_file import DatasetFile
 from dinofeat.contract.wire import feature_layout
 from dinofeat_server.service.device_pool import DevicePool
 from dinofeat_server.service.server import SERVER_OPTIONS
-from dinofeat_server.service.servicer import FeatureServicer, checked_encoding
+from dinofeat_server.service.checks import checked_encoding
+from dinofeat_server.service.servicer import FeatureServicer
 from dinofeat_server.service.streaming import dataset_messages
 from machine import parse_args, save
 

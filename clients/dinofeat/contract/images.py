@@ -26,6 +26,11 @@ def image_axes(image: np.ndarray) -> str:
     raise DinofeatError(f"images must be 2-D, RGB, or a stack of 2-D slices; this one has shape {image.shape}.")
 
 
+def image_channels(image: np.ndarray) -> int:
+    """Channels of each pixel: 3 for an RGB image or stack of RGB slices, else 1."""
+    return 3 if image_axes(image).endswith("c") else 1
+
+
 def without_singleton_axes(array: np.ndarray) -> np.ndarray:
     """`array` without length-1 axes beyond two: ImageJ and many scripts save one 2-D image as
     (1, Y, X), (Y, X, 1) or (1, 1, Y, X)."""

@@ -73,7 +73,8 @@ def no_check() -> None:
     return None
 
 
-def image_channels(plane: np.ndarray) -> int:
+def plane_channels(plane: np.ndarray) -> int:
+    """Channels of one plane: 3 for (Y, X, 3), else 1."""
     return 3 if plane.ndim == 3 else 1
 
 
@@ -179,11 +180,11 @@ class ClassicalSet(FeatureSet):
     def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureComputation = FeatureComputation(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
         """The fixed input range of the planes' type; per-channel scaling ("minmax", "zscore") fitted on sample crops."""
-        space = FeatureSpace(self.identity(image_channels(planes[0]), options, models), dataset_input_range(planes, options, self.deep))
+        space = FeatureSpace(self.identity(plane_channels(planes[0]), options, models), dataset_input_range(planes, options, self.deep))
         if options.normalise not in ("minmax", "zscore"):
             return space
         crops = sample_crops([p.shape[:2] for p in planes])
-        per_crop = max(1, SAMPLE_BYTES // (4 * len(self.channel_names(image_channels(planes[0])))) // len(crops))
+        per_crop = max(1, SAMPLE_BYTES // (4 * len(self.channel_names(plane_channels(planes[0])))) // len(crops))
         samples = []
         for number, (z, crop) in enumerate(crops):
             check()
@@ -196,7 +197,7 @@ class ClassicalSet(FeatureSet):
                models: Models | None = None, check: Check = no_check, space: FeatureSpace | None = None,
                rows: int = 0) -> Iterator[Block]:
         """Strips of `rows` rows across the whole width (the bank is exact in strips; 0: `strip_rows`)."""
-        rows = rows or strip_rows(plane.shape[0], plane.shape[1], len(self.channel_names(image_channels(plane))), self.halo)
+        rows = rows or strip_rows(plane.shape[0], plane.shape[1], len(self.channel_names(plane_channels(plane))), self.halo)
         image = space.normalised_input(plane) if space else plane.astype(np.float32)
         for y0, block in self.bank_strips(image, device, check, rows):
             block = space.scaled(block, 0) if space else block
@@ -280,7 +281,7 @@ class DeepSet(FeatureSet):
         return self.deep_names(models, options)
 
     def spec(self, options: FeatureComputation = FeatureComputation()) -> dict:
-        view = preset(options.preset, options.backbone)
+        view = preset(options.preset, options.backbone, options.upsampler)
         return {"name": self.name, "backbone": options.backbone, "preset": options.preset, "stride": view.stride,
                 "views": view.view_count(), "view_mode": view.mode, "upsampler": view.upsampler,
                 "pca": self.components(options), "normalisation": self.normalisation(options), "input_range": options.input_rule(deep=True)}
@@ -291,7 +292,7 @@ class DeepSet(FeatureSet):
     def fit_space(self, planes: list[np.ndarray], device: torch.device, options: FeatureComputation = FeatureComputation(),
                   models: Models | None = None, check: Check = no_check) -> Fit:
         """Input range from all planes; PCA and channel scaling from the deep features of sample crops."""
-        identity = self.identity(image_channels(planes[0]), options, models)
+        identity = self.identity(plane_channels(planes[0]), options, models)
         space = FeatureSpace(identity, dataset_input_range(planes, options, self.deep))
         if not self.needs_sample(options):
             return space
@@ -309,7 +310,7 @@ class DeepSet(FeatureSet):
     def sample(self, planes: list[np.ndarray], space: FeatureSpace, extractor: DeepExtractor, device: torch.device,
                options: FeatureComputation, check: Check) -> Generator[Advance, None, tuple[np.ndarray, np.ndarray | None]]:
         """(N, C) raw deep feature vectors (and (N, K) classical ones for hybrid) at the sample's pixels."""
-        spec, channels = preset(options.preset, options.backbone), extractor.channels(self.what)
+        spec, channels = preset(options.preset, options.backbone, options.upsampler), extractor.channels(self.what)
         edge, batch = extractor.plan(SAMPLE_EDGE, SAMPLE_EDGE, spec, channels)
         crops = sample_crops([p.shape[:2] for p in planes], min(edge, SAMPLE_EDGE))
         per_crop = max(1, SAMPLE_BYTES // (4 * channels) // len(crops))
@@ -344,7 +345,7 @@ class DeepSet(FeatureSet):
         extractor = models.extractor(options.backbone)
         normalised = NormalisedPlane(plane, space)
         k = len(self.deep_names(models, options))
-        for item in extractor.blocks(normalised, preset(options.preset, options.backbone), self.what, space.deep_affine(), check):
+        for item in extractor.blocks(normalised, preset(options.preset, options.backbone, options.upsampler), self.what, space.deep_affine(), check):
             if isinstance(item, Advance):
                 yield item
                 continue

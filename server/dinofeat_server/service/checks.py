@@ -1,19 +1,33 @@
 """Request values checked before any work, each refused with one sentence (INVALID_ARGUMENT) instead of
-failing deep in scikit-learn or torch (UNKNOWN with an internal message)."""
+failing deep in scikit-learn or torch (UNKNOWN with an internal message): every check the servicer makes is here."""
 
 from __future__ import annotations
 
 import json
 import math
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
+from dinofeat.contract.computation import DEFAULT_SET, FeatureComputation
 from dinofeat.contract.errors import DinofeatError
-from dinofeat.contract.images import spatial_shape
+from dinofeat.contract.images import image_channels, spatial_shape
+from dinofeat.contract.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL
+from dinofeat.v1 import feature_service_pb2 as pb
 
 from ..engine.space import FeatureSpace
-from ..engine.stacks import CLASSICAL, FEATURE_SETS
+from ..engine.stacks import CLASSICAL, FEATURE_SETS, FeatureSet
+from ..engine.weights import check_backbone
+from ..segment.classifiers import CLASSIFIERS
 from .config import ServerLimits
 
+if TYPE_CHECKING:
+    from ..segment.model_file import TrainedModel
+
+MAX_MODEL_BYTES = 512 << 20
+"""Largest model file a client may upload."""
+ANALYSES = ("kmeans", "pca", "foreground")
 SEED_LIMIT = 1 << 32
 """Seeds are scikit-learn random states: integers in [0, 2**32)."""
 
@@ -25,6 +39,90 @@ def checked_seed(seed: int) -> int:
     return int(seed)
 
 
+def checked_computation(feature_set: str, options: pb.FeatureOptions, default_set: str = DEFAULT_SET) -> FeatureComputation:
+    """A request's feature computation with defaults filled in; unknown sets, backbones, presets and options that do
+    not apply to the set refused in one sentence."""
+    computation = FeatureComputation.from_proto(feature_set, options, default_set).checked()
+    check_backbone(computation.backbone)  # presets are checked by the description (tests/test_deep_sets: the engine's)
+    return computation
+
+
+def check_channels(fset: FeatureSet, options: FeatureComputation, images: list[np.ndarray], limit: int) -> None:
+    """Refuse a result with more feature channels than the server allows (known before any work)."""
+    for image in images:
+        channels = len(fset.channel_names(image_channels(image), options))
+        if channels > limit:
+            raise DinofeatError(f"the {fset.name} set gives {channels} channels here, more than this server's limit of {limit}; "
+                                "ask for fewer with --pca.")
+
+
+def check_output_size(fset: FeatureSet, options: FeatureComputation, image: np.ndarray, limit_gb: float) -> None:
+    """Refuse a feature result larger than the server allows (float32 samples), before any work."""
+    channels = len(fset.channel_names(image_channels(image), options))
+    size = channels * int(np.prod(spatial_shape(image))) * 4
+    if size > limit_gb * (1 << 30):
+        raise DinofeatError(f"the {fset.name} features of this image would take {size / (1 << 30):.1f} GiB, more than this "
+                            f"server's limit of {limit_gb:g} GiB (max_output_gb); ask for fewer channels (--pca) or a smaller image.")
+
+
+def checked_classifier(kind: str, trees: int) -> str:
+    kind = kind or DEFAULT_CLASSIFIER
+    if kind not in CLASSIFIERS:
+        raise DinofeatError(f"unknown classifier {kind!r}; choose one of {', '.join(CLASSIFIERS)}.")
+    if not 0 <= trees <= 5000:
+        raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {trees}.")
+    return kind
+
+
+def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
+    """Fill defaults (gzip level 1) and refuse unknown compressions or levels."""
+    compression = encoding.compression or "gzip"
+    level = encoding.level or DEFAULT_LEVEL
+    if compression not in COMPRESSIONS:
+        raise DinofeatError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}.")
+    if not 1 <= level <= 9:
+        raise DinofeatError(f"the gzip level must be between 1 and 9, not {level}.")
+    return pb.Encoding(compression=compression, level=level)
+
+
+def check_pairs(items: Sequence[str], partners: Sequence[str], sentence: str) -> None:
+    """Refuse a request without items, or with another number of partners (label images, masks) than items."""
+    if not items or len(items) != len(partners):
+        raise DinofeatError(sentence)
+
+
+def check_upload_size(size: int, limits: ServerLimits) -> None:
+    """Refuse an image upload of `size` bytes beyond the server's max_upload_mb, at its header."""
+    if size > limits.max_upload_bytes:
+        raise DinofeatError(f"the image is {size / 2**20:.0f} MiB, more than this server's upload limit of "
+                            f"{limits.max_upload_mb:.0f} MiB; send a smaller image or tile it.")
+
+
+def check_model_size(size: int) -> None:
+    """Refuse a model upload once it has grown past MAX_MODEL_BYTES."""
+    if size > MAX_MODEL_BYTES:
+        raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
+
+
+def checked_model(model: TrainedModel | None, requested_set: str) -> TrainedModel:
+    """An uploaded model to apply, refused when the server holds none or the request names another feature set."""
+    if model is None:
+        raise DinofeatError("the server holds no such model; upload it first.")
+    trained_on = model.metadata["feature_set"]
+    if requested_set and requested_set != trained_on:
+        raise DinofeatError(f"the model was trained on {trained_on!r} features, not {requested_set!r}; "
+                            f"apply it with --set {trained_on} or train a new one.")
+    return model
+
+
+def check_analysis(analysis: str, clusters: int) -> None:
+    """Refuse an unknown analysis, or k-means with fewer than 2 or more than 256 clusters."""
+    if analysis not in ANALYSES:
+        raise DinofeatError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}.")
+    if analysis == "kmeans" and not 2 <= clusters <= 256:
+        raise DinofeatError(f"k-means needs between 2 and 256 clusters, not {clusters}.")
+
+
 def check_grid(grid: int, window: int, images: list[np.ndarray]) -> None:
     """Refuse a few-shot grid and window that a support image is too small for.
 
@@ -32,8 +130,8 @@ def check_grid(grid: int, window: int, images: list[np.ndarray]) -> None:
     its prototypes are pooled over windows of `window` x `window` cells: a side with fewer cells than
     the window leaves no window at all (torch: "Output size is too small"). The query has no such
     limit: it is only pooled to the grid. `images` are the support images (2-D, RGB or stacks)."""
-    if grid < 1 or window < 1:
-        raise DinofeatError(f"the pooling window and the grid cell must be at least 1, not {window} and {grid}.")
+    if not (1 <= window <= 64 and 1 <= grid <= 64):
+        raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
     for number, image in enumerate(images, start=1):
         height, width = spatial_shape(image)[-2:]
         cells = (math.ceil(height / grid), math.ceil(width / grid))

@@ -14,6 +14,8 @@ import numpy as np
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.images import SUPPORTED_DTYPES, check_image, image_axes, image_sha256
 
+from .failures import Refused
+
 DEFAULT_BUDGET_BYTES = 4 << 30
 DEFAULT_MAX_PIXELS = 1 << 30
 
@@ -40,7 +42,7 @@ def image_from_bytes(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]
     return check_image(image)
 
 
-class OverBudget(Exception):
+class OverBudget(Refused):
     """An upload does not fit: the memory for uploads is taken, or the client's share of it (RESOURCE_EXHAUSTED)."""
 
 

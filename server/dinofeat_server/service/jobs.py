@@ -19,7 +19,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.contract.computation import FeatureComputation
 from dinofeat import __version__
 from dinofeat.contract.errors import DinofeatError
-from dinofeat.contract.images import image_axes, image_sha256, spatial_shape
+from dinofeat.contract.images import image_axes, image_channels, image_sha256, spatial_shape
 from dinofeat.contract.wire import (
     MAX_MESSAGE_BYTES,
     apply_result_key,
@@ -128,10 +128,6 @@ def check_weights(computation: FeatureComputation, served: str) -> None:
         raise DinofeatError(f"the features were described with {computation.backbone} weights of sha256 "
                             f"{computation.weights_sha256[:12]}..., but this server's are {served[:12]}...; give the same "
                             "weights file (--weights), or compute the features again without the stored description.")
-
-
-def image_channels(image: np.ndarray) -> int:
-    return 3 if image_axes(image).endswith("c") else 1
 
 
 Block = tuple[int, int, int, np.ndarray]

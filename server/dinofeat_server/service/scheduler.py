@@ -35,6 +35,7 @@ from dinofeat.contract.images import image_axes, spatial_shape
 
 from ..engine.stacks import FeatureSet
 from .device_pool import DevicePool, PoolDevice
+from .failures import Refused
 from .streaming import wake_loop
 
 SMALL_WORK = 2 * 256 * 256 * 64
@@ -43,7 +44,7 @@ SMALL_SLOTS = 1
 """Slots of each device beyond its workers that only small work may use."""
 
 
-class QueueFull(Exception):
+class QueueFull(Refused):
     """No room for the request: the queue is full or the client has too many calls (streams and uploads) open."""
 
 

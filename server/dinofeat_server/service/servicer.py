@@ -5,46 +5,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
-from dinofeat.v1 import feature_service_pb2 as pb
-from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat import __version__
 from dinofeat.contract.chunk_batches import asks_for_batches, keep_freed_memory
 from dinofeat.contract.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
 from dinofeat.contract.errors import DinofeatError
-from dinofeat.contract.images import check_labels, check_mask, spatial_shape
-from dinofeat.contract.wire import COMPRESSIONS, DEFAULT_CLASSIFIER, DEFAULT_LEVEL, features_result_key, space_key
+from dinofeat.contract.images import check_labels, check_mask
+from dinofeat.contract.wire import features_result_key, space_key
+from dinofeat.v1 import feature_service_pb2 as pb
+from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
 from ..engine.stacks import FEATURE_SETS, FeatureSet, feature_set
-from ..engine.weights import check_backbone
-from ..segment.classifiers import CLASSIFIERS
 from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
-from .checks import check_classes, check_grid, check_probabilities, checked_seed, requested_space
+from .checks import (
+    check_analysis,
+    check_channels,
+    check_classes,
+    check_grid,
+    check_model_size,
+    check_output_size,
+    check_pairs,
+    check_probabilities,
+    check_upload_size,
+    checked_classifier,
+    checked_computation,
+    checked_encoding,
+    checked_model,
+    checked_seed,
+    requested_space,
+)
 from .config import ServerLimits
 from .device_pool import DevicePool, PoolDevice
-from .image_store import ContentStore, ImageStore, OverBudget, check_layout, image_from_bytes
-from .jobs import (
-    ANALYSES,
-    analyse_work,
-    apply_work,
-    feature_stream,
-    fewshot_work,
-    image_channels,
-    segment_work,
-    train_work,
-)
+from .failures import ANSWERED, ClientGone, OutOfTime, Refused, Stalled, ending_of
+from .image_store import ContentStore, ImageStore, check_layout, image_from_bytes
+from .jobs import analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
 from .result_cache import ResultCache
-from .scheduler import FairScheduler, QueueFull, Slot, estimated_work
+from .scheduler import FairScheduler, Slot, estimated_work
 from .security import TokenAuthentication, client_identity
 from .streaming import ThreadPerCall, messages_from_thread
 from .threads import use_threads
@@ -56,47 +63,12 @@ if TYPE_CHECKING:
 
 REQUEST_LOG = logging.getLogger("dinofeat.requests")
 """One JSON line per streaming call; no tokens or image contents ever go into it."""
-MAX_MODEL_BYTES = 512 << 20
-
-
-class Stalled(Exception):
-    """The client read nothing, or sent nothing, for the server's stall_seconds."""
-
-
-class ClientGone(Exception):
-    """A message could not be written: the call ended on the client's side (cancelled, disconnected, killed)."""
 
 
 SET_ASIDE_S = 2.0
 """A stream whose client has read nothing for this long lends its worker to waiting requests (see _send)."""
 STALL_POLL_S = 0.5
 """How often a stalled stream looks for waiting requests to hand its worker to."""
-
-
-def checked_computation(feature_set: str, options: pb.FeatureOptions, default_set: str = DEFAULT_SET) -> FeatureComputation:
-    """A request's feature computation with defaults filled in; unknown sets, backbones, presets and options that do
-    not apply to the set refused in one sentence."""
-    computation = FeatureComputation.from_proto(feature_set, options, default_set).checked()
-    check_backbone(computation.backbone)  # presets are checked by the description (tests/test_deep_sets: the engine's)
-    return computation
-
-
-def check_channels(fset: FeatureSet, options: FeatureComputation, images: list[np.ndarray], limit: int) -> None:
-    """Refuse a result with more feature channels than the server allows (known before any work)."""
-    for image in images:
-        channels = len(fset.channel_names(image_channels(image), options))
-        if channels > limit:
-            raise DinofeatError(f"the {fset.name} set gives {channels} channels here, more than this server's limit of {limit}; "
-                                "ask for fewer with --pca.")
-
-
-def check_output_size(fset: FeatureSet, options: FeatureComputation, image: np.ndarray, limit_gb: float) -> None:
-    """Refuse a feature result larger than the server allows (float32 samples), before any work."""
-    channels = len(fset.channel_names(image_channels(image), options))
-    size = channels * int(np.prod(spatial_shape(image))) * 4
-    if size > limit_gb * (1 << 30):
-        raise DinofeatError(f"the {fset.name} features of this image would take {size / (1 << 30):.1f} GiB, more than this "
-                            f"server's limit of {limit_gb:g} GiB (max_output_gb); ask for fewer channels (--pca) or a smaller image.")
 
 
 def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
@@ -107,24 +79,22 @@ def read_model_file(pieces: list[bytes]) -> tuple[str, TrainedModel]:
     return hashlib.sha256(data).hexdigest(), model_from_bytes(data)
 
 
-def checked_classifier(kind: str, trees: int) -> str:
-    kind = kind or DEFAULT_CLASSIFIER
-    if kind not in CLASSIFIERS:
-        raise DinofeatError(f"unknown classifier {kind!r}; choose one of {', '.join(CLASSIFIERS)}.")
-    if not 0 <= trees <= 5000:
-        raise DinofeatError(f"the forest needs between 1 and 5000 trees, not {trees}.")
-    return kind
+def rpc(method: Callable) -> Callable:
+    """A FeatureService method whose failures end its call once, here: with their status and sentence
+    (failures.ENDINGS), refusals and stalls counted for its client; a client gone while a message was being
+    written ends it quietly. Nothing of the method runs after its failure."""
 
+    @functools.wraps(method)
+    async def answered(self: FeatureServicer, request, context: grpc.aio.ServicerContext):
+        client = self._client(context)  # now: a cancelled call's context must not be asked for its peer
+        try:
+            return await method(self, request, context)
+        except ANSWERED as error:
+            await self._end(context, client, error)
+        except ClientGone:
+            return None
 
-def checked_encoding(encoding: pb.Encoding) -> pb.Encoding:
-    """Fill defaults (gzip level 1) and refuse unknown compressions or levels."""
-    compression = encoding.compression or "gzip"
-    level = encoding.level or DEFAULT_LEVEL
-    if compression not in COMPRESSIONS:
-        raise DinofeatError(f"unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}.")
-    if not 1 <= level <= 9:
-        raise DinofeatError(f"the gzip level must be between 1 and 9, not {level}.")
-    return pb.Encoding(compression=compression, level=level)
+    return answered
 
 
 Work = Callable[..., Iterator]
@@ -157,17 +127,23 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         """"cpu", or the pool's devices as "cuda:0,cuda:1"."""
         return ",".join(str(d.device) for d in self.pool.devices)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         return client_identity(self.authentication, context.invocation_metadata(), context.peer())
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, client: str, error: Exception) -> None:
-        """End a call that does not fit this server's limits now (RESOURCE_EXHAUSTED), counting it."""
-        self.refused += 1
-        self.usage.of(client).refused += 1
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    async def _end(self, context: grpc.aio.ServicerContext, client: str, error: Exception) -> None:
+        """End a call with the status of its failure (failures.ENDINGS) and its sentence, counting refusals and
+        stalls of `client`."""
+        if isinstance(error, Refused):
+            self.refused += 1
+            self.usage.of(client).refused += 1
+        elif isinstance(error, Stalled):
+            self.usage.of(client).stalled += 1
+        await context.abort(ending_of(error).status, str(error))
+
+    def _stall(self, what: str) -> Stalled:
+        """The failure of a client that `what` ("read", "sent") nothing for stall_seconds."""
+        return Stalled(f"the client {what} nothing for {self.limits.stall_seconds:g} s (this server's stall_seconds), "
+                       "so the server ended the call to free its worker; try again and keep the connection busy.")
 
     async def _send(self, context: grpc.aio.ServicerContext, message, slot: Slot | None = None) -> None:
         """Write one message, or raise Stalled when the client has read nothing for stall_seconds. While the
@@ -183,7 +159,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                     self.scheduler.set_aside(slot)
                 left = self.limits.stall_seconds - (loop.time() - began)
                 if left <= 0:
-                    raise Stalled()
+                    raise self._stall("read")
                 await asyncio.wait([write], timeout=min(left, STALL_POLL_S))
             if write.exception() is not None:  # a write fails only on a call that has ended: the client went away
                 raise ClientGone() from write.exception()
@@ -201,13 +177,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise Stalled() from None
-
-    async def _stalled(self, context: grpc.aio.ServicerContext, client: str, what: str) -> None:
-        self.usage.of(client).stalled += 1
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"the client {what} nothing for {self.limits.stall_seconds:g} s (this server's stall_seconds), "
-                            "so the server ended the call to free its worker; try again and keep the connection busy.")
+                raise self._stall("sent") from None
 
     def _seconds_allowed(self, context: grpc.aio.ServicerContext) -> float:
         """The server's longest request, or less when the client's own deadline comes first."""
@@ -216,9 +186,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
 
     async def _stream(self, work: Work, context: grpc.aio.ServicerContext) -> None:
         """Wait for a fair turn, then run `work` on the granted worker (its device and that device's models)
-        and send its messages. Bad input found while working ends the call as INVALID_ARGUMENT, a full
-        queue as RESOURCE_EXHAUSTED, running too long or a client that stops reading as DEADLINE_EXCEEDED;
-        the worker is free again only once its thread has stopped.
+        and send its messages; its failures end the call through `rpc` (bad input found while working,
+        a full queue, running too long, a client that stops reading). The worker is free again only once its
+        thread has stopped.
 
         Every call leaves one structured log line: client, method, device of its worker, seconds, bytes sent, outcome."""
         started, outcome = time.perf_counter(), "abandoned"
@@ -239,43 +209,34 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                         await self._send(context, message, slot)
                         sent += size
                         totals.bytes_sent += size
-        except DinofeatError as error:
-            outcome = "invalid_argument"
-            await self._fail(context, error)
-        except QueueFull as error:
-            outcome = "resource_exhausted"
-            await self._refuse(context, client, error)
-        except Stalled:
-            outcome = "stalled"
-            await self._stalled(context, client, "read")
+            delivered = True
         except TimeoutError:
             outcome = "deadline_exceeded"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the request ran out of time after {allowed:.0f} s (this server's limit, or the client's deadline); "
-                                "ask for a smaller image or a faster preset.")
+            raise OutOfTime(f"the request ran out of time after {allowed:.0f} s (this server's limit, or the client's deadline); "
+                            "ask for a smaller image or a faster preset.") from None
         except asyncio.CancelledError:
-            if not delivered:
+            if not delivered:  # a client that hangs up once it has the end has not cancelled
                 outcome = "cancelled"
-                self.cancelled += 1
-                totals.cancelled += 1
+                self._count_cancelled(totals)
             raise
-        except ClientGone:
-            outcome = "cancelled"  # the client went away while a message was being written: its call ended, no fault
-            self.cancelled += 1
-            totals.cancelled += 1
-        except Exception:
-            outcome = "error"
+        except BaseException as error:
+            ending = ending_of(error)
+            outcome = ending.outcome if ending else "error"
+            if isinstance(error, ClientGone):
+                self._count_cancelled(totals)
             raise
-        else:
-            delivered = True
         finally:
-            if delivered and outcome in ("abandoned", "ok"):
+            if delivered and outcome == "abandoned":
                 outcome = "ok"
                 totals.finished += 1
             self.finished += 1
             REQUEST_LOG.info(json.dumps({"peer": peer, "client": client, "method": getattr(work, "func", work).__name__,
                                          "device": device, "seconds": round(time.perf_counter() - started, 3), "bytes": sent,
                                          "outcome": outcome}))
+
+    def _count_cancelled(self, totals) -> None:
+        self.cancelled += 1
+        totals.cancelled += 1
 
     def _on_worker(self, work: Work, worker: PoolDevice) -> Callable[[object], Iterator]:
         """`work` computing on `worker`'s device with its models, which lend it idle workers for tiles."""
@@ -303,63 +264,19 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         check_channels(fset, computation, images, self.limits.max_channels)
         return fset, computation
 
-    async def Health(self, request, context):
-        return pb.HealthReply(version=__version__, device=self.device_names, feature_sets=list(FEATURE_SETS))
-
-    async def ListFeatureSets(self, request, context):
-        return pb.ListFeatureSetsReply(feature_sets=[
-            pb.FeatureSetInfo(name=f.name, description=f.description, channels_per_image_channel=len(f.channel_names(1)))
-            for f in FEATURE_SETS.values()
-        ])
-
-    async def Status(self, request, context):
-        devices = self.pool.report()
-        uploads = self.store.in_flight()  # one snapshot: the per-client rows and the total agree
-        return pb.StatusReply(
-            version=__version__, device=self.device_names, running=self.scheduler.running, finished=self.finished,
-            queued=self.scheduler.queued, workers=self.pool.slots, threads_per_worker=self.threads,
-            queue_length=self.limits.queue_length,
-            cancelled=self.cancelled, refused=self.refused, devices=devices, loaded_models=self.pool.loaded(),
-            device_memory_allocated_bytes=sum(d.memory_allocated_bytes for d in devices),
-            device_memory_total_bytes=sum(d.memory_total_bytes for d in devices),
-            cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
-            images_held=len(self.store), image_bytes=self.store.used_bytes(),
-            clients=self.usage.report(self.scheduler.use(), uploads),
-            upload_bytes=sum(uploads.values()), model_bytes=self.trained_models.used_bytes(),
-            limits_json=json.dumps(dataclasses.asdict(self.limits)))
-
-    async def HasImage(self, request, context):
-        return pb.HasImageReply(present=request.sha256 in self.store)
-
     @contextlib.asynccontextmanager
     async def _upload(self, context: grpc.aio.ServicerContext, what: str):
         """The body receives an upload of `what` and yields `reserve(n)`: the upload counts as one call of
         its client, reserves memory as it grows (the client's share of the image store), and may take
-        max_request_seconds in all; every failure ends the call with one sentence."""
+        max_request_seconds in all."""
         client = self._client(context)
         try:
             with self.scheduler.call(client), self.store.reservation(client) as reserve:
                 async with asyncio.timeout(self._seconds_allowed(context)):
                     yield reserve
-        except DinofeatError as error:
-            await self._fail(context, error)
-        except (QueueFull, OverBudget) as error:
-            await self._refuse(context, client, error)
-        except Stalled:
-            await self._stalled(context, client, "sent")
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the {what} ran out of time (this server's "
-                                "max_request_seconds, or the client's deadline); send less or use a faster connection.")
-
-    async def UploadImage(self, request_iterator, context):
-        """Receive an image into memory reserved for it, with no gap longer than stall_seconds; converting
-        and hashing run off the event loop."""
-        async with self._upload(context, "upload") as reserve:
-            layout, sha256, data = await self._image_upload(request_iterator, reserve)
-            image = await asyncio.get_running_loop().run_in_executor(
-                None, image_from_bytes, data, layout.dtype, tuple(layout.shape), layout.axes, sha256)
-        self.store.put(sha256, image)
-        return pb.UploadImageReply(sha256=sha256, bytes_received=len(data))
+            raise OutOfTime(f"the {what} ran out of time (this server's max_request_seconds, or the client's deadline); "
+                            "send less or use a faster connection.") from None
 
     async def _image_upload(self, request_iterator, reserve) -> tuple[pb.ImageLayout, str, bytearray]:
         """(layout, sha256, bytes) of an upload: the header first, then exactly the bytes it announces,
@@ -372,9 +289,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 header = message.header
                 layout = header.layout
                 expected = check_layout(layout.dtype, tuple(layout.shape), layout.axes, self.limits.max_pixels)
-                if expected > self.limits.max_upload_bytes:
-                    raise DinofeatError(f"the image is {expected / 2**20:.0f} MiB, more than this server's upload limit of "
-                                        f"{self.limits.max_upload_mb:.0f} MiB; send a smaller image or tile it.")
+                check_upload_size(expected, self.limits)
                 reserve(expected)
                 data = bytearray(expected)
                 continue
@@ -390,123 +305,143 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             raise DinofeatError(f"the upload sent {received} bytes but its layout needs {expected}.")
         return header.layout, header.sha256, data
 
-    async def ComputeFeatures(self, request, context):
-        try:
-            image = self._image(request.image_sha256)
-            fset, options = self._requested_features(request, [image])
-            check_output_size(fset, options, image, self.limits.max_output_gb)
-            encoding = checked_encoding(request.encoding)
-            like = await asyncio.get_running_loop().run_in_executor(None, requested_space, request.feature_space_json)
-            fit_images = None if like else [self._image(sha, "image to fit the space on") for sha in request.fit_image_sha256]
-            if fit_images and request.image_sha256 not in request.fit_image_sha256:
-                fit_images.append(image)
-        except DinofeatError as error:
-            await self._fail(context, error)
+    # The RPCs, in the order of protos/dinofeat/v1/feature_service.proto's FeatureService.
+
+    @rpc
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(version=__version__, device=self.device_names, feature_sets=list(FEATURE_SETS))
+
+    @rpc
+    async def ListFeatureSets(self, request: pb.ListFeatureSetsRequest, context: grpc.aio.ServicerContext) -> pb.ListFeatureSetsReply:
+        return pb.ListFeatureSetsReply(feature_sets=[
+            pb.FeatureSetInfo(name=f.name, description=f.description, channels_per_image_channel=len(f.channel_names(1)))
+            for f in FEATURE_SETS.values()
+        ])
+
+    @rpc
+    async def HasImage(self, request: pb.HasImageRequest, context: grpc.aio.ServicerContext) -> pb.HasImageReply:
+        return pb.HasImageReply(present=request.sha256 in self.store)
+
+    @rpc
+    async def UploadImage(self, request_iterator: AsyncIterator[pb.UploadImageChunk],
+                          context: grpc.aio.ServicerContext) -> pb.UploadImageReply:
+        """Receive an image into memory reserved for it, with no gap longer than stall_seconds; converting
+        and hashing run off the event loop."""
+        async with self._upload(context, "upload") as reserve:
+            layout, sha256, data = await self._image_upload(request_iterator, reserve)
+            image = await asyncio.get_running_loop().run_in_executor(
+                None, image_from_bytes, data, layout.dtype, tuple(layout.shape), layout.axes, sha256)
+        self.store.put(sha256, image)
+        return pb.UploadImageReply(sha256=sha256, bytes_received=len(data))
+
+    @rpc
+    async def ComputeFeatures(self, request: pb.ComputeFeaturesRequest, context: grpc.aio.ServicerContext) -> None:
+        image = self._image(request.image_sha256)
+        fset, options = self._requested_features(request, [image])
+        check_output_size(fset, options, image, self.limits.max_output_gb)
+        encoding = checked_encoding(request.encoding)
+        like = await asyncio.get_running_loop().run_in_executor(None, requested_space, request.feature_space_json)
+        fit_images = None if like else [self._image(sha, "image to fit the space on") for sha in request.fit_image_sha256]
+        if fit_images and request.image_sha256 not in request.fit_image_sha256:
+            fit_images.append(image)
         wanted = set(request.chunk_indices) if request.resume else None
         key = features_result_key(request.image_sha256, options, encoding.compression, encoding.level,
                                   space_key(request.feature_space_json, list(request.fit_image_sha256)))
-        work = partial(feature_stream, self.cache, image, fset, options, encoding=encoding, key=key, wanted=wanted,
-                       like=like, fit_images=fit_images or None)
-        await self._stream(work, context)
+        await self._stream(partial(feature_stream, self.cache, image, fset, options, encoding=encoding, key=key, wanted=wanted,
+                                   like=like, fit_images=fit_images or None), context)
 
-    async def Segment(self, request, context):
-        try:
-            image = self._image(request.image_sha256)
-            labels = (await self._checked_labels([request.labels_sha256], [image]))[0]
-            await asyncio.get_running_loop().run_in_executor(None, check_classes, [labels], self.limits, image)
-            fset, options = self._requested_features(request, [image])
-            encoding = checked_encoding(request.encoding)
-            kind = checked_classifier(request.classifier, request.trees)
-            seed = checked_seed(request.seed)
-        except DinofeatError as error:
-            await self._fail(context, error)
-        work = partial(segment_work, image, labels, fset, options, kind=kind, trees=request.trees, seed=seed, encoding=encoding,
-                       max_training_gb=self.limits.max_training_gb, threads=self.threads)
-        await self._stream(work, context)
+    @rpc
+    async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> None:
+        image = self._image(request.image_sha256)
+        labels = (await self._checked_labels([request.labels_sha256], [image]))[0]
+        await asyncio.get_running_loop().run_in_executor(None, check_classes, [labels], self.limits, image)
+        fset, options = self._requested_features(request, [image])
+        encoding = checked_encoding(request.encoding)
+        kind = checked_classifier(request.classifier, request.trees)
+        seed = checked_seed(request.seed)
+        await self._stream(partial(segment_work, image, labels, fset, options, kind=kind, trees=request.trees, seed=seed,
+                                   encoding=encoding, max_training_gb=self.limits.max_training_gb, threads=self.threads), context)
 
-    async def Train(self, request, context):
-        try:
-            if not request.image_sha256 or len(request.image_sha256) != len(request.labels_sha256):
-                raise DinofeatError("give one label image per training image.")
-            images = [self._image(sha) for sha in request.image_sha256]
-            labels = await self._checked_labels(request.labels_sha256, images)
-            await asyncio.get_running_loop().run_in_executor(None, check_classes, labels, self.limits)
-            fset, options = self._requested_features(request, images)
-            kind = checked_classifier(request.classifier, request.trees)
-            seed = checked_seed(request.seed)
-        except DinofeatError as error:
-            await self._fail(context, error)
-        work = partial(train_work, images, labels, fset, options, kind=kind, trees=request.trees, seed=seed,
-                       max_training_gb=self.limits.max_training_gb, threads=self.threads)
-        await self._stream(work, context)
+    @rpc
+    async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
+        check_pairs(request.image_sha256, request.labels_sha256, "give one label image per training image.")
+        images = [self._image(sha) for sha in request.image_sha256]
+        labels = await self._checked_labels(request.labels_sha256, images)
+        await asyncio.get_running_loop().run_in_executor(None, check_classes, labels, self.limits)
+        fset, options = self._requested_features(request, images)
+        kind = checked_classifier(request.classifier, request.trees)
+        seed = checked_seed(request.seed)
+        await self._stream(partial(train_work, images, labels, fset, options, kind=kind, trees=request.trees, seed=seed,
+                                   max_training_gb=self.limits.max_training_gb, threads=self.threads), context)
 
-    async def HasModel(self, request, context):
+    @rpc
+    async def HasModel(self, request: pb.HasImageRequest, context: grpc.aio.ServicerContext) -> pb.HasImageReply:
         return pb.HasImageReply(present=request.sha256 in self.trained_models)
 
-    async def UploadModel(self, request_iterator, context):
+    @rpc
+    async def UploadModel(self, request_iterator: AsyncIterator[pb.ModelPiece],
+                          context: grpc.aio.ServicerContext) -> pb.UploadModelReply:
         """Receive a model file (counted like an image upload); joining, hashing and unpacking within
         limits run off the event loop."""
         async with self._upload(context, "model upload") as reserve:
             pieces, size = [], 0
             async for piece in self._received(request_iterator):
                 size += len(piece.data)
-                if size > MAX_MODEL_BYTES:
-                    raise DinofeatError(f"the model file is larger than this server's limit of {MAX_MODEL_BYTES >> 20} MiB.")
+                check_model_size(size)
                 reserve(len(piece.data))
                 pieces.append(piece.data)
             sha, model = await asyncio.get_running_loop().run_in_executor(None, read_model_file, pieces)
         self.trained_models.put(sha, model)
         return pb.UploadModelReply(sha256=sha)
 
-    async def Apply(self, request, context):
-        try:
-            model = self.trained_models.get(request.model_sha256)
-            if model is None:
-                raise DinofeatError("the server holds no such model; upload it first.")
-            trained_on = model.metadata["feature_set"]
-            if request.feature_set and request.feature_set != trained_on:
-                raise DinofeatError(f"the model was trained on {trained_on!r} features, not {request.feature_set!r}; "
-                                    f"apply it with --set {trained_on} or train a new one.")
-            image = self._image(request.image_sha256)
-            check_probabilities(len(model.metadata["class_values"]), image, self.limits)
-            fset = feature_set(trained_on)
-            encoding = checked_encoding(request.encoding)
-        except DinofeatError as error:
-            await self._fail(context, error)
-        work = partial(apply_work, model, request.model_sha256, image, fset, encoding=encoding, threads=self.threads)
-        await self._stream(work, context)
+    @rpc
+    async def Apply(self, request: pb.ApplyRequest, context: grpc.aio.ServicerContext) -> None:
+        model = checked_model(self.trained_models.get(request.model_sha256), request.feature_set)
+        image = self._image(request.image_sha256)
+        check_probabilities(len(model.metadata["class_values"]), image, self.limits)
+        fset = feature_set(model.metadata["feature_set"])
+        encoding = checked_encoding(request.encoding)
+        await self._stream(partial(apply_work, model, request.model_sha256, image, fset, encoding=encoding, threads=self.threads),
+                           context)
 
-    async def Analyse(self, request, context):
-        try:
-            image = self._image(request.image_sha256)
-            fset, options = self._requested_features(request, [image])
-            if request.analysis not in ANALYSES:
-                raise DinofeatError(f"unknown analysis {request.analysis!r}; choose one of {', '.join(ANALYSES)}.")
-            if request.analysis == "kmeans" and not 2 <= request.clusters <= 256:
-                raise DinofeatError(f"k-means needs between 2 and 256 clusters, not {request.clusters}.")
-            seed = checked_seed(request.seed)
-        except DinofeatError as error:
-            await self._fail(context, error)
-        work = partial(analyse_work, image, fset, options, analysis=request.analysis, clusters=request.clusters, seed=seed)
-        await self._stream(work, context)
+    @rpc
+    async def Analyse(self, request: pb.AnalyseRequest, context: grpc.aio.ServicerContext) -> None:
+        image = self._image(request.image_sha256)
+        fset, options = self._requested_features(request, [image])
+        check_analysis(request.analysis, request.clusters)
+        seed = checked_seed(request.seed)
+        await self._stream(partial(analyse_work, image, fset, options, analysis=request.analysis, clusters=request.clusters,
+                                   seed=seed), context)
 
-    async def FewShot(self, request, context):
-        try:
-            if not request.support_sha256 or len(request.support_sha256) != len(request.support_mask_sha256):
-                raise DinofeatError("give one mask per support image.")
-            supports = [self._image(sha, "support image") for sha in request.support_sha256]
-            masks = [check_mask(self._image(sha, "support mask"), image) for sha, image in zip(request.support_mask_sha256, supports)]
-            query = self._image(request.query_sha256, "query image")
-            fset, options = self._requested_features(request, [*supports, query], DEEP_DEFAULT_SET)
-            window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
-            if not (1 <= window <= 64 and 1 <= grid <= 64):
-                raise DinofeatError("the pooling window and the grid cell must be between 1 and 64.")
-            components = checked_components(request.components)
-            check_grid(grid, window, supports)
-        except DinofeatError as error:
-            await self._fail(context, error)
-        work = partial(fewshot_work, supports, masks, query, fset, options, window=window, grid=grid, components=components)
-        await self._stream(work, context)
+    @rpc
+    async def FewShot(self, request: pb.FewShotRequest, context: grpc.aio.ServicerContext) -> None:
+        check_pairs(request.support_sha256, request.support_mask_sha256, "give one mask per support image.")
+        supports = [self._image(sha, "support image") for sha in request.support_sha256]
+        masks = [check_mask(self._image(sha, "support mask"), image) for sha, image in zip(request.support_mask_sha256, supports)]
+        query = self._image(request.query_sha256, "query image")
+        fset, options = self._requested_features(request, [*supports, query], DEEP_DEFAULT_SET)
+        window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
+        check_grid(grid, window, supports)
+        components = checked_components(request.components)
+        await self._stream(partial(fewshot_work, supports, masks, query, fset, options, window=window, grid=grid,
+                                   components=components), context)
+
+    @rpc
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        devices = self.pool.report()
+        uploads = self.store.in_flight()  # one snapshot: the per-client rows and the total agree
+        return pb.StatusReply(
+            version=__version__, device=self.device_names, running=self.scheduler.running, finished=self.finished,
+            queued=self.scheduler.queued, workers=self.pool.slots, threads_per_worker=self.threads,
+            queue_length=self.limits.queue_length,
+            cancelled=self.cancelled, refused=self.refused, devices=devices, loaded_models=self.pool.loaded(),
+            device_memory_allocated_bytes=sum(d.memory_allocated_bytes for d in devices),
+            device_memory_total_bytes=sum(d.memory_total_bytes for d in devices),
+            cache_bytes=self.cache.used_bytes() if self.cache else 0, cache_budget_bytes=self.cache.budget_bytes if self.cache else 0,
+            images_held=len(self.store), image_bytes=self.store.used_bytes(),
+            clients=self.usage.report(self.scheduler.use(), uploads),
+            upload_bytes=sum(uploads.values()), model_bytes=self.trained_models.used_bytes(),
+            limits_json=json.dumps(dataclasses.asdict(self.limits)))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
