@@ -22,6 +22,9 @@ input_range : str
 weights_sha256 : str
     The backbone's weights the numbers were computed with ("" before a server has computed them: whichever
     weights that server serves).
+upsampler : str
+    How the deep sets' tokens reach full resolution instead of the preset's own: bilinear, joint_bilateral or
+    anyup (AnyUp, a learned upsampler); "" is the preset's own (fast: joint_bilateral, default: bilinear).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ DEFAULT_PRESET = "default"
 PRESETS = ("fast", "default", "paper", "paper_flips")
 """The view ensembles of the deep sets (the server's engine/deep.py PRESETS, same order)."""
 REFERENCE_PRESETS = ("paper", "paper_flips")
+UPSAMPLERS = ("bilinear", "joint_bilateral", "anyup")
+"""What --upsampler may name (the server's engine/upsample.py and engine/anyup.py)."""
+PRESET_UPSAMPLERS = {"fast": "joint_bilateral", "default": "bilinear"}
+"""Each preset's own upsampler (engine/deep.py PRESETS); the paper presets resize as the paper's code does."""
 """Presets that reproduce the paper's own pipeline, input scaling included (ToTensor: 8-bit / 255)."""
 NORMALISATIONS = ("none", "minmax", "zscore", "l2")
 INPUT_RANGES = ("dtype", "dataset")
@@ -68,6 +75,7 @@ class FeatureComputation:
     normalise: str = "none"
     input_range: str = ""
     weights_sha256: str = ""
+    upsampler: str = ""
 
     @property
     def deep(self) -> bool:
@@ -95,6 +103,11 @@ class FeatureComputation:
         if self.input_range not in ("", *INPUT_RANGES):
             raise DinofeatError(f"unknown input range {self.input_range!r}; choose dtype (the image type's range) or dataset "
                                 "(its 0.1-99.9 percentiles).")
+        if self.upsampler not in ("", *UPSAMPLERS):
+            raise DinofeatError(f"unknown upsampler {self.upsampler!r}; choose one of {', '.join(UPSAMPLERS)}.")
+        if self.upsampler and self.preset in REFERENCE_PRESETS:
+            raise DinofeatError(f"the {self.preset} preset reproduces the paper's own resizing, so --upsampler {self.upsampler} "
+                                "cannot apply; leave --upsampler out, or choose --preset fast or default.")
         if not 0 <= self.pca <= MAX_PCA:
             raise DinofeatError(f"the PCA size must be between 0 (no PCA) and {MAX_PCA}, not {self.pca}.")
         if not self.deep and self.pca:
@@ -103,9 +116,10 @@ class FeatureComputation:
         if self.feature_set == "hybrid" and self.normalise not in ("none", HYBRID_NORMALISATION):
             raise DinofeatError(f"the hybrid set always scales each channel to the dataset's robust range (minmax), so "
                                 f"--normalise {self.normalise} cannot apply; leave --normalise out, or choose --set dinov2.")
-        resolved = replace(self, input_range=self.input_rule())
+        resolved = replace(self, input_range=self.input_rule(),
+                           upsampler="" if self.upsampler == PRESET_UPSAMPLERS.get(self.preset) else self.upsampler)
         if not self.deep:  # a filter bank has no backbone: one description, one key, whatever the deep fields said
-            resolved = replace(resolved, backbone=DEFAULT_BACKBONE, preset=DEFAULT_PRESET, weights_sha256="")
+            resolved = replace(resolved, backbone=DEFAULT_BACKBONE, preset=DEFAULT_PRESET, weights_sha256="", upsampler="")
         if self.feature_set == "hybrid":
             resolved = replace(resolved, normalise=HYBRID_NORMALISATION)
         return resolved
@@ -127,14 +141,14 @@ class FeatureComputation:
 
     def to_proto(self) -> pb.FeatureOptions:
         return pb.FeatureOptions(backbone=self.backbone, preset=self.preset, pca=self.pca, normalise=self.normalise,
-                                 input_range=self.input_range, weights_sha256=self.weights_sha256)
+                                 input_range=self.input_range, weights_sha256=self.weights_sha256, upsampler=self.upsampler)
 
     @classmethod
     def from_proto(cls, feature_set: str, options: pb.FeatureOptions, default_set: str = DEFAULT_SET) -> FeatureComputation:
         """A request's set and options, with the defaults of fields left empty."""
         return cls(feature_set=feature_set or default_set, backbone=options.backbone or DEFAULT_BACKBONE,
                    preset=options.preset or DEFAULT_PRESET, pca=options.pca, normalise=options.normalise or "none",
-                   input_range=options.input_range, weights_sha256=options.weights_sha256)
+                   input_range=options.input_range, weights_sha256=options.weights_sha256, upsampler=options.upsampler)
 
     def request_fields(self) -> dict:
         """The `feature_set` and `options` fields of a request message."""
@@ -154,13 +168,16 @@ class FeatureComputation:
 
 
 OPTION_NAMES = {"feature_set": "--set", "backbone": "--backbone", "preset": "--preset", "pca": "--pca",
-                "normalise": "--normalise", "input_range": "--input-range", "weights_sha256": "weights"}
+                "normalise": "--normalise", "input_range": "--input-range", "weights_sha256": "weights",
+                "upsampler": "--upsampler"}
 """How users name each field: the command line's options."""
 
 
 def shown(name: str, value: object) -> str:
     if name == "weights_sha256":
         return f"sha256 {str(value)[:12]}..."
+    if name == "upsampler" and not value:
+        return "the preset's own"
     return str(value)
 
 

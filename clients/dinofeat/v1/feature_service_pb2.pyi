@@ -193,20 +193,22 @@ class Encoding(_message.Message):
     def __init__(self, compression: _Optional[str] = ..., level: _Optional[int] = ...) -> None: ...
 
 class FeatureOptions(_message.Message):
-    __slots__ = ("backbone", "preset", "pca", "normalise", "input_range", "weights_sha256")
+    __slots__ = ("backbone", "preset", "pca", "normalise", "input_range", "weights_sha256", "upsampler")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     PCA_FIELD_NUMBER: _ClassVar[int]
     NORMALISE_FIELD_NUMBER: _ClassVar[int]
     INPUT_RANGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLER_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     preset: str
     pca: int
     normalise: str
     input_range: str
     weights_sha256: str
-    def __init__(self, backbone: _Optional[str] = ..., preset: _Optional[str] = ..., pca: _Optional[int] = ..., normalise: _Optional[str] = ..., input_range: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    upsampler: str
+    def __init__(self, backbone: _Optional[str] = ..., preset: _Optional[str] = ..., pca: _Optional[int] = ..., normalise: _Optional[str] = ..., input_range: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., upsampler: _Optional[str] = ...) -> None: ...
 
 class ComputeFeaturesRequest(_message.Message):
     __slots__ = ("image_sha256", "feature_set", "encoding", "options", "resume", "chunk_indices", "feature_space_json", "fit_image_sha256")

@@ -15,6 +15,7 @@ from dinofeat.contract.computation import (
     INPUT_RANGES,
     NORMALISATIONS,
     PRESETS,
+    UPSAMPLERS,
 )
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.outputs import io_failure, is_write_error, tidy_on_failure
@@ -53,6 +54,11 @@ def deep_parser(pca_help: str) -> argparse.ArgumentParser:
                       f"h16plus,7b16}} (default {DEFAULT_BACKBONE}; DINOv3 only with --weights, see README)")
     deep.add_argument("--preset", choices=PRESETS, help=f"views of the deep sets: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; "
                       "paper and paper_flips reproduce the paper's pipeline, its input scaling included)")
+    deep.add_argument("--upsampler", choices=UPSAMPLERS, help="how the deep tokens reach full resolution instead of the "
+                      "preset's own (fast: joint_bilateral, default: bilinear): anyup is AnyUp, a learned upsampler "
+                      "(Wimmer et al. 2026, CC-BY-4.0), whose weights the server downloads once (see README)")
+    deep.add_argument("--upsampler-weights", metavar="FILE", help="AnyUp's weights file, e.g. anyup_multi_backbone.pth "
+                      "(embedded server only; default: the authors' release, downloaded once)")
     deep.add_argument("--pca", type=int, help=pca_help)
     deep.add_argument("--normalise", choices=NORMALISATIONS,
                       help="per-channel minmax or zscore, per-pixel l2, in the dataset's feature space (default none; "
@@ -271,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cpu, or cuda:0,cuda:1")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without token or TLS")
     p.add_argument("--weights", action="append", default=[], metavar="[BACKBONE=]PATH",
-                   help="local weights for a backbone (repeatable); a bare PATH serves any backbone")
+                   help="local weights for a backbone (repeatable); a bare PATH serves any backbone; anyup=PATH: AnyUp's weights")
     p.add_argument("--token-file", help="accepted access tokens, one per line; clients send one as a bearer token")
     p.add_argument("--tls-cert", help="server TLS certificate (PEM)")
     p.add_argument("--tls-key", help="server TLS key (PEM)")

@@ -29,8 +29,8 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
     """A client for --server; else for this user's local server (local_server.py: started once, it keeps torch and
     models loaded between commands), or with --no-local-server for an embedded server started here (needs dinofeat[server])."""
     if args.server:
-        if getattr(args, "weights", None):
-            raise DinofeatError("--weights names a file on this machine, but --server computes elsewhere; "
+        if getattr(args, "weights", None) or getattr(args, "upsampler_weights", None):
+            raise DinofeatError("--weights and --upsampler-weights name files on this machine, but --server computes elsewhere; "
                                 "give the weights to that server (dinofeat serve --weights ...).")
         token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
         insecure_token = args.insecure_token or os.environ.get(PLAINTEXT_TOKEN_VARIABLE, "").lower() in ("1", "true", "yes", "on")
@@ -100,14 +100,15 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
 def backbone_weights(args: argparse.Namespace) -> dict[str, str] | None:
     """--weights as {backbone: file} for the computing side (None without it): --backbone's, else "*", whichever backbone
     the computation names (the default, or a DINOv3 one stored in the file, model or project the command adopts)."""
-    weights = getattr(args, "weights", None)
-    return {getattr(args, "backbone", None) or "*": weights} if weights else None
+    weights, anyup = getattr(args, "weights", None), getattr(args, "upsampler_weights", None)
+    mapping = ({getattr(args, "backbone", None) or "*": weights} if weights else {}) | ({"anyup": anyup} if anyup else {})
+    return mapping or None  # --upsampler-weights as {"anyup": file}
 
 
-DEEP_ONLY = ("backbone", "preset", "weights")
+DEEP_ONLY = ("backbone", "preset", "weights", "upsampler")
 """Options that only the deep sets take (--pca is checked by the description itself)."""
 GIVEN = {"feature_set": "set", "backbone": "backbone", "preset": "preset", "pca": "pca", "normalise": "normalise",
-         "input_range": "input_range"}
+         "input_range": "input_range", "upsampler": "upsampler"}
 """The description's fields and the command-line arguments that give them (absent or None: not given)."""
 
 

@@ -13,7 +13,8 @@ numbers a classifier sees, fitted once per dataset (an image, a volume, or all t
 All of it is affine, so it is applied to the tokens of each view before upsampling and blending
 (upsampling, view averaging and tile blending are weighted means whose weights sum to one). Its
 `identity` (feature-set spec, weights checksum, image channels) says which features it belongs to;
-applying a space to other features is refused with a sentence naming the difference.
+applying a space to other features is refused with a sentence naming the difference (the spec names the
+upsampler, so a model trained on joint-bilateral features is refused on AnyUp's).
 
 On disk and on the wire the space is a JSON object (`to_dict`); arrays are float32 in base64.
 """
@@ -133,7 +134,7 @@ class FeatureSpace:
 
 EARLIER = "an earlier dinofeat's"
 SPEC_OPTIONS = {"normalisation": "--normalise", "input_range": "--input-range", "preset": "--preset", "pca": "--pca",
-                "backbone": "--backbone"}
+                "backbone": "--backbone", "upsampler": "--upsampler"}
 """The command-line option behind each key of a set's spec, so a difference is named as users type it."""
 
 
