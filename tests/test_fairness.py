@@ -124,11 +124,11 @@ def test_a_small_request_is_answered_while_a_large_one_computes(tmp_path):
 
 
 def test_the_work_estimate_is_pixels_times_channels():
-    from functools import partial
-
+    from dinofeat.contract.computation import FeatureComputation
     from dinofeat_server.engine.stacks import feature_set
-    from dinofeat_server.service.jobs import feature_stream
+    from dinofeat_server.service.jobs import Job, feature_stream
     from dinofeat_server.service.scheduler import estimated_work
 
-    work = partial(feature_stream, None, np.zeros((100, 200), np.uint8), feature_set("classical"))
+    image = np.zeros((100, 200), np.uint8)
+    work = Job(feature_stream, feature_set("classical"), FeatureComputation("classical"), (image,), dict(image=image))
     assert estimated_work(work) == 100 * 200 * 58

@@ -70,7 +70,7 @@ def test_a_short_cpu_computation_is_not_announced():
 
 def test_the_servers_notice_travels_in_the_progress_message():
     from dinofeat_server.engine.progress import Advance
-    from dinofeat_server.service.jobs import progress_of
+    from dinofeat_server.service.streaming import progress_of
 
     message = progress_of(Advance("tiles", 0, 4, "this takes a while."), "slice 1/2: ")
     assert (message.stage, message.done, message.total, message.notice) == ("slice 1/2: tiles", 0, 4, "this takes a while.")

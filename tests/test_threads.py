@@ -16,7 +16,7 @@ from dinofeat.contract.errors import DinofeatError
 from dinofeat_server.segment.classifiers import train_classifier
 from dinofeat_server.segment.model_file import model_from_bytes
 from dinofeat_server.service.config import ServerLimits, read_config, serve_settings
-from dinofeat_server.service.jobs import with_threads
+from dinofeat_server.segment.classifiers import with_threads
 
 
 def test_threads_default_to_the_cores_of_this_process_shared_out_between_workers(monkeypatch):

@@ -1,6 +1,6 @@
 """Work in plan order with spare workers: items ahead go to idle workers, results come out in order.
 
-One mechanism for the tiles of an image (engine/deep.py) and the slices of a volume (service/jobs.py): while
+One mechanism for the tiles of an image (engine/deep.py) and the slices of a volume (service/blocks.py): while
 a spare worker is idle, the next item of the plan is lent to it (never the last one left, which this thread
 computes, so a one-item plan stays here); this thread computes the others itself. What an item gives is a
 sequence of outputs (a tile: its features; a slice: its progress and blocks). Outputs leave in the plan's

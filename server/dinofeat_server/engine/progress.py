@@ -8,7 +8,7 @@ nobody listens, with `run_to_end`.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,3 +33,14 @@ def run_to_end(steps: Generator[Any, None, Result]) -> Result:
             next(steps)
         except StopIteration as finished:
             return finished.value
+
+
+def relayed(messages: Generator[Any, None, Result], wrap: Callable[[Any], Any]) -> Generator[Any, None, Result]:
+    """Every message of `messages` wrapped by `wrap` (an Advance as a wire message, say); returns what `messages`
+    returns."""
+    while True:
+        try:
+            message = next(messages)
+        except StopIteration as done:
+            return done.value
+        yield wrap(message)

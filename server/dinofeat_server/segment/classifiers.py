@@ -26,6 +26,8 @@ Classifiers, all with classes balanced by their label counts:
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
@@ -137,3 +139,11 @@ def class_probabilities(classifier: ClassifierMixin, features: np.ndarray) -> np
     for start in range(0, len(flat), step):
         probabilities[:, start : start + step] = classifier.predict_proba(flat[start : start + step]).T
     return probabilities.reshape(classes, *features.shape[1:])
+
+
+def with_threads(classifier: ClassifierMixin, threads: int) -> ClassifierMixin:
+    """`classifier` predicting on `threads` threads: a forest's n_jobs is the training server's, stored in
+    its model file. A shallow copy (the trees are shared), so a model held for other requests is left as it is."""
+    if "n_jobs" not in classifier.get_params(deep=False):
+        return classifier
+    return copy.copy(classifier).set_params(n_jobs=threads)

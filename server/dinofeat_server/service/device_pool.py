@@ -7,7 +7,7 @@ before the pool existed; the pool has workers x devices slots.
 
 The fair scheduler grants each request one slot, on the least loaded device. While no other request
 waits, a running request also borrows idle slots, one tile at a time (`LentWorkers`, the engine's
-`SpareWorkers`) or one slice of a volume at a time (`WorkerModels.lend`, used by jobs.image_blocks),
+`SpareWorkers`) or one slice of a volume at a time (`WorkerModels.lend`, used by blocks.WorkerFeatures.blocks),
 so one large request uses every device and a newly arriving request waits at most one tile or slice
 for its worker. The counts here are shared by the event loop (request slots) and the engine
 threads (lent slots), so they sit behind one lock.

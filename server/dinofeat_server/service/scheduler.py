@@ -25,18 +25,20 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dinofeat.contract.computation import FeatureComputation
-from dinofeat.contract.images import image_axes, spatial_shape
+from dinofeat.contract.images import image_channels, spatial_shape
 
-from ..engine.stacks import FeatureSet
 from .device_pool import DevicePool, PoolDevice
 from .failures import Refused
 from .streaming import wake_loop
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 SMALL_WORK = 2 * 256 * 256 * 64
 """Pixels x channels of the largest small request: a 256 x 256 image and its labels in a filter bank (49-58 channels)."""
@@ -228,15 +230,7 @@ class FairScheduler:
         self.pool.set_waiting(self.queued + len(self._returning))
 
 
-def estimated_work(work: Callable) -> int | None:
-    """Pixels of the images a request computes on (its label images too) x the channels of its feature
-    set, from the arguments bound to `work` (a jobs.py partial); None when it names no feature set."""
-    arguments = [*getattr(work, "args", ()), *getattr(work, "keywords", {}).values()]
-    fset = next((a for a in arguments if isinstance(a, FeatureSet)), None)
-    images = [a for argument in arguments for a in (argument if isinstance(argument, list) else [argument])
-              if isinstance(a, np.ndarray)]
-    if fset is None or not images:
-        return None
-    options = next((a for a in arguments if isinstance(a, FeatureComputation)), FeatureComputation())
-    channels = len(fset.channel_names(3 if image_axes(images[0]).endswith("c") else 1, options))
-    return sum(int(np.prod(spatial_shape(image))) for image in images) * channels
+def estimated_work(job: Job) -> int:
+    """Pixels of the images a request computes on (its label images too) x the channels of its feature set."""
+    channels = len(job.fset.channel_names(image_channels(job.images[0]), job.computation))
+    return sum(int(np.prod(spatial_shape(image))) for image in job.images) * channels

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from functools import partial
 from typing import TYPE_CHECKING
 
 import grpc
@@ -49,7 +48,8 @@ from .config import ServerLimits
 from .device_pool import DevicePool, PoolDevice
 from .failures import ANSWERED, ClientGone, OutOfTime, Refused, Stalled, ending_of
 from .image_store import ContentStore, ImageStore, check_layout, image_from_bytes
-from .jobs import analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
+from .jobs import Job, analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
+from .training import Training
 from .result_cache import ResultCache
 from .scheduler import FairScheduler, Slot, estimated_work
 from .security import TokenAuthentication, client_identity
@@ -97,9 +97,6 @@ def rpc(method: Callable) -> Callable:
     return answered
 
 
-Work = Callable[..., Iterator]
-"""A jobs.py generator function with every argument bound except `models`, `device` and `cancelled`,
-which come from the worker the scheduler grants (see FeatureServicer._stream)."""
 
 
 class FeatureServicer(pb_grpc.FeatureServiceServicer):
@@ -184,7 +181,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         remaining = context.time_remaining()
         return min(self.limits.max_request_seconds, remaining) if remaining is not None else self.limits.max_request_seconds
 
-    async def _stream(self, work: Work, context: grpc.aio.ServicerContext) -> None:
+    async def _stream(self, work: Job, context: grpc.aio.ServicerContext) -> None:
         """Wait for a fair turn, then run `work` on the granted worker (its device and that device's models)
         and send its messages; its failures end the call through `rpc` (bad input found while working,
         a full queue, running too long, a client that stops reading). The worker is free again only once its
@@ -230,7 +227,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
                 outcome = "ok"
                 totals.finished += 1
             self.finished += 1
-            REQUEST_LOG.info(json.dumps({"peer": peer, "client": client, "method": getattr(work, "func", work).__name__,
+            REQUEST_LOG.info(json.dumps({"peer": peer, "client": client, "method": work.name,
                                          "device": device, "seconds": round(time.perf_counter() - started, 3), "bytes": sent,
                                          "outcome": outcome}))
 
@@ -238,7 +235,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.cancelled += 1
         totals.cancelled += 1
 
-    def _on_worker(self, work: Work, worker: PoolDevice) -> Callable[[object], Iterator]:
+    def _on_worker(self, work: Job, worker: PoolDevice) -> Callable[[object], Iterator]:
         """`work` computing on `worker`'s device with its models, which lend it idle workers for tiles."""
         models = self.pool.models(worker)
         return lambda cancelled: models.released(work(models=models, device=worker.device, cancelled=cancelled))
@@ -255,6 +252,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         labels = [self._image(sha, "label image") for sha in shas]
         return await asyncio.get_running_loop().run_in_executor(
             None, lambda: [check_labels(lab, image) for lab, image in zip(labels, images)])
+
+    def _training(self, request: pb.SegmentRequest | pb.TrainRequest) -> Training:
+        """How the request trains its classifier, checked, with this server's limits and threads."""
+        return Training(checked_classifier(request.classifier, request.trees), request.trees, checked_seed(request.seed),
+                        self.limits.max_training_gb, self.threads)
 
     def _requested_features(self, request, images: list[np.ndarray],
                             default_set: str = DEFAULT_SET) -> tuple[FeatureSet, FeatureComputation]:
@@ -347,8 +349,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         wanted = set(request.chunk_indices) if request.resume else None
         key = features_result_key(request.image_sha256, options, encoding.compression, encoding.level,
                                   space_key(request.feature_space_json, list(request.fit_image_sha256)))
-        await self._stream(partial(feature_stream, self.cache, image, fset, options, encoding=encoding, key=key, wanted=wanted,
-                                   like=like, fit_images=fit_images or None), context)
+        await self._stream(Job(feature_stream, fset, options, (image, *(fit_images or ())),
+                               dict(image=image, encoding=encoding, key=key, cache=self.cache, wanted=wanted, like=like,
+                                    fit_images=fit_images or None)), context)
 
     @rpc
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> None:
@@ -357,10 +360,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         await asyncio.get_running_loop().run_in_executor(None, check_classes, [labels], self.limits, image)
         fset, options = self._requested_features(request, [image])
         encoding = checked_encoding(request.encoding)
-        kind = checked_classifier(request.classifier, request.trees)
-        seed = checked_seed(request.seed)
-        await self._stream(partial(segment_work, image, labels, fset, options, kind=kind, trees=request.trees, seed=seed,
-                                   encoding=encoding, max_training_gb=self.limits.max_training_gb, threads=self.threads), context)
+        training = self._training(request)
+        await self._stream(Job(segment_work, fset, options, (image, labels),
+                               dict(image=image, labels=labels, training=training, encoding=encoding)), context)
 
     @rpc
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
@@ -369,10 +371,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         labels = await self._checked_labels(request.labels_sha256, images)
         await asyncio.get_running_loop().run_in_executor(None, check_classes, labels, self.limits)
         fset, options = self._requested_features(request, images)
-        kind = checked_classifier(request.classifier, request.trees)
-        seed = checked_seed(request.seed)
-        await self._stream(partial(train_work, images, labels, fset, options, kind=kind, trees=request.trees, seed=seed,
-                                   max_training_gb=self.limits.max_training_gb, threads=self.threads), context)
+        training = self._training(request)
+        await self._stream(Job(train_work, fset, options, (*images, *labels), dict(images=images, labels=labels, training=training)),
+                           context)
 
     @rpc
     async def HasModel(self, request: pb.HasImageRequest, context: grpc.aio.ServicerContext) -> pb.HasImageReply:
@@ -401,7 +402,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         check_probabilities(len(model.metadata["class_values"]), image, self.limits)
         fset = feature_set(model.metadata["feature_set"])
         encoding = checked_encoding(request.encoding)
-        await self._stream(partial(apply_work, model, request.model_sha256, image, fset, encoding=encoding, threads=self.threads),
+        await self._stream(Job(apply_work, fset, model.computation(), (image,),
+                               dict(model=model, model_sha=request.model_sha256, image=image, encoding=encoding, threads=self.threads)),
                            context)
 
     @rpc
@@ -410,8 +412,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         fset, options = self._requested_features(request, [image])
         check_analysis(request.analysis, request.clusters)
         seed = checked_seed(request.seed)
-        await self._stream(partial(analyse_work, image, fset, options, analysis=request.analysis, clusters=request.clusters,
-                                   seed=seed), context)
+        await self._stream(Job(analyse_work, fset, options, (image,),
+                               dict(image=image, analysis=request.analysis, clusters=request.clusters, seed=seed)), context)
 
     @rpc
     async def FewShot(self, request: pb.FewShotRequest, context: grpc.aio.ServicerContext) -> None:
@@ -423,8 +425,9 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         window, grid = request.window or DEFAULT_WINDOW, request.grid or DEFAULT_GRID
         check_grid(grid, window, supports)
         components = checked_components(request.components)
-        await self._stream(partial(fewshot_work, supports, masks, query, fset, options, window=window, grid=grid,
-                                   components=components), context)
+        await self._stream(Job(fewshot_work, fset, options, (*supports, *masks, query),
+                               dict(supports=supports, masks=masks, query=query, window=window, grid=grid, components=components)),
+                           context)
 
     @rpc
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:

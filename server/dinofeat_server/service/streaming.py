@@ -17,9 +17,10 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from functools import partial
+from typing import TypeVar
 
 import imagecodecs
 import numpy as np
@@ -27,6 +28,9 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.contract.chunk_batches import BATCH_BYTES, chunks_of
 from dinofeat.contract.wire import DatasetLayout, encode_chunk, iter_chunks, stream_checksum
 
+from ..engine.progress import Advance, relayed
+
+Result = TypeVar("Result")
 QUEUE_LENGTH = 4
 """Messages buffered between the worker thread and the network (backpressure beyond this)."""
 CHUNK_ENCODERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="dinofeat-deflate")
@@ -41,6 +45,16 @@ class Cancelled(Exception):
 
 def progress_message(stage: str, done: int, total: int) -> pb.DatasetStream:
     return pb.DatasetStream(progress=pb.Progress(stage=stage, done=done, total=total))
+
+
+def progress_of(advance: Advance, prefix: str = "") -> pb.Progress:
+    """The engine's progress as a wire message, its stage after `prefix` ("slice 2/5: ")."""
+    return pb.Progress(stage=f"{prefix}{advance.stage}", done=advance.done, total=advance.total, notice=advance.notice)
+
+
+def as_stream(progress: Generator[pb.Progress, None, Result]) -> Generator[pb.DatasetStream, None, Result]:
+    """Progress as DatasetStream messages; returns what the wrapped generator returns."""
+    return (yield from relayed(progress, lambda message: pb.DatasetStream(progress=message)))
 
 
 def header_message(layout: DatasetLayout, attributes: dict, key: str) -> pb.DatasetStream:

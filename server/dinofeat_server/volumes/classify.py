@@ -13,7 +13,7 @@ probabilities when asked for. So the class map equals `dinofeat apply MODEL STAC
 Segment (`segment_to_zarr`): the space is fitted over every slice (as `dinofeat segment` fits it over the stack);
 one task per slice reads that slice's labels and, only when it carries some, computes its features and returns the
 labelled pixels' feature vectors (`classifiers.labelled_pixels`): only those travel to the client, which trains the
-classifier in slice and block order (the order of `jobs.train_model`, so the same seed grows the same forest), then
+classifier in slice and block order (the order of `training.train_model`, so the same seed grows the same forest), then
 applies it as above.
 
 Outputs: the label image `OUT.zarr` (`zarr_io.create_label_store`: NGFF 0.4 "multiscales" and "image-label") and,
@@ -42,9 +42,10 @@ from ..segment.classifiers import (
     class_probabilities,
     labelled_pixels,
     train_classifier,
+    with_threads,
 )
 from ..segment.model_file import TrainedModel, model_bytes, model_from_bytes
-from ..service.jobs import model_metadata, with_threads
+from ..segment.model_metadata import model_metadata
 from .dask_run import Progress, check_workers, each_slice, fitted_on, request_for
 from .sources import VolumeSource, absolute_name, open_volume
 from .tasks import FeatureRequest, FittedVolume, fit_volume, located, slice_blocks

@@ -3,7 +3,7 @@
 A `VolumeSource` is small and picklable (a path and a description, or an array for in-memory use): it
 travels to the workers inside the tasks, and each task opens the file and reads only its own plane. A
 volume is a stack of Z planes, each (Y, X) greyscale or (Y, X, 3) RGB, the same planes the server's
-`jobs.slices_of` gives for an uploaded stack; a 2-D image is a volume of one plane (`volume` False).
+`blocks.slices_of` gives for an uploaded stack; a 2-D image is a volume of one plane (`volume` False).
 
 Formats: TIFF stacks (one page per plane, read page by page), OME-Zarr (NGFF 0.4/0.5 images: the
 full-resolution level, axes named in the metadata; t and c of length 1 dropped, c of 3 as RGB), HDF5

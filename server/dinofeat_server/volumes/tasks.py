@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from dinofeat.contract.computation import FeatureComputation
-from dinofeat import __version__
 from dinofeat.contract.errors import DinofeatError
-from dinofeat.contract.wire import axistags
 
+from ..engine.attributes import feature_attributes
 from ..engine.progress import Advance, run_to_end
 from ..engine.space import FeatureSpace
 from ..engine.stacks import feature_set, no_check
@@ -85,19 +84,9 @@ def fit_volume(request: FeatureRequest, like: FeatureSpace | None = None) -> Fit
             space = run_to_end(fset.fit_space(source.lazy_planes(), models.device, request.computation, models))
     except DinofeatError as error:
         raise located(error) from None
-    attributes = {
-        "axistags": axistags("czyx" if source.volume else "cyx"),
-        "channel_names": names,
-        "feature_set": fset.spec(request.computation),
-        "computation": fset.described(request.computation, space),
-        "backbone": request.computation.backbone if fset.deep else "",
-        "weights_sha256": fset.weights_sha256(request.computation, models),
-        "dinofeat_version": __version__,
-        "source": source.path,
-        "source_shape": list(source.shape if source.volume else source.shape[1:]),
-        "source_dtype": source.dtype,
-        "feature_space": space.to_dict(),
-    }
+    attributes = feature_attributes(fset, request.computation, models, names, space, source.volume,
+                                    {"source": source.path, "source_shape": list(source.shape if source.volume else source.shape[1:]),
+                                     "source_dtype": source.dtype})
     return FittedVolume(request, space, names, attributes)
 
 
