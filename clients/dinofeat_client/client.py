@@ -38,7 +38,10 @@ from dinofeat.contract.outputs import atomic_write, output_file, remove_quietly
 from dinofeat.contract.tokens import read_credential
 from dinofeat.contract.wire import (
     DEFAULT_CLASSIFIER,
+    DEFAULT_GRID,
     DEFAULT_LEVEL,
+    DEFAULT_TREES,
+    DEFAULT_WINDOW,
     MAX_MESSAGE_BYTES,
     DatasetLayout,
     apply_result_key,
@@ -125,16 +128,41 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
 
 class FeatureClient:
-    """A connection to one dinofeat server; `token` and the TLS files are needed by protected servers.
+    """A connection to one dinofeat server: every computation a server offers, written to standard files.
 
-    Operations are tried again up to `retries` times when the server is unavailable (restarting,
-    network trouble), with pauses doubling from 0.5 s to 8 s; `notify` hears about each retry.
-    The first connection fails at once, in one sentence, when it cannot work (nothing listening, a
-    host name that does not resolve, a TLS mismatch); other first failures are retried, announced,
-    for up to `connect_timeout_s`. A token is not sent in clear (without TLS) beyond this machine
-    unless `insecure_token` says so (see `plaintext_token_refusal`)."""
+    Operations are tried again up to `retries` times when the server is unavailable (restarting, network
+    trouble), with pauses doubling from 0.5 s to 8 s; `notify` hears about each retry. The first connection
+    fails at once, in one sentence (a DinofeatError), when it cannot work (nothing listening, a host name that
+    does not resolve, a TLS mismatch); other first failures are retried, announced, for up to
+    `connect_timeout_s`. Every bad input or refusal is a DinofeatError with one sentence for people.
 
-    def __init__(self, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S, token: str | None = None,
+    Parameters
+    ----------
+    address : str
+        "HOST:PORT" of a `dinofeat serve`, or "unix:PATH" of a local server's socket.
+    connect_timeout_s : float, default 10
+        Longest wait, in seconds, for the first connection.
+    token : str, optional
+        The access token of a protected server (sent as a bearer token). Not sent in clear (without TLS)
+        beyond this machine unless `insecure_token` says so (see `plaintext_token_refusal`).
+    tls_ca, tls_cert, tls_key : str, optional
+        PEM files: the CA that signed the server's certificate, and this client's certificate and key for
+        mutual TLS.
+    retries : int, default 5
+        Tries after the first when the server is unavailable.
+    notify : callable, optional
+        Called with one sentence for each retry and each notice of the server (how long a computation takes).
+    insecure_token : bool, default False
+        Send the token in clear to another machine (a trusted network only).
+
+    Examples
+    --------
+    >>> from dinofeat_client import FeatureClient                                   # doctest: +SKIP
+    >>> with FeatureClient("gpu-server:50051", token=open("token").read().strip(), tls_ca="ca.pem") as client:
+    ...     client.segment(image, scribbles, "segmentation.tif", "hybrid", preset="fast")
+    """
+
+    def __init__(self, address: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                  retries: int = RETRIES, notify: Callable[[str], None] = lambda message: None,
                  insecure_token: bool = False):
@@ -180,19 +208,23 @@ class FeatureClient:
 
     @retried
     def health(self) -> pb.HealthReply:
+        """The server's version, device(s) and feature sets."""
         return self.call(self.stub.Health, pb.HealthRequest())
 
     @retried
     def status(self) -> pb.StatusReply:
+        """What the server is doing: requests running and waiting, per client and per device, memory, cache, limits."""
         return self.call(self.stub.Status, pb.StatusRequest())
 
     @retried
     def feature_sets(self) -> list[pb.FeatureSetInfo]:
+        """The sets this server offers: name, description and channels per image channel."""
         return list(self.call(self.stub.ListFeatureSets, pb.ListFeatureSetsRequest()).feature_sets)
 
     @retried
     def upload(self, image: np.ndarray) -> str:
-        """Send an image unless the server holds it already; returns its sha256."""
+        """Send an image unless the server holds it already (images are addressed by content); returns its sha256,
+        which the server keeps within its image_store_gb. The computing methods upload for themselves."""
         sha = image_sha256(image)
         if self.call(self.stub.HasImage, pb.HasImageRequest(sha256=sha)).present:
             return sha
@@ -208,15 +240,48 @@ class FeatureClient:
         return sha
 
     @retried
-    def fetch_features(self, image: np.ndarray, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET,
-                       compression: str = "gzip", level: int = DEFAULT_LEVEL, progress: Progress | None = None,
-                       like: str | None = None, fit_images: list[np.ndarray] | None = None, **choices) -> Transfer:
-        """Compute a feature stack on the server and write it to `output` (.h5), resuming a partial file.
+    def fetch_features(self, image: np.ndarray, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET, *,
+                       compression: str = "gzip", level: int = DEFAULT_LEVEL, like: str | None = None,
+                       fit_images: list[np.ndarray] | None = None, progress: Progress | None = None, **choices) -> Transfer:
+        """Compute a feature stack on the server and write it to an HDF5 file, resuming a partial one.
 
-        `computation` is a FeatureComputation or a set's name, whose other fields `choices` give (backbone, preset,
-        pca, normalise, input_range). The features are expressed in the feature space `like` (JSON, see
-        `spaces.read_stored`) when given, else in one fitted over `fit_images` (e.g. every image of a project) or
-        over `image` alone."""
+        Parameters
+        ----------
+        image : ndarray
+            A 2-D image (Y, X), an RGB image (Y, X, 3), or a stack of either (Z, Y, X) / (Z, Y, X, 3); uint8, uint16,
+            int8, int16, int32, uint32, float32 or float64. Length-1 axes are dropped, RGBA loses alpha.
+        output : str or Path
+            The .h5 file to write: dataset "features", float32, shape (C, Y, X) or (C, Z, Y, X), with its channel
+            names, the description of its computation and its feature space as attributes (see README, "Files").
+        computation : FeatureComputation or str, default "multiscale"
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name
+            ("multiscale", "classical", "ilastik", "dinov2", "attention", "hybrid") whose other fields `choices` give.
+        **choices
+            With a set's name: backbone (e.g. "dinov2_vits14", "dinov3_vits16"), preset ("fast", "default", "paper",
+            ...), pca (int, channels kept), normalise ("none", "minmax", "zscore", "l2"), input_range ("dtype",
+            "dataset"). Left out, each has FeatureComputation's default.
+        compression : str, default "gzip"
+            "gzip" or "none": how the HDF5 chunks are stored and sent.
+        level : int, default 1
+            gzip level, 1 to 9.
+        like : str, optional
+            A feature space as JSON (`dinofeat_client.spaces.read_stored(path).space_json` of a feature file, model
+            or store): the features are expressed in it instead of a space fitted here.
+        fit_images : list of ndarray, optional
+            Images the space is fitted over with `image` (every image of a project, say); default `image` alone.
+        progress : callable, optional
+            Called as progress(stage, done, total) while the server works and the result arrives.
+
+        Returns
+        -------
+        Transfer
+            The written file's path, chunks received (fewer when resuming) and bytes.
+
+        Examples
+        --------
+        >>> with FeatureClient("127.0.0.1:50051") as client:                         # doctest: +SKIP
+        ...     client.fetch_features(image, "features.h5", "dinov2", preset="fast", pca=32)
+        """
         computation = described(computation, choices)
         image = check_image(image)
         output = output_file(output)
@@ -232,12 +297,41 @@ class FeatureClient:
 
     @retried
     def segment(self, image: np.ndarray, labels: np.ndarray, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET,
-                probabilities: str | Path | None = None, trees: int = 0, seed: int = 0,
-                progress: Progress | None = None, classifier: str = DEFAULT_CLASSIFIER, **choices) -> tuple[Path, Path | None]:
-        """Train a classifier on `labels` and write the class map (TIFF, in the labels' values) to `output`.
+                *, probabilities: str | Path | None = None, classifier: str = DEFAULT_CLASSIFIER, trees: int = DEFAULT_TREES,
+                seed: int = 0, progress: Progress | None = None, **choices) -> tuple[Path, Path | None]:
+        """Train a classifier on an image's scribbles and write its class map.
 
-        The features are `computation` (or a set's name with `choices`, as fetch_features takes them); the per-class
-        probabilities go to `probabilities` (.h5) when given.
+        Parameters
+        ----------
+        image : ndarray
+            A 2-D image (Y, X), an RGB image (Y, X, 3), or a stack of either (Z, Y, X) / (Z, Y, X, 3); uint8, uint16,
+            int8, int16, int32, uint32, float32 or float64. Length-1 axes are dropped, RGBA loses alpha.
+        labels : ndarray
+            Scribbles, the image's spatial shape, an integer dtype: 0 unlabelled, each other value a class.
+        output : str or Path
+            The class map to write: a TIFF in the labels' dtype and values.
+        computation : FeatureComputation or str, default "multiscale"
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name
+            ("multiscale", "classical", "ilastik", "dinov2", "attention", "hybrid") whose other fields `choices` give.
+        **choices
+            With a set's name: backbone (e.g. "dinov2_vits14", "dinov3_vits16"), preset ("fast", "default", "paper",
+            ...), pca (int, channels kept), normalise ("none", "minmax", "zscore", "l2"), input_range ("dtype",
+            "dataset"). Left out, each has FeatureComputation's default.
+        probabilities : str or Path, optional
+            Also write the per-class probabilities there (.h5, dataset "probabilities", float32, (K, Y, X)).
+        classifier : str, default "extra_trees"
+            "extra_trees", "random_forest", "logistic" or "gradient_boosting".
+        trees : int, default 200
+            Trees of a forest (1 to 5000).
+        seed : int, default 0
+            Random seed of the classifier (0 to 2**32 - 1): the same seed, data and computation grow the same model.
+        progress : callable, optional
+            Called as progress(stage, done, total) while the server works and the result arrives.
+
+        Returns
+        -------
+        (Path, Path or None)
+            The class map and the probabilities file (None when not asked for).
         """
         computation = described(computation, choices)
         image = check_image(image)
@@ -264,10 +358,40 @@ class FeatureClient:
 
     @retried
     def train(self, images: list[np.ndarray], labels: list[np.ndarray], output: str | Path,
-              computation: FeatureComputation | str = DEFAULT_SET, classifier: str = DEFAULT_CLASSIFIER, trees: int = 0,
-              seed: int = 0, progress: Progress | None = None, **choices) -> pb.ModelSummary:
-        """Train a classifier on the labelled pixels of `images` (features: `computation`, or a set's name with
-        `choices`) and save the model file, which records the whole computation, to `output`."""
+              computation: FeatureComputation | str = DEFAULT_SET, *, classifier: str = DEFAULT_CLASSIFIER,
+              trees: int = DEFAULT_TREES, seed: int = 0, progress: Progress | None = None, **choices) -> pb.ModelSummary:
+        """Train one classifier on the labelled pixels of several images, in one feature space, and save it.
+
+        Parameters
+        ----------
+        images : list of ndarray
+            Training images (each as `image` of `segment`); their features share one space, fitted over all.
+        labels : list of ndarray
+            One label image per training image (0 unlabelled).
+        output : str or Path
+            The model file to write (.dfm): the classifier with the whole computation and its space, which
+            `apply` (and `dinofeat apply`, the ilastik and Fiji paths) reuse.
+        computation : FeatureComputation or str, default "multiscale"
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name
+            ("multiscale", "classical", "ilastik", "dinov2", "attention", "hybrid") whose other fields `choices` give.
+        **choices
+            With a set's name: backbone (e.g. "dinov2_vits14", "dinov3_vits16"), preset ("fast", "default", "paper",
+            ...), pca (int, channels kept), normalise ("none", "minmax", "zscore", "l2"), input_range ("dtype",
+            "dataset"). Left out, each has FeatureComputation's default.
+        classifier : str, default "extra_trees"
+            "extra_trees", "random_forest", "logistic" or "gradient_boosting".
+        trees : int, default 200
+            Trees of a forest (1 to 5000).
+        seed : int, default 0
+            Random seed of the classifier (0 to 2**32 - 1): the same seed, data and computation grow the same model.
+        progress : callable, optional
+            Called as progress(stage, done, total) while the server works and the result arrives.
+
+        Returns
+        -------
+        ModelSummary
+            The model file's sha256, size in bytes, class values, labelled pixels and classifier.
+        """
         computation = described(computation, choices)
         images = [check_image(i) for i in images]
         labels = [check_labels(lab, img) for lab, img in zip(labels, images)]
@@ -314,9 +438,31 @@ class FeatureClient:
         return sha
 
     @retried
-    def apply(self, model: str | Path, image: np.ndarray, output: str | Path, probabilities: str | Path | None = None,
+    def apply(self, model: str | Path, image: np.ndarray, output: str | Path, *, probabilities: str | Path | None = None,
               feature_set: str = "", progress: Progress | None = None) -> tuple[Path, Path | None]:
-        """Apply a saved model file to an image: class map TIFF (and probabilities .h5 on request)."""
+        """Apply a saved model file to an image, computing the model's own features in the model's own space.
+
+        Parameters
+        ----------
+        model : str or Path
+            A model file (.dfm) from `train`, `dinofeat train` or the napari widget.
+        image : ndarray
+            A 2-D image (Y, X), an RGB image (Y, X, 3), or a stack of either (Z, Y, X) / (Z, Y, X, 3); uint8, uint16,
+            int8, int16, int32, uint32, float32 or float64. Length-1 axes are dropped, RGBA loses alpha.
+        output : str or Path
+            The class map to write: a uint16 TIFF in the model's class values.
+        probabilities : str or Path, optional
+            Also write the per-class probabilities there (.h5).
+        feature_set : str, optional
+            The set the caller expects; a model trained on another set is refused in one sentence.
+        progress : callable, optional
+            Called as progress(stage, done, total) while the server works and the result arrives.
+
+        Returns
+        -------
+        (Path, Path or None)
+            The class map and the probabilities file (None when not asked for).
+        """
         image = check_image(image)
         output = output_file(output)
         probabilities_path = output_file(probabilities) if probabilities else output.with_name(f".{output.name}.probabilities.h5")
@@ -328,9 +474,36 @@ class FeatureClient:
 
     @retried
     def analyse(self, image: np.ndarray, analysis: str, output: str | Path, computation: FeatureComputation | str = DEFAULT_SET,
-                clusters: int = 0, seed: int = 0, progress: Progress | None = None, **choices) -> Path:
-        """k-means labels ("kmeans"), a PCA picture ("pca") or an attention foreground ("foreground") as .h5, of the
-        features `computation` (or a set's name with `choices`)."""
+                *, clusters: int = 0, seed: int = 0, progress: Progress | None = None, **choices) -> Path:
+        """An unsupervised picture of an image's features: k-means labels, a PCA picture or an attention foreground.
+
+        Parameters
+        ----------
+        image : ndarray
+            A 2-D image (Y, X), an RGB image (Y, X, 3), or a stack of either (Z, Y, X) / (Z, Y, X, 3); uint8, uint16,
+            int8, int16, int32, uint32, float32 or float64. Length-1 axes are dropped, RGBA loses alpha.
+        analysis : str
+            "kmeans" (dataset "labels", uint16 clusters), "pca" (dataset "picture", uint8 RGB of the first three
+            principal components) or "foreground" (dataset "mask", uint8, from the DINOv2 attention; any set).
+        output : str or Path
+            The .h5 file to write, shape (K, Y, X) or (K, Z, Y, X).
+        computation : FeatureComputation or str, default "multiscale"
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name whose
+            other fields `choices` give.
+        **choices
+            With a set's name: backbone, preset, pca, normalise, input_range (see `fetch_features`).
+        clusters : int
+            k-means clusters, 2 to 256 (needed for "kmeans").
+        seed : int, default 0
+            Random seed of k-means and of the sample the analysis is fitted on.
+        progress : callable, optional
+            Called as progress(stage, done, total) while the server works and the result arrives.
+
+        Returns
+        -------
+        Path
+            The written file.
+        """
         computation = described(computation, choices)
         image = check_image(image)
         output = output_file(output)
@@ -341,12 +514,41 @@ class FeatureClient:
 
     @retried
     def few_shot(self, supports: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, output: str | Path,
-                 computation: FeatureComputation | str = DEEP_DEFAULT_SET, window: int = 0, grid: int = 0,
-                 components: str = "auto", progress: Progress | None = None, **choices) -> Path:
-        """Segment `query` from support images and their masks; .h5 with channels [mask, foreground_probability].
+                 computation: FeatureComputation | str = DEEP_DEFAULT_SET, *, window: int = DEFAULT_WINDOW,
+                 grid: int = DEFAULT_GRID, components: str = "auto", progress: Progress | None = None, **choices) -> Path:
+        """Segment `query` from a few support images and their object masks (DINOv2 prototypes, seed 001's method).
 
-        `components`: "auto" keeps the most confident connected component when every support mask
-        shows one solid object and every component otherwise; "most_confident" or "all" force either."""
+        Parameters
+        ----------
+        supports : list of ndarray
+            Support images (as `image` of `fetch_features`); one stack alone is read as a volume (its masks'
+            middle slices of three sections).
+        masks : list of ndarray
+            One mask per support image, its spatial shape: non-zero is the object.
+        query : ndarray
+            The image to segment.
+        output : str or Path
+            The .h5 file to write: dataset "fewshot", float32, channels [mask, foreground_probability].
+        computation : FeatureComputation or str, default "dinov2"
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name whose
+            other fields `choices` give.
+        **choices
+            With a set's name: backbone, preset, pca, normalise, input_range (see `fetch_features`).
+        window : int, default 4
+            The prototypes' pooling window, in grid cells (1 to 64).
+        grid : int, default 4
+            The feature grid's cell, in pixels (1 to 64): features are average-pooled to it first.
+        components : str, default "auto"
+            "auto" keeps the most confident connected component when every support mask shows one solid object
+            and every component otherwise; "most_confident" or "all" force either.
+        progress : callable, optional
+            Called as progress(stage, done, total) while the server works and the result arrives.
+
+        Returns
+        -------
+        Path
+            The written file.
+        """
         computation = described(computation, choices)
         supports = [check_image(s) for s in supports]
         query = check_image(query)
@@ -356,7 +558,7 @@ class FeatureClient:
                                     query_sha256=self.upload(query), **computation.request_fields(), window=window, grid=grid,
                                     components=components)
         key = result_key("fewshot", request.query_sha256, list(request.support_sha256), list(request.support_mask_sha256),
-                         computation.key(), window or 4, grid or 4, components)
+                         computation.key(), window or DEFAULT_WINDOW, grid or DEFAULT_GRID, components)
         return self.receive(self.stub.FewShot(request), DatasetFile(output, key, resumable=False), False, progress).path
 
     def receive(self, stream, target: DatasetFile, resume: bool, progress: Progress | None) -> Transfer:

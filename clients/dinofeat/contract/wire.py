@@ -131,6 +131,12 @@ def result_key(*parts: object) -> str:
 
 CLASSIFIERS = ("extra_trees", "random_forest", "logistic", "gradient_boosting")
 DEFAULT_CLASSIFIER = "extra_trees"
+DEFAULT_TREES = 200
+"""Trees of a forest when a request says 0 (or nothing)."""
+DEFAULT_WINDOW = 4
+"""Few-shot: the pooling window, in grid cells, when a request says 0."""
+DEFAULT_GRID = 4
+"""Few-shot: the grid cell, in pixels, when a request says 0."""
 """The classifier `segment` and `train` grow unless told otherwise (see server `segment/classifiers.py`)."""
 
 

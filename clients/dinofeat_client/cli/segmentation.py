@@ -38,8 +38,8 @@ def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
     check_outputs(args.output, args.probabilities)
     with connect(args) as client:
         output, probabilities = client.segment(image, labels, args.output, computation_from_args(args),
-                                               probabilities_target(args, args.output, args.probabilities), args.trees, args.seed,
-                                               progress=bars, classifier=args.classifier)
+                                               probabilities=probabilities_target(args, args.output, args.probabilities),
+                                               classifier=args.classifier, trees=args.trees, seed=args.seed, progress=bars)
     bars.close()
     report_segmentation(args, image, output, probabilities, keep=bool(args.probabilities))
 
@@ -94,8 +94,8 @@ def command_train(args: argparse.Namespace, bars: ProgressBars) -> None:
     labels = [check_labels(read_image(p), i) for p, i in zip(args.labels, images)]
     output_file(args.output)
     with connect(args) as client:
-        summary = client.train(images, labels, args.output, computation_from_args(args), args.classifier, args.trees, args.seed,
-                               progress=bars)
+        summary = client.train(images, labels, args.output, computation_from_args(args), classifier=args.classifier,
+                               trees=args.trees, seed=args.seed, progress=bars)
     bars.close()
     print(f"wrote {args.output}: {summary.classifier} on {summary.labelled_pixels} labelled pixels, "
           f"classes {', '.join(str(v) for v in summary.class_values)}")
@@ -112,8 +112,9 @@ def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
         requested = Path(args.output).with_suffix(".probabilities.h5") if args.probabilities is True else args.probabilities
         check_outputs(args.output, requested)
         with connect(args) as client:
-            output, probabilities = client.apply(args.model, image, args.output, probabilities_target(args, args.output, requested),
-                                                 args.set or "", progress=bars)
+            output, probabilities = client.apply(args.model, image, args.output,
+                                                 probabilities=probabilities_target(args, args.output, requested),
+                                                 feature_set=args.set or "", progress=bars)
         bars.close()
         written = report_segmentation(args, image, output, probabilities, keep=bool(requested))
         if args.overwrite:
@@ -131,8 +132,8 @@ def command_apply(args: argparse.Namespace, bars: ProgressBars) -> None:
         def work(path: Path) -> None:
             image = check_image(read_image(path))
             output, requested = outputs(path)
-            output, probabilities = client.apply(args.model, image, output, probabilities_target(args, output, requested),
-                                                 args.set or "", progress=bars)
+            output, probabilities = client.apply(args.model, image, output, probabilities=probabilities_target(args, output, requested),
+                                                 feature_set=args.set or "", progress=bars)
             written = report_segmentation(args, image, output, probabilities, keep=bool(requested))
             if args.overwrite:
                 remove_earlier_outputs(folder, apply_outputs(output), written)
@@ -147,8 +148,8 @@ def command_cluster(args: argparse.Namespace, bars: ProgressBars) -> None:
     image = check_image(read_image(args.image))
     folder = output_file(args.output).absolute().parent
     with connect(args) as client:
-        path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", computation_from_args(args), args.clusters,
-                              args.seed, progress=bars)
+        path = client.analyse(image, "kmeans", folder / f".{Path(args.output).name}.h5", computation_from_args(args),
+                              clusters=args.clusters, seed=args.seed, progress=bars)
     bars.close()
     labels = take_dataset(path, "labels")[0]
     written, note = [write_tiff(Path(args.output), labels)], ""
@@ -183,8 +184,8 @@ def command_fewshot(args: argparse.Namespace, bars: ProgressBars) -> None:
     with connect(args) as client:
         def work(path: Path) -> None:
             query = check_image(read_image(path))
-            result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", computation, args.window, args.grid,
-                                     "all" if args.all_components else args.components, progress=bars)
+            result = client.few_shot(supports, masks, query, folder / f".{path.stem}.fewshot.h5", computation, window=args.window,
+                                     grid=args.grid, components="all" if args.all_components else args.components, progress=bars)
             mask = (take_dataset(result, "fewshot")[0] > 0.5).astype(np.uint8) * 255
             written, note = [write_tiff(folder / f"{path.stem}_mask.tif", mask)], ""
             if args.pictures:
@@ -228,7 +229,7 @@ def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
     with connect(args) as client:
         features = client.fetch_features(sample.image, folder / "features.h5", computation, progress=bars)
         segmentation, probabilities = client.segment(sample.image, sample.scribbles, folder / "segmentation.tif", computation,
-                                                     folder / "probabilities.h5", progress=bars)
+                                                     probabilities=folder / "probabilities.h5", progress=bars)
     bars.close()
     class_map = read_image(segmentation)
     write_png(folder / "segmentation.overlay.png", class_overlay(sample.image, class_map))

@@ -30,7 +30,7 @@ import copy
 
 import numpy as np
 from dinofeat.contract.errors import DinofeatError
-from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
+from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER, DEFAULT_TREES
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import (
     ExtraTreesClassifier,
@@ -41,7 +41,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-DEFAULT_TREES = 200
 FOREST_DEPTH = 10
 FOREST_MIN_LEAF = 5
 RAREST_CLASS_LEAVES = 20

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dinofeat.contract.errors import DinofeatError
+from dinofeat.contract.wire import DEFAULT_GRID, DEFAULT_WINDOW
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 SIMILARITY_SCALE = 20.0
 PURITY = 0.95
-DEFAULT_WINDOW = 4
-DEFAULT_GRID = 4
-"""Pixels per feature-grid cell: full-resolution features are average-pooled to this grid first."""
 COMPONENT_CHOICES = ("auto", "most_confident", "all")
 """Which predicted components a query keeps: chosen from the support masks, the most confident, or all."""
 MAJOR_COMPONENT = 0.1
