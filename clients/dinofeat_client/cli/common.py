@@ -29,9 +29,12 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
     """A client for --server; else for this user's local server (local_server.py: started once, it keeps torch and
     models loaded between commands), or with --no-local-server for an embedded server started here (needs dinofeat[server])."""
     if args.server:
-        if getattr(args, "weights", None) or getattr(args, "upsampler_weights", None):
-            raise DinofeatError("--weights and --upsampler-weights name files on this machine, but --server computes elsewhere; "
-                                "give the weights to that server (dinofeat serve --weights ...).")
+        local_files = [flag for flag, given in (("--weights", getattr(args, "weights", None)),
+                                                ("--upsampler-weights", getattr(args, "upsampler_weights", None))) if given]
+        if local_files:
+            raise DinofeatError(f"{' and '.join(local_files)} {'names a file' if len(local_files) == 1 else 'name files'} on this "
+                                "machine, but --server computes elsewhere; give the weights to that server "
+                                "(dinofeat serve --weights ...).")
         token = read_tokens(args.token_file)[0] if args.token_file else os.environ.get("DINOFEAT_TOKEN")
         insecure_token = args.insecure_token or os.environ.get(PLAINTEXT_TOKEN_VARIABLE, "").lower() in ("1", "true", "yes", "on")
         with FeatureClient(args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
