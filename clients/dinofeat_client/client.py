@@ -311,12 +311,10 @@ class FeatureClient:
         output : str or Path
             The class map to write: a TIFF in the labels' dtype and values.
         computation : FeatureComputation or str, default "multiscale"
-            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name
-            ("multiscale", "classical", "ilastik", "dinov2", "attention", "hybrid") whose other fields `choices` give.
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name whose
+            other fields `choices` give.
         **choices
-            With a set's name: backbone (e.g. "dinov2_vits14", "dinov3_vits16"), preset ("fast", "default", "paper",
-            ...), pca (int, channels kept), normalise ("none", "minmax", "zscore", "l2"), input_range ("dtype",
-            "dataset"). Left out, each has FeatureComputation's default.
+            With a set's name: backbone, preset, pca, normalise, input_range (see `fetch_features`).
         probabilities : str or Path, optional
             Also write the per-class probabilities there (.h5, dataset "probabilities", float32, (K, Y, X)).
         classifier : str, default "extra_trees"
@@ -372,12 +370,10 @@ class FeatureClient:
             The model file to write (.dfm): the classifier with the whole computation and its space, which
             `apply` (and `dinofeat apply`, the ilastik and Fiji paths) reuse.
         computation : FeatureComputation or str, default "multiscale"
-            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name
-            ("multiscale", "classical", "ilastik", "dinov2", "attention", "hybrid") whose other fields `choices` give.
+            What to compute (dinofeat.contract.computation): a FeatureComputation, or a feature set's name whose
+            other fields `choices` give.
         **choices
-            With a set's name: backbone (e.g. "dinov2_vits14", "dinov3_vits16"), preset ("fast", "default", "paper",
-            ...), pca (int, channels kept), normalise ("none", "minmax", "zscore", "l2"), input_range ("dtype",
-            "dataset"). Left out, each has FeatureComputation's default.
+            With a set's name: backbone, preset, pca, normalise, input_range (see `fetch_features`).
         classifier : str, default "extra_trees"
             "extra_trees", "random_forest", "logistic" or "gradient_boosting".
         trees : int, default 200
