@@ -3,7 +3,8 @@
 The tokens are those of DINOv2 ViT-S/14 (its real architecture, random weights: the upsamplers' cost does not depend
 on the weights' values) at stride 14 on a 512 or 1024 pixel square image: 384 channels on a 36 x 36 or 73 x 73 grid,
 upsampled to every pixel. Each upsampler runs in its own process, which loads the saved tokens and image and then
-upsamples them once: its time, the process's peak resident memory, and that peak less the memory held before the
+upsamples them once: its time (wall clock, and the CPU time of all its threads, steadier on a shared machine), the
+process's peak resident memory, and that peak less the memory held before the
 upsampling (the upsampler's own). Rows: joint_bilateral (engine/upsample.py), anyup (engine/anyup.py, our port with
 random weights of the released architecture) and, where the vendored code is there, the authors' module with its
 query chunking (q_chunk_size 4096) at 512 (at 1024 its (pixels x tokens) mask alone takes 5.6 GB).
@@ -30,8 +31,6 @@ from machine import parse_args, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSAMPLERS = ("joint_bilateral", "anyup", "anyup_official")
-OFFICIAL_UP_TO = 512
-"""Largest side the authors' module runs at here (its mask grows as pixels x tokens)."""
 
 
 def test_image(size: int) -> np.ndarray:
@@ -83,14 +82,17 @@ def upsample_once(name: str, inputs: Path, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with torch.inference_mode():
         out = run()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"seconds": round(seconds, 2), "peak_rss_gb": round(peak / 1e9, 2), "peak_above_start_gb": round((peak - before) / 1e9, 2),
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    peak = after.ru_maxrss * 1024
+    result = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_gb": round(peak / 1e9, 2), "peak_above_start_gb": round((peak - before) / 1e9, 2),
               "output": list(out.shape)}
     if device.startswith("cuda"):
         result["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -115,18 +117,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sides in pixels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    args = parse_args(parser, quick={"sizes": [512]})
+    parser.add_argument("--official-up-to", type=int, default=512, metavar="SIDE",
+                        help="largest side the authors' module runs at (its mask grows as pixels x tokens; 0: never)")
+    args = parse_args(parser, quick={"sizes": [512], "official_up_to": 0})
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             inputs = save_inputs(size, Path(folder))
             for name in UPSAMPLERS:
-                if name == "anyup_official" and size > OFFICIAL_UP_TO:
+                if name == "anyup_official" and size > args.official_up_to:
                     continue
                 row = {"size": size, "upsampler": name, "device": args.device, "channels": 384, **measured(name, inputs, args.device)}
                 rows.append(row)
                 print(f"{size:5d} {name:16s} " + ("failed: " + row["failed"] if "failed" in row else
-                      f"{row['seconds']:7.2f} s  peak RSS {row['peak_rss_gb']:5.2f} GB  (+{row['peak_above_start_gb']:.2f} GB)"
+                      f"{row['seconds']:7.2f} s (CPU {row['cpu_seconds']:6.2f} s)  peak RSS {row['peak_rss_gb']:5.2f} GB  (+{row['peak_above_start_gb']:.2f} GB)"
                       + (f"  GPU {row['gpu_peak_gb']:.2f} GB" if "gpu_peak_gb" in row else "")))
     save("upsamplers", {"rows": rows, "threads": torch.get_num_threads()})
 

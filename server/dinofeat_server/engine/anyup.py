@@ -7,9 +7,9 @@ cross-attention whose keys come from the low-resolution features and the image, 
 weights mix the features themselves (the values). This module is a port of its `AnyUp` (`anyup/model.py` and
 `anyup/layers`, the paper's non-NATTEN attention): the same modules and parameter names, so the official
 checkpoint files load as they are, and the same numbers (tests/test_anyup.py: rel L2 <= 1e-5 against the
-official module). Changed, without changing a number: the attention runs over query chunks and, within a chunk,
-only over the key rows its windows reach (the official builds a (pixels x tokens) mask for the whole image); the
-feature-unification layer runs over row chunks. Memory then grows with the image's pixels times 128 channels
+official module). Changed, without changing a number: the attention runs over blocks of pixels whose windows
+(nearly) coincide, each over the keys its windows reach (the official builds a (pixels x tokens) mask for the
+whole image and attends to every token); the feature-unification layer runs over row chunks. Memory then grows with the image's pixels times 128 channels
 (the encoders), not with pixels times tokens (`peak_bytes`).
 
 The weights are the authors' release files (`ANYUP_CHECKPOINTS`), downloaded once into the weights cache and
@@ -136,10 +136,11 @@ class CrossAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out_size: tuple[int, int],
                 key_size: tuple[int, int], window_ratio: float, q_chunk_size: int | None = None,
                 reach: tuple[float, float] | None = None) -> torch.Tensor:
-        """query (B, H*W, D), key (B, h*w, D), value (B, h*w, C) -> (B, H*W, C), in square blocks of queries (at most
-        `q_chunk_size` each; by default as large as ATTENTION_BYTES allows), each attending to the box of keys that
-        its pixels' windows reach: outside a pixel's window a key's weight is exactly zero, as in the official.
-        `reach`: the windows' half-widths in tokens (rows, columns) instead of `window_ratio` of the grid."""
+        """query (B, H*W, D), key (B, h*w, D), value (B, h*w, C) -> (B, H*W, C), in blocks of pixels whose windows
+        (nearly) coincide, each attending to the keys its windows reach: outside a pixel's window a key's weight is
+        exactly zero, as in the official. The blocks of a band of rows go as one batched product of at most
+        `q_chunk_size` queries (default: as many as ATTENTION_BYTES allows). `reach`: the windows' half-widths in
+        tokens (rows, columns) instead of `window_ratio` of the grid."""
         heads, dim = self.attention.num_heads, query.shape[-1]
         (height, width), (h, w) = out_size, key_size
         w_q, w_k, _ = self.attention.in_proj_weight.chunk(3)
@@ -151,33 +152,49 @@ class CrossAttention(nn.Module):
         ratio = window_ratio if window_ratio > 0 else 1.0  # no window: every key
         row_first, row_end = window_bounds(height, h, ratio, q.device, reach[0] if reach else None)
         col_first, col_end = window_bounds(width, w, ratio, q.device, reach[1] if reach else None)
+        # column blocks, padded to one shape so that a row block's column blocks make one batched product
+        columns = window_spans(col_first, col_end)
+        starts, widths, lefts, key_widths = (torch.tensor(c, device=q.device) for c in zip(*[(x0, x1 - x0, l, r - l) for x0, x1, l, r in columns]))
+        wide, keys_wide = int(widths.max()), int(key_widths.max())
+        query_columns = (starts[:, None] + torch.arange(wide, device=q.device)).clamp(max=width - 1)  # (n, wide)
+        key_columns = (lefts[:, None] + torch.arange(keys_wide, device=q.device)).clamp(max=w - 1)  # (n, keys_wide)
+        col_ok = ((key_columns[:, None, :] >= col_first[query_columns][:, :, None]) & (key_columns[:, None, :] < col_end[query_columns][:, :, None])
+                  & (torch.arange(keys_wide, device=q.device) < key_widths[:, None])[:, None, :])  # (n, wide, keys_wide)
+        real = (torch.arange(wide, device=q.device) < widths[:, None]).flatten()  # the padding's queries are dropped
+        n, d = len(columns), dim // heads
         out = value.new_empty(batch, height, width, value.shape[-1])
-        edge = int(q_chunk_size**0.5) if q_chunk_size else 64
-        while not q_chunk_size and edge > 8 and 3 * 4 * batch * heads * edge**2 * box_keys(edge, height, width, h, w, ratio) > ATTENTION_BYTES:
-            edge //= 2
-        for y0 in range(0, height, edge):
-            ys = slice(y0, min(y0 + edge, height))
-            top, bottom = int(row_first[ys].min()), int(row_end[ys].max())
-            row_ok = (torch.arange(top, bottom, device=q.device) >= row_first[ys, None]) & (torch.arange(top, bottom, device=q.device) < row_end[ys, None])
-            for x0 in range(0, width, edge):
-                xs = slice(x0, min(x0 + edge, width))
-                left, right = int(col_first[xs].min()), int(col_end[xs].max())
-                col_ok = (torch.arange(left, right, device=q.device) >= col_first[xs, None]) & (torch.arange(left, right, device=q.device) < col_end[xs, None])
-                allowed = (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(1, 1, -1, (bottom - top) * (right - left))
-                block = q[:, ys, xs].reshape(batch, -1, heads, dim // heads).transpose(1, 2)  # (B, heads, queries, d)
-                keys = k[:, top:bottom, left:right].reshape(batch, -1, heads, dim // heads).transpose(1, 2)
-                scores = (block @ keys.transpose(-2, -1)).masked_fill_(~allowed, float("-inf"))
-                weights = scores.softmax(dim=-1).mean(dim=1)  # (B, queries, keys): averaged over heads
-                out[:, ys, xs] = (weights @ v[:, top:bottom, left:right].reshape(batch, -1, v.shape[-1])).view(
-                    batch, ys.stop - ys.start, xs.stop - xs.start, -1)
+        for top_pixel, bottom_pixel, top, bottom in window_spans(row_first, row_end):
+            tall = bottom - top
+            rows = ATTENTION_BYTES // (3 * 4 * batch * heads * n * wide * tall * keys_wide)  # pixel rows per product
+            rows = max(1, min(rows, q_chunk_size // width) if q_chunk_size else rows)
+            keys = k[:, top:bottom][:, :, key_columns].permute(0, 2, 4, 1, 3, 5).reshape(batch, n, heads, tall * keys_wide, d)
+            values = v[:, top:bottom][:, :, key_columns].permute(0, 2, 1, 3, 4).reshape(batch, n, tall * keys_wide, -1)
+            for y0 in range(top_pixel, bottom_pixel, rows):
+                ys = slice(y0, min(y0 + rows, bottom_pixel))
+                count = ys.stop - ys.start
+                tokens = torch.arange(top, bottom, device=q.device)
+                row_ok = (tokens >= row_first[ys, None]) & (tokens < row_end[ys, None])  # (count, tall)
+                allowed = (row_ok[None, :, None, :, None] & col_ok[:, None, :, None, :]).reshape(1, n, 1, count * wide, tall * keys_wide)
+                queries = q[:, ys][:, :, query_columns].permute(0, 2, 4, 1, 3, 5).reshape(batch, n, heads, count * wide, d)
+                scores = (queries @ keys.transpose(-2, -1)).masked_fill_(~allowed, float("-inf"))
+                weights = scores.softmax(dim=-1).mean(dim=2)  # (B, n, queries, keys): averaged over heads
+                mixed = (weights @ values).view(batch, n, count, wide, -1).permute(0, 2, 1, 3, 4).reshape(batch, count, n * wide, -1)
+                out[:, ys] = mixed[:, :, real]
         return out.view(batch, height * width, -1)
 
 
-def box_keys(edge: int, height: int, width: int, h: int, w: int, ratio: float) -> int:
-    """Keys in the box that the windows of an edge x edge block of pixels reach at most."""
-    rows = min(h, edge * h / height + 2 * ratio * h + 2)
-    columns = min(w, edge * w / width + 2 * ratio * w + 2)
-    return int(rows * columns)
+def window_spans(first: torch.Tensor, end: torch.Tensor, least: int = 24) -> list[tuple[int, int, int, int]]:
+    """(first pixel, end pixel, first token, end token) of blocks along one axis: runs of pixels with the same
+    window, neighbouring runs merged until a block spans `least` pixels (fewer, larger matrix products), each
+    with the tokens its pixels' windows reach together."""
+    changes = ((first[1:] != first[:-1]) | (end[1:] != end[:-1])).nonzero().flatten() + 1
+    bounds = [0, *changes.tolist(), len(first)]
+    spans, start = [], 0
+    for stop in bounds[1:]:
+        if stop - start >= least or stop == len(first):
+            spans.append((start, stop, int(first[start]), int(end[stop - 1])))
+            start = stop
+    return spans
 
 
 class CrossAttentionBlock(nn.Module):
