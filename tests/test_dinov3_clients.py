@@ -83,13 +83,13 @@ def test_the_deep_commands_help_names_the_dinov3_backbones():
 def test_the_fiji_script_trains_tws_on_dinov3_features_computed_here_from_the_weights_file(images, weights, tmp_path):
     dinofeat = shutil.which("dinofeat", path=str(Path(sys.executable).parent)) or "dinofeat"
     report, result = run_script(tmp_path / "fiji", {
-        "image": str(images / "cells.tif"), "dinofeat": dinofeat, "server": "", "feature_set": "dinov2", "preset": "fast",
+        "image": str(images / "cells.tif"), "dinofeat": dinofeat, "server": "", "feature_set": "attention", "preset": "fast",
         "backbone": BACKBONE, "weights": str(weights), "feature_file": None, "examples": "Label image",
         "label_image": str(images / "scribbles.tif"), "load_classifier": None, "save_classifier": None, "probabilities": False})
     [fetched] = (tmp_path / "fiji" / "tmp").glob("dinofeat_features_*.h5")
     assert stored_backbone(fetched) == (BACKBONE, BACKBONE)
     [segmentation] = report["segmentations"]
-    assert segmentation["features"] == 384 and segmentation["class_labels"] == ["1", "2"]  # ViT-S/16's width, in TWS
+    assert segmentation["features"] == 6 and segmentation["class_labels"] == ["1", "2"]  # ViT-S/16's heads, in TWS
     assert set(np.unique(tifffile.imread(result))) <= {0, 1}
 
 
