@@ -33,7 +33,7 @@ from dinofeat_server.engine.deep import DeepExtractor
 from dinofeat_server.engine.progress import run_to_end
 from dinofeat_server.engine.stacks import feature_set
 from dinofeat_server.engine.weights import load_backbone, official_config, random_backbone, resolve_weights
-from dinofeat_server.service import jobs
+from dinofeat_server.service import blocks
 from dinofeat_server.volumes.classify import classify_to_zarr
 from dinofeat_server.volumes.dask_run import dask_client
 from ome_zarr.format import FormatV04
@@ -320,9 +320,11 @@ def test_a_volume_applied_again_without_probabilities_loses_the_earlier_probabil
 
 
 def test_features_computed_again_for_a_second_pass_report_each_pass_as_its_own_stage(monkeypatch):
-    monkeypatch.setattr(jobs, "KEEP_BYTES", 0)  # as for an image whose features exceed 256 MiB: computed twice
-    image, fset, options, device = phases(3), feature_set("classical"), FeatureComputation("classical"), torch.device("cpu")
-    space = run_to_end(jobs.fitted_space([image], fset, options, None, device, lambda: None))
-    passes = jobs.BlockPasses(image, fset, options, None, device, lambda: None, space, 58, planned=2)
+    monkeypatch.setattr(blocks, "KEEP_BYTES", 0)  # as for an image whose features exceed 256 MiB: computed twice
+    image = phases(3)
+    features = blocks.WorkerFeatures(feature_set("classical"), FeatureComputation("classical"), None, torch.device("cpu"),
+                                     lambda: None)
+    space = run_to_end(features.space([image]))
+    passes = blocks.BlockPasses(features, image, space, planned=2)
     stages = [[item.stage for item in passes() if not isinstance(item, tuple)] for _ in range(2)]
     assert stages == [["pass 1/2: rows"], ["pass 2/2: rows"]]

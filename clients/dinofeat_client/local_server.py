@@ -62,7 +62,7 @@ LOG_BYTES = 1 << 20
 def wanted(args: argparse.Namespace) -> bool:
     """Whether this command should use a local server: not with --no-local-server or DINOFEAT_LOCAL_SERVER=0, and
     only on POSIX systems (Unix sockets in a private folder, fcntl locks)."""
-    return (os.name == "posix" and not getattr(args, "no_local_server", False)
+    return (os.name == "posix" and not args.no_local_server
             and os.environ.get("DINOFEAT_LOCAL_SERVER", "1").lower() not in OFF)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dinofeat.contract.computation import DEEP_SETS, DEFAULT_SET, FeatureComputation
+from dinofeat.contract.computation import DEEP_SETS, FeatureComputation
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.outputs import output_file, remove_quietly
 from dinofeat.contract.tokens import read_tokens
@@ -29,8 +29,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
     """A client for --server; else for this user's local server (local_server.py: started once, it keeps torch and
     models loaded between commands), or with --no-local-server for an embedded server started here (needs dinofeat[server])."""
     if args.server:
-        local_files = [flag for flag, given in (("--weights", getattr(args, "weights", None)),
-                                                ("--upsampler-weights", getattr(args, "upsampler_weights", None))) if given]
+        local_files = [flag for flag, given in (("--weights", args.weights), ("--upsampler-weights", args.upsampler_weights)) if given]
         if local_files:
             raise DinofeatError(f"{' and '.join(local_files)} {'names a file' if len(local_files) == 1 else 'name files'} on this "
                                 "machine, but --server computes elsewhere; give the weights to that server "
@@ -103,8 +102,8 @@ def take_dataset(path: Path, name: str) -> np.ndarray:
 def backbone_weights(args: argparse.Namespace) -> dict[str, str] | None:
     """--weights as {backbone: file} for the computing side (None without it): --backbone's, else "*", whichever backbone
     the computation names (the default, or a DINOv3 one stored in the file, model or project the command adopts)."""
-    weights, anyup = getattr(args, "weights", None), getattr(args, "upsampler_weights", None)
-    mapping = ({getattr(args, "backbone", None) or "*": weights} if weights else {}) | ({"anyup": anyup} if anyup else {})
+    weights, anyup = args.weights, args.upsampler_weights
+    mapping = ({args.backbone or "*": weights} if weights else {}) | ({"anyup": anyup} if anyup else {})
     return mapping or None  # --upsampler-weights as {"anyup": file}
 
 
@@ -117,9 +116,9 @@ GIVEN = {"feature_set": "set", "backbone": "backbone", "preset": "preset", "pca"
 
 def computation_from_args(args: argparse.Namespace, stored: FeatureComputation | None = None, source: str = "") -> FeatureComputation:
     """The command's feature computation: the options given, else the one `stored` in `source` (a feature file or
-    model the command adopts), else the defaults (--set's is the command's own, see cli.set_option). A given option that conflicts with the stored description, or that
+    model the command adopts), else the defaults (--set's is the command's own, see options.set_option). A given option that conflicts with the stored description, or that
     does not apply to the set, gets one sentence naming both values as the user types them."""
-    given = {name: getattr(args, attribute) for name, attribute in GIVEN.items() if getattr(args, attribute, None) is not None}
+    given = {name: vars(args)[attribute] for name, attribute in GIVEN.items() if vars(args)[attribute] is not None}
     if stored is not None:
         conflicts = stored.differences(replace(stored, **given))
         if conflicts:
@@ -128,10 +127,10 @@ def computation_from_args(args: argparse.Namespace, stored: FeatureComputation |
                                 "to use the stored computation, or leave out the stored file to fit a new one.")
         computation = replace(stored, **given)
     else:
-        computation = FeatureComputation(**{"feature_set": getattr(args, "default_set", DEFAULT_SET), **given})
+        computation = FeatureComputation(**{"feature_set": args.default_set, **given})
     if not computation.deep:
         for name in DEEP_ONLY:
-            if getattr(args, name, None) is not None:
+            if vars(args)[name] is not None:
                 raise DinofeatError(f"--{name} applies to the deep sets ({', '.join(DEEP_SETS)}); the {computation.feature_set} "
                                     f"set is a filter bank: leave --{name} out, or choose a deep set with --set.")
     return computation.checked()

@@ -21,6 +21,7 @@ from ..spaces import read_stored
 from .common import computation_from_args, connect, output_format
 from .progress import ProgressBars
 from .volumes import wants_zarr, zarr_features
+from .options import SharedOptions, set_option
 
 
 def hidden_features_path(output: str) -> Path:
@@ -32,10 +33,10 @@ def hidden_features_path(output: str) -> Path:
 def requested_computation(args: argparse.Namespace) -> tuple[FeatureComputation, str | None]:
     """The command's feature computation and the feature space it is expressed in: both adopted from --like's file
     (its options conflicting with the stored ones refused in one sentence), else the options and one fitted here."""
-    if not getattr(args, "like", None):
+    if not args.like:
         return computation_from_args(args), None
     stored = read_stored(args.like)
-    return computation_from_args(args, stored.computation, getattr(args, "like_source", f"--like {args.like}")), stored.space_json
+    return computation_from_args(args, stored.computation, args.like_source or f"--like {args.like}"), stored.space_json
 
 
 def fetch(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, path: str | Path, **encoding) -> Transfer:
@@ -72,3 +73,21 @@ def command_features(args: argparse.Namespace, bars: ProgressBars) -> None:
         written = transfer.path
     resumed = "" if transfer.chunks_received == transfer.chunk_count else f" (resumed: {transfer.chunks_received} of {transfer.chunk_count} chunks fetched now)"
     print(f"wrote {written}{resumed}")
+
+
+def add_parsers(commands: argparse._SubParsersAction, shared: SharedOptions) -> None:
+    """The features command."""
+    p = commands.add_parser("features", parents=[shared.remote, shared.deep, shared.dask],
+                            help="compute a feature stack and write it as HDF5")
+    p.set_defaults(run=command_features)
+    p.add_argument("image", help="TIFF (2-D, RGB or stack; 8/16-bit or float), PNG or JPEG")
+    p.add_argument("-o", "--output", required=True, help="the file to write: .h5, .tif for an ImageJ hyperstack, or .zarr for "
+                   "OME-Zarr (computed here or with --dask; needs dinofeat[server,volumes])")
+    p.add_argument("--format", choices=("h5", "tiff"), help="h5 (HDF5) or tiff (ImageJ hyperstack, channels labelled); "
+                   "the output's suffix names it (.h5 / .tif), and must agree with this")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that dinofeat did not write")
+    set_option(p)
+    p.add_argument("--like", metavar="FILE", help="compute the features in the feature space of an earlier feature file (.h5 "
+                   "or a .zarr store dinofeat wrote) or model (.dfm), so they compare with it (default: fit a space on this image)")
+    p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="HDF5 chunk compression (default gzip)")
+    p.add_argument("--level", type=int, default=1, choices=range(1, 10), metavar="1-9", help="gzip level (default 1)")

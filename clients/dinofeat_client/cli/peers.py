@@ -23,6 +23,8 @@ from ..weka_arff import write_arff
 from .common import check_outputs, computation_from_args, connect, finish_batch
 from .features import hidden_features
 from .progress import ProgressBars, say
+from ..ilastik.provider import ILASTIK_DEFAULT_SET
+from .options import NEEDS_WEIGHTS, SharedOptions, computation_options, set_option
 
 
 def fiji_features(args: argparse.Namespace, image: np.ndarray, bars: ProgressBars, output: str):
@@ -183,3 +185,52 @@ def command_ilastik(args: argparse.Namespace, bars: ProgressBars) -> None:
               f"stored; to store it, save the project in ilastik or run {training_command(project, None)} (or give "
               "dinofeat --ilastik PATH/run_ilastik.sh)")
     print(f"open it in ilastik (Pixel Classification); new images: dinofeat ilastik --batch {shlex.quote(str(folder))} IMAGE...")
+
+
+def add_parsers(commands: argparse._SubParsersAction, shared: SharedOptions) -> None:
+    """The commands for the peer programs: fiji train/apply, arff, ilastik."""
+    fiji = commands.add_parser("fiji", help="Trainable Weka Segmentation in a local Fiji on dinofeat features")
+    fiji_commands = fiji.add_subparsers(dest="fiji_command", required=True, metavar="train|apply")
+    local_fiji = argparse.ArgumentParser(add_help=False)
+    local_fiji.add_argument("--fiji", help="the local Fiji.app folder (default: $FIJI_DIR)")
+    set_option(local_fiji)
+    p = fiji_commands.add_parser("train", parents=[shared.remote, shared.deep, local_fiji],
+                                 help="train a TWS classifier on labelled pixels")
+    p.set_defaults(run=command_fiji_train, ends_at_once=True)
+    p.add_argument("image")
+    p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
+    p.add_argument("-o", "--output", required=True, help="the TWS classifier (.model) to write")
+    p.add_argument("--seed", type=int, help="the forest's random seed (default: TWS draws one)")
+    p = fiji_commands.add_parser("apply", parents=[shared.remote, shared.deep, local_fiji],
+                                 help="apply a TWS classifier to an image")
+    p.set_defaults(run=command_fiji_apply, ends_at_once=True)
+    p.add_argument("classifier", help="a .model file from `dinofeat fiji train` or TWS itself (trained on the same set)")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values)")
+    p.add_argument("--probabilities", help="also write the per-class probabilities as a TIFF")
+
+    p = commands.add_parser("arff", parents=[shared.remote, shared.deep],
+                            help="features of labelled pixels as a Weka ARFF file")
+    p.set_defaults(run=command_arff)
+    p.add_argument("image")
+    p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
+    p.add_argument("-o", "--output", required=True, help="the .arff file to write")
+    set_option(p)
+
+    p = commands.add_parser("ilastik", parents=[shared.remote, computation_options(f"PCA components of the deep features (default {ILASTIK_PCA})")],
+                            help="feature files and a ready-to-open ilastik project")
+    p.set_defaults(run=command_ilastik)
+    p.add_argument("images", nargs="+", help="2-D images (one project lane each)")
+    p.add_argument("-o", "--output", help="the new project's folder (created if missing)")
+    set_option(p, ILASTIK_DEFAULT_SET, f": ilastik has its own filters{NEEDS_WEIGHTS}")
+    p.add_argument("--labels", nargs="+", help="scribbles, one per image, shown in ilastik as labels")
+    p.add_argument("--classes", nargs="+", help="class names, in ascending scribble value")
+    p.add_argument("--quantise", default="float32", help="float32 (default), uint16 or uint8: smaller files, same classes")
+    p.add_argument("--name", default="dinofeat", help="project file name (default dinofeat.ilp)")
+    p.add_argument("--batch", metavar="PROJECT", help="add feature files for new images to this existing project (its folder "
+                   "or its .ilp; its feature set and space); instead of -o")
+    p.add_argument("--ilastik", metavar="RUN_ILASTIK", help="ilastik's run_ilastik.sh (default $DINOFEAT_ILASTIK): with --labels, "
+                   "real ilastik trains the classifier once and stores it in the project, so headless runs predict without "
+                   "retraining; with --batch, the printed command uses it")
+    p.add_argument("--overwrite", action="store_true", help="with --batch: compute feature files again for images that have one "
+                   "(default: skip those images)")

@@ -12,6 +12,7 @@ import numpy as np
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.images import check_image, check_labels, check_mask, image_axes
 from dinofeat.contract.outputs import output_file, remove_quietly
+from dinofeat.contract.computation import DEEP_DEFAULT_SET
 
 from ..batch import image_files, output_folder, remove_earlier_outputs, run_batch, writes_to_folder
 from ..image_files import read_image, write_png, write_tiff
@@ -28,6 +29,7 @@ from .common import (
 )
 from .progress import ProgressBars, tell
 from .volumes import dask_train, wants_zarr, zarr_apply, zarr_segment
+from .options import NEEDS_WEIGHTS, SharedOptions, set_option
 
 
 def command_segment(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -244,3 +246,83 @@ def command_demo(args: argparse.Namespace, bars: ProgressBars) -> None:
           f"{colour_names([int(v) for v in np.unique(class_map)])})")
     print("  IoU per class " + ", ".join(f"{v}: {iou:.3f}" for v, iou in ious.items())
           + f"; mIoU {sum(ious.values()) / len(ious):.3f}")
+
+
+def add_parsers(commands: argparse._SubParsersAction, shared: SharedOptions) -> None:
+    """The commands that segment and analyse: segment, train, apply, cluster, pca, fewshot, score, demo."""
+    p = commands.add_parser("segment", parents=[shared.remote, shared.deep, shared.classifier, shared.pictures, shared.dask, shared.pyramid],
+                            help="segment an image from sparse scribbles")
+    p.set_defaults(run=command_segment)
+    p.add_argument("image")
+    p.add_argument("--labels", required=True, help="label image: 0 unlabelled, any other value a class")
+    p.add_argument("-o", "--output", required=True, help="class map TIFF to write (in the label values), or an OME-Zarr "
+                   "label image OUT.zarr (a volume: trained on its labelled slices, here or with --dask)")
+    set_option(p)
+    p.add_argument("--probabilities", help="also write the per-class probabilities to this .h5 file (.zarr for a .zarr output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .zarr output that dinofeat did not write")
+
+    p = commands.add_parser("train", parents=[shared.remote, shared.deep, shared.classifier, shared.dask],
+                            help="train a classifier and save it as a model file")
+    p.set_defaults(run=command_train)
+    p.add_argument("images", nargs="+", help="training images")
+    p.add_argument("--labels", nargs="+", required=True, help="one label image per training image, same order")
+    p.add_argument("-o", "--output", required=True, help="model file to write (e.g. cells.dfm)")
+    set_option(p)
+
+    p = commands.add_parser("apply", parents=[shared.remote, shared.pictures, shared.batch, shared.dask, shared.pyramid],
+                            help="apply a saved model file to images")
+    p.set_defaults(run=command_apply)
+    p.add_argument("model", help="model file written by `dinofeat train`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders of images, or glob patterns")
+    p.add_argument("-o", "--output", required=True,
+                   help="class map TIFF to write for one image, or a folder for several (NAME.tif each), or an OME-Zarr label "
+                   "image OUT.zarr for one volume (here or with --dask)")
+    p.add_argument("--probabilities", nargs="?", const=True,
+                   help="also write the per-class probabilities: to this .h5 file (one image), or NAME.probabilities.h5 beside each "
+                   "class map; with -o OUT.zarr, float32 to this .zarr (default OUT.probabilities.zarr)")
+    p.add_argument("--set", help="check that the model uses this feature set")
+    p.add_argument("--weights", help="weights file of a deep model's backbone (embedded server only; its sha256 must be the "
+                   "one the model was trained with)")
+    p.set_defaults(device="auto", backbone="*")  # --weights serves whichever backbone the model names
+
+    p = commands.add_parser("cluster", parents=[shared.remote, shared.deep, shared.pictures],
+                            help="k-means clusters of the features")
+    p.set_defaults(run=command_cluster)
+    p.add_argument("image")
+    p.add_argument("-k", "--clusters", type=int, required=True, help="number of clusters")
+    p.add_argument("-o", "--output", required=True, help="label TIFF to write (labels 1..k)")
+    set_option(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = commands.add_parser("pca", parents=[shared.remote, shared.deep], help="3-component PCA picture of the features")
+    p.set_defaults(run=command_pca)
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="picture to write: .png, or .tif (one RGB picture per slice of a stack)")
+    set_option(p)
+
+    p = commands.add_parser("fewshot", parents=[shared.remote, shared.deep, shared.pictures, shared.batch],
+                            help="segment queries from support images and masks")
+    p.set_defaults(run=command_fewshot)
+    p.add_argument("queries", nargs="+", help="query image files, folders of images, or glob patterns")
+    p.add_argument("--support", nargs="+", required=True, help="support image(s)")
+    p.add_argument("--support-mask", nargs="+", required=True, help="one mask per support image (non-zero = object)")
+    p.add_argument("-o", "--output", required=True, help="folder for QUERY_mask.tif files (created if missing)")
+    set_option(p, DEEP_DEFAULT_SET, f", the frozen encoder of seed 001{NEEDS_WEIGHTS}")
+    p.add_argument("--window", type=int, default=0, help="ALP pooling window in grid cells (default 4)")
+    p.add_argument("--grid", type=int, default=0, help="feature grid cell in pixels (default 4)")
+    p.add_argument("--components", choices=("auto", "most_confident", "all"), default="auto",
+                   help="predicted components each query keeps: auto (default) keeps the most confident one when every "
+                        "support mask shows one solid object (an organ), all otherwise (networks, particles)")
+    p.add_argument("--all-components", action="store_true", help="the same as --components all")
+
+    p = commands.add_parser("score", help="per-class IoU and Dice of a class map against a ground truth")
+    p.set_defaults(run=command_score)
+    p.add_argument("prediction")
+    p.add_argument("truth")
+    p.add_argument("--match", action="store_true", help="pair the prediction's values with the ground truth's classes first "
+                   "(for clusterings: each cluster gets the class it overlaps most, one to one)")
+
+    p = commands.add_parser("demo", parents=[shared.remote, shared.deep], help="run the whole job on a generated sample")
+    p.set_defaults(run=command_demo)
+    p.add_argument("-o", "--output", default="dinofeat-demo", help="folder for the results (default ./dinofeat-demo)")
+    set_option(p)

@@ -10,6 +10,7 @@ from dinofeat.contract.feature_sets import SETS
 from .. import local_server, server_part
 from .common import connect, weights_map
 from .progress import ProgressBars
+from .options import SharedOptions
 
 
 def command_local(args: argparse.Namespace, bars: ProgressBars) -> None:
@@ -117,3 +118,36 @@ LIMIT_FLAGS = {"max_pixels": (int, "samples per image, Z*Y*X*channels"), "max_ch
                "models_gb": (float, "uploaded model files held in memory"),
                "backbones": (str, "DINOv2 and DINOv3 backbones this server may load, separated by commas (default: all of them)"),
                "backbones_gb": (float, "loaded backbones on each device; the least recently used go first")}
+
+
+def add_parsers(commands: argparse._SubParsersAction, shared: SharedOptions) -> None:
+    """The commands about servers: sets, local, status, serve."""
+    commands.add_parser("sets", parents=[shared.remote],
+                        help="list the feature sets the server offers").set_defaults(run=command_sets)
+    p = commands.add_parser("local", help="this user's local servers (started by commands without --server): status or stop")
+    p.set_defaults(run=command_local)
+    p.add_argument("action", nargs="?", choices=("status", "stop"), default="status", help="list them (default) or stop them")
+    commands.add_parser("status", parents=[shared.remote],
+                        help="what a server is doing: requests, models, memory, cache").set_defaults(
+        run=command_status)
+
+    p = commands.add_parser("serve", help="run a feature server")
+    p.set_defaults(run=command_serve)
+    p.add_argument("--config", help="server configuration (TOML with [server] and [limits]); flags override it")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="port (default 50051)")
+    p.add_argument("--device", help="one device: auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--devices", help="a pool instead of --device, --workers on each: all (every CUDA GPU, else the CPU), "
+                   "cpu, or cuda:0,cuda:1")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without token or TLS")
+    p.add_argument("--weights", action="append", default=[], metavar="[BACKBONE=]PATH",
+                   help="local weights for a backbone (repeatable); a bare PATH serves any backbone; anyup=PATH: AnyUp's weights")
+    p.add_argument("--token-file", help="accepted access tokens, one per line; clients send one as a bearer token")
+    p.add_argument("--tls-cert", help="server TLS certificate (PEM)")
+    p.add_argument("--tls-key", help="server TLS key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--cache-dir", help="where recent feature results are kept (default: ~/.cache/dinofeat/results)")
+    p.add_argument("--cache-gb", type=float, help="disk budget of the result cache in GB; 0 turns it off (default 8)")
+    limits = p.add_argument_group("limits", "override the config file's [limits]; the README lists the defaults")
+    for name, (kind, meaning) in LIMIT_FLAGS.items():
+        limits.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help=meaning)
