@@ -138,6 +138,18 @@ def test_a_saved_model_of_two_images_applied_by_the_cli_equals_the_widgets_resul
     np.testing.assert_array_equal(widget.viewer.layers["right classes"].data, tifffile.imread(tmp_path / "applied.tif"))
 
 
+def test_an_rgb_layer_is_segmented_as_one_colour_image(widget, qtbot, isb):
+    crop = isb["image"][:96, :96]
+    rgb = np.stack([crop, crop // 2, 255 - crop], axis=-1)
+    widget.viewer.add_image(rgb, name="colour", rgb=True)
+    widget.image_layer.setCurrentText("colour")
+    widget.add_scribbles().data = isb["scribbles"][:96, :96]
+    widget.segment()
+    finish(qtbot, widget)
+    assert widget.viewer.layers["colour classes"].data.shape == (96, 96)
+    assert set(np.unique(widget.viewer.layers["colour classes"].data)) <= {85, 170, 255}
+
+
 def stack_of(isb: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Three 160x160 crops of ISB-3 as a stack, scribbled on its first slice only."""
     image = np.stack([isb["image"][:160, :160], isb["image"][160:320, :160], isb["image"][320:480, :160]])

@@ -86,6 +86,8 @@ class DinofeatWidget(QWidget):
         self.server = QLineEdit(placeholderText="this user's local server")
         self.token_file = QLineEdit(placeholderText="token file (or $DINOFEAT_TOKEN)")
         self.tls_ca = QLineEdit(placeholderText="CA certificate for TLS")
+        self.tls_cert = QLineEdit(placeholderText="client certificate (mutual TLS)")
+        self.tls_key = QLineEdit(placeholderText="client key (mutual TLS)")
         self.feature_set = QComboBox()
         self.feature_set.addItems([s.name for s in SETS])
         self.feature_set.setCurrentText(DEFAULT_SET)
@@ -104,6 +106,7 @@ class DinofeatWidget(QWidget):
         self.all_images = QCheckBox("train on every scribbled image")
         self.live = QCheckBox("live: predict after each stroke")
         for label, field in (("server", self.server), ("token", self.token_file), ("TLS CA", self.tls_ca),
+                             ("TLS cert", self.tls_cert), ("TLS key", self.tls_key),
                              ("feature set", self.feature_set), ("backbone", self.backbone), ("preset", self.preset),
                              ("classifier", self.classifier), ("seed", self.seed), ("image", self.image_layer),
                              ("scribbles", self.scribbles_layer)):
@@ -168,7 +171,8 @@ class DinofeatWidget(QWidget):
 
     def connection(self) -> Connection:
         return Connection(server=self.server.text().strip(), token_file=self.token_file.text().strip(),
-                          tls_ca=self.tls_ca.text().strip())
+                          tls_ca=self.tls_ca.text().strip(), tls_cert=self.tls_cert.text().strip(),
+                          tls_key=self.tls_key.text().strip())
 
     def _layer(self, box: QComboBox, what: str):
         name = box.currentText()
