@@ -220,7 +220,7 @@ def test_satellite_weights_are_normalised_with_their_own_mean_and_std(official, 
 
 def test_the_7b_backbone_is_refused_on_a_cpu_in_one_sentence():
     shallow_7b = Dinov3VisionTransformer(Dinov3Config(dim=4096, depth=0, heads=32, mlp_hidden=8192, swiglu=True))
-    with pytest.raises(DinofeatError, match=r"^the DINOv3 7B backbone runs on GPU servers only .*; start the server with --device cuda"):
+    with pytest.raises(DinofeatError, match=r"^the DINOv3 7B backbone runs on GPU servers only .*; start it with --device cuda"):
         DeepExtractor(shallow_7b, torch.device("cpu"))
 
 

@@ -39,6 +39,7 @@ from .progress import Advance, run_to_end
 from .lending import in_plan_order
 from .tiles import TILE_OVERLAP, Tile, TileBlender, blend_order, tile_plan, tile_rows
 from .views import Affine, TileOrigin, ViewSpec, view_steps
+from .weights import check_device_for
 
 PRESETS: dict[str, ViewSpec] = {
     "fast": ViewSpec(stride=14, upsampler="joint_bilateral"),
@@ -145,9 +146,7 @@ class DeepExtractor:
 
     def __init__(self, model: DinoVisionTransformer, device: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES,
                  *, anyup_weights: str | None = None):
-        if isinstance(model.config, Dinov3Config) and model.config.gpu_only and device.type == "cpu":
-            raise DinofeatError("the DINOv3 7B backbone runs on GPU servers only (27 GB of weights, hours per image on a CPU); "
-                                "start the server with --device cuda, or choose dinov3_vitl16 or a smaller backbone.")
+        check_device_for(model.config, device)
         self.model = model.to(device).eval()
         self.device = device
         self.budget_bytes = budget_bytes

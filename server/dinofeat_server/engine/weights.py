@@ -233,6 +233,14 @@ def official_config(backbone: str) -> VitConfig | Dinov3Config:
     return VitConfig(**{**base.__dict__, "registers": 4 if backbone.endswith("_reg") else 0})
 
 
+def check_device_for(config: VitConfig | Dinov3Config, device: torch.device, backbone: str = "the DINOv3 7B backbone") -> None:
+    """Refuse a backbone that runs on GPUs only (the DINOv3 7B) on a CPU: one sentence, before its weights are read
+    where the caller knows the name (ModelRegistry) and again where a model reaches a device (DeepExtractor)."""
+    if device.type == "cpu" and getattr(config, "gpu_only", False):
+        raise DinofeatError(f"{backbone} runs on GPU servers only (27 GB of weights, hours per image on a CPU), and this "
+                            "server computes on a CPU; start it with --device cuda, or choose dinov3_vitl16 or a smaller backbone.")
+
+
 def random_backbone(backbone: str, seed: int = 0) -> DinoVisionTransformer | Dinov3VisionTransformer:
     """The official architecture of `backbone` with seeded random weights: torch's own initialisation of each
     layer, and normal(0, 0.02) position embeddings, CLS and register (DINOv3: storage) tokens, so that tokens differ

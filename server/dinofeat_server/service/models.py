@@ -18,7 +18,15 @@ import torch
 from dinofeat.contract.errors import DinofeatError
 
 from ..engine.deep import DEFAULT_BUDGET_BYTES, DeepExtractor
-from ..engine.weights import BACKBONES, check_backbone, file_sha256, load_backbone, official_config, resolve_weights
+from ..engine.weights import (
+    BACKBONES,
+    check_backbone,
+    check_device_for,
+    file_sha256,
+    load_backbone,
+    official_config,
+    resolve_weights,
+)
 
 NO_MEMORY_LIMIT = 1 << 62
 """The memory budget of a registry that never evicts (volume workers, notebooks)."""
@@ -59,9 +67,7 @@ class ModelRegistry:
     def check_allowed(self, backbone: str) -> None:
         """Refuse an unknown backbone, or one this server does not offer, in one sentence."""
         check_backbone(backbone)
-        if self.device.type == "cpu" and getattr(official_config(backbone), "gpu_only", False):  # before 27 GB of weights load
-            raise DinofeatError(f"{backbone} runs on GPU servers only (27 GB of weights, hours per image on a CPU), and this "
-                                "server computes on a CPU; start it with --device cuda, or choose dinov3_vitl16 or a smaller backbone.")
+        check_device_for(official_config(backbone), self.device, backbone)  # before 27 GB of weights load
         if backbone not in self.allowed:
             raise DinofeatError(f"this server does not offer the backbone {backbone!r}; choose one of {', '.join(self.allowed)} "
                                 "(the server's backbones setting).")
