@@ -121,6 +121,15 @@ def test_live_mode_predicts_after_a_stroke_and_cancels_the_stale_prediction(widg
     assert widget.viewer.layers["isb classes"].data[470, 470] == 255
 
 
+def test_naparis_progress_bar_cancels_the_running_segmentation(widget, qtbot, isb):
+    with_scribbles(widget, isb["image"], isb["scribbles"])
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.progress_bar is not None and widget.progress_bar.n > 0, timeout=WAIT_MS)
+    widget.progress_bar.cancel()  # the Cancel button of napari's activity dock
+    finish(qtbot, widget)
+    assert [job.outcome for job in widget.jobs] == ["cancelled"] and "isb classes" not in widget.viewer.layers
+
+
 def test_a_saved_model_of_two_images_applied_by_the_cli_equals_the_widgets_result(widget, qtbot, isb, tmp_path, inprocess_address):
     halves = [(isb["image"][:, :256], isb["scribbles"][:, :256]), (isb["image"][:, 256:], isb["scribbles"][:, 256:])]
     with_scribbles(widget, *halves[1], name="right")

@@ -23,7 +23,7 @@ from dinofeat.contract.computation import DEFAULT_BACKBONE, DEFAULT_PRESET, DEFA
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
 from napari.qt.threading import FunctionWorker, create_worker
-from napari.utils import progress
+from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
@@ -68,6 +68,8 @@ class DinofeatWidget(QWidget):
         self.model: Path | None = None
         self._workers: list[FunctionWorker] = []
         self._current: tuple[Job, FunctionWorker] | None = None
+        self.progress_bar: cancelable_progress | None = None
+        """The running job's bar in napari's activity dock (its Cancel button cancels the job)."""
         self._client: tuple[Connection, FeatureClient] | None = None
         self._folder = tempfile.TemporaryDirectory(prefix="dinofeat-napari-models-")
         self._watched: Any = None
@@ -270,11 +272,13 @@ class DinofeatWidget(QWidget):
         """Run `work(job)` in a thread worker after cancelling the running one; `done(result)` runs in the main thread
         unless a newer job replaced it. Progress goes to napari's progress bar; failures become one sentence."""
         self.cancel()
-        bar = progress(total=0, desc=description)
+        bar = cancelable_progress(total=0, desc=description)  # its Cancel button in napari's activity dock
         relay = ProgressRelay()
         job = Job(relay.step.emit, description)
 
         def step(stage: str, done_count: int, total: int) -> None:
+            if bar.is_canceled:  # napari's Cancel: the server's call ends at its next message
+                job.cancel()
             if total and bar.total != total:
                 bar.total = total
             bar.set_description(f"{description}: {stage}")
@@ -282,6 +286,7 @@ class DinofeatWidget(QWidget):
             bar.refresh()
 
         relay.step.connect(step)
+        self.progress_bar = bar
         worker = create_worker(guarded, work, job, description, _start_thread=False)
 
         def returned(outcome: tuple[str, Any]) -> None:
@@ -296,6 +301,8 @@ class DinofeatWidget(QWidget):
             if job.outcome == "running":
                 job.outcome = "cancelled"
             bar.close()
+            if self.progress_bar is bar:
+                self.progress_bar = None
             relay.deleteLater()
             if self._current is not None and self._current[0] is job:
                 self._current = None
