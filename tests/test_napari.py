@@ -183,15 +183,15 @@ def test_a_stack_segments_the_current_slice_first_then_every_slice(widget, qtbot
 
 def test_an_ome_zarr_volume_opens_lazily_and_is_segmented_slice_by_slice(widget, qtbot, isb, tmp_path):
     zarr = pytest.importorskip("zarr")
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Reader
+    import npe2
     from ome_zarr.writer import write_image
 
     image, scribbles = stack_of(isb)
     root = zarr.open_group(str(tmp_path / "volume.zarr"), mode="w")
     write_image(image, root, axes="zyx", scale_factors=[])
-    levels = next(iter(Reader(parse_url(str(tmp_path / "volume.zarr")))())).data  # dask arrays, one per level
-    widget.viewer.add_image(levels, multiscale=True, name="volume")
+    npe2.PluginManager.instance().discover()  # what napari.Viewer does at start (the viewer model does not)
+    [layer] = widget.viewer.open(str(tmp_path / "volume.zarr"), plugin="dinofeat")  # the plugin's lazy OME-Zarr reader
+    assert layer.multiscale and layer.name == "volume"
     widget.image_layer.setCurrentText("volume")
     widget.add_scribbles().data = scribbles
     widget.viewer.dims.set_current_step(0, 1)
