@@ -78,7 +78,7 @@ def test_the_manifest_validates_and_is_the_installed_entry_point():
 
 
 def test_the_plugin_imports_without_torch():
-    script = ("import sys, dinofeat_napari.widget, dinofeat_napari.jobs, dinofeat_napari.sample; "
+    script = ("import sys, dinofeat_napari.widget, dinofeat_napari.jobs, dinofeat_napari.sample, dinofeat_napari.reader; "
               "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
@@ -91,6 +91,17 @@ def test_the_widget_docks_from_the_plugin_menu(make_napari_viewer):
     assert isinstance(dock, DinofeatWidget)
     assert (dock.feature_set.currentText(), dock.classifier.currentText()) == ("multiscale", "extra_trees")
     assert not dock.backbone.isEnabled()  # a filter bank has no backbone, as on the command line
+
+
+def test_the_first_session_opens_the_sample_and_segments_it(widget, qtbot):
+    import npe2
+
+    npe2.PluginManager.instance().discover()  # what napari.Viewer does at start (the viewer model does not)
+    widget.viewer.open_sample("dinofeat", "three_phase")  # File > Open Sample > dinofeat
+    assert (widget.image_layer.currentText(), widget.scribbles_layer.currentText()) == ("sample", "sample scribbles")
+    widget.segment()
+    finish(qtbot, widget)
+    assert set(np.unique(widget.viewer.layers["sample classes"].data)) == {85, 170, 255}
 
 
 def test_isb_scribbles_give_dinofeat_segments_class_map_and_miou(widget, qtbot, isb, tmp_path, inprocess_address):
