@@ -58,6 +58,8 @@ CPU_FLOPS_PER_THREAD = 18.5e9
 """ViT operations per second of one CPU thread, end to end (upsampling and blending included),
 measured on the build machine: ViT-S at 518x518 took 2.5 s with `fast` and 138 s with `default` on
 2 threads. Used only to tell users what to expect."""
+ANYUP_OPS_PER_PIXEL = 1.1e6
+"""AnyUp's cost per output pixel and view in the same units: 16 CPU seconds for a 512x512 image (bench_upsamplers)."""
 NOTICE_SECONDS = 30.0
 """A CPU computation expected to take longer than this is announced before it starts."""
 DEFAULT_BUDGET_BYTES = 1 << 30
@@ -190,10 +192,10 @@ class DeepExtractor:
         return contextlib.nullcontext()
 
     def expected_seconds(self, tiles: list[Tile], spec: ViewSpec) -> float:
-        """The time `tiles` take with `spec` on this CPU, from the ViT's operations (they dominate on CPUs)."""
+        """The time `tiles` take with `spec` on this CPU, from the ViT's operations (they dominate on CPUs) and AnyUp's."""
         patch = self.model.config.patch
         flops = sum(forward_flops(self.model.config, token_grid(t.height, patch, spec.stride) * token_grid(t.width, patch, spec.stride))
-                    for t in tiles)
+                    + (ANYUP_OPS_PER_PIXEL * t.height * t.width if spec.upsampler == "anyup" else 0) for t in tiles)
         return flops * spec.view_count() / (CPU_FLOPS_PER_THREAD * torch.get_num_threads())
 
     def time_notice(self, tiles: list[Tile], spec: ViewSpec, height: int, width: int) -> str:
@@ -217,9 +219,11 @@ class DeepExtractor:
         seconds = self.expected_seconds(tiles, spec)
         if seconds < NOTICE_SECONDS:
             return ""
-        presets = presets_for(self.model.config.patch)
+        presets = {n: replace(p, upsampler=spec.upsampler) if spec.upsampler == "anyup" else p  # the presets with AnyUp
+                   for n, p in presets_for(self.model.config.patch).items()}
         name = next((n for n, p in presets.items() if p == spec), f"{spec.view_count()} views at stride {spec.stride}")
         sentence = f"{what} takes about {spoken_duration(seconds)} on this server's CPU with preset {name!r}"
+        sentence += " and AnyUp" if spec.upsampler == "anyup" else ""
         if spec != presets["fast"]:  # a ratio of the ViT's operations: fast's other costs (upsampling, writing) weigh more
             sentence += f"; --preset fast needs about {seconds / self.expected_seconds(tiles, presets['fast']):.0f}x fewer operations"
         return sentence + " (a GPU server takes seconds)."
