@@ -346,11 +346,14 @@ class DinofeatWidget(QWidget):
             def work(job: Job) -> Segmentation:
                 client = self.client(self.status_notice)
                 jobs.train(client, images, scribbles, computation, model, classifier=classifier, seed=seed, job=job)
-                self.model = model
                 return jobs.apply(client, model, target, job=job)
 
+            def done(result: Segmentation) -> None:
+                self.model = model  # what 'Segment all slices' applies
+                self.show_result(image, result, z)
+
             where = f" (slice {z})" if z is not None else ""
-            return f"segmenting {image.name}{where}", work, lambda result: self.show_result(image, result, z)
+            return f"segmenting {image.name}{where}", work, done
         scribbles = jobs.checked_scribbles(np.asarray(data), self.scribbles().data, image.name, self.scribbles().name)
         target = np.asarray(data)
 
@@ -371,11 +374,11 @@ class DinofeatWidget(QWidget):
         if self.all_images.isChecked():
             layers += [layer for layer in self.viewer.layers if isinstance(layer, napari.layers.Labels)
                        and layer.metadata.get(ROLE_KEY) == "scribbles" and layer is not layers[0]]
+        images = [self.image()] + [self.viewer.layers[layer.metadata.get(IMAGE_KEY)] if layer.metadata.get(IMAGE_KEY)
+                                   in self.viewer.layers else None for layer in layers[1:]]
         pairs = []
-        for scribbles in layers:
-            image = self.image() if scribbles is layers[0] else self.viewer.layers[scribbles.metadata[IMAGE_KEY]] \
-                if scribbles.metadata.get(IMAGE_KEY) in self.viewer.layers else None
-            if image is None:
+        for image, scribbles in zip(images, layers):
+            if image is None:  # its image layer was removed or renamed
                 continue
             data = full_resolution(image)
             labels = jobs.shaped_scribbles(data, np.asarray(scribbles.data), image.name, scribbles.name)
