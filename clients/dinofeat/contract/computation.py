@@ -47,11 +47,11 @@ DEFAULT_PRESET = "default"
 PRESETS = ("fast", "default", "paper", "paper_flips")
 """The view ensembles of the deep sets (the server's engine/deep.py PRESETS, same order)."""
 REFERENCE_PRESETS = ("paper", "paper_flips")
+"""Presets that reproduce the paper's own pipeline, input scaling included (ToTensor: 8-bit / 255)."""
 UPSAMPLERS = ("bilinear", "joint_bilateral", "anyup")
 """What --upsampler may name (the server's engine/upsample.py and engine/anyup.py)."""
 PRESET_UPSAMPLERS = {"fast": "joint_bilateral", "default": "bilinear"}
 """Each preset's own upsampler (engine/deep.py PRESETS); the paper presets resize as the paper's code does."""
-"""Presets that reproduce the paper's own pipeline, input scaling included (ToTensor: 8-bit / 255)."""
 NORMALISATIONS = ("none", "minmax", "zscore", "l2")
 INPUT_RANGES = ("dtype", "dataset")
 MAX_PCA = 1024
