@@ -285,3 +285,22 @@ def test_attention_set_with_dinov3_has_one_channel_per_head_through_the_client(v
         assert list(f["features"].attrs["channel_names"]) == [f"attn_h{h}" for h in range(6)]
         maps = f["features"][()]
     assert maps.shape == (6, 50, 70) and (maps >= 0).all() and (maps <= 1).all()
+
+
+def test_a_dinov2_space_is_refused_on_dinov3_features_through_its_identity(official_file, tiny_weights, tmp_path):
+    """A model or feature file of DINOv2 features (--like) cannot express DINOv3 features: the server's check of the
+    space's identity names the backbone each was computed with."""
+    from conftest import InProcessServer
+    from dinofeat_client.spaces import read_space
+
+    grey = (np.random.default_rng(13).random((40, 48)) * 255).astype(np.uint8)
+    server = InProcessServer(weights={"dinov2_vits14": str(tiny_weights), "dinov3_vits16": str(official_file("dinov3_vits16"))})
+    try:
+        with server.client() as client:
+            client.fetch_features(grey, tmp_path / "v2.h5", "dinov2", backbone="dinov2_vits14", preset="fast", pca=4)
+            with pytest.raises(DinofeatError, match=r"--backbone dinov2_vits14, not dinov3_vits16"):
+                client.fetch_features(grey, tmp_path / "v3.h5", "dinov2", backbone="dinov3_vits16", preset="fast", pca=4,
+                                      like=read_space(tmp_path / "v2.h5"))
+    finally:
+        server.stop()
+    assert not (tmp_path / "v3.h5").exists()
