@@ -232,6 +232,15 @@ def test_a_server_that_is_down_gets_one_sentence(widget, qtbot, isb):
     assert "127.0.0.1" in only_sentence(widget)
 
 
+def test_without_a_server_address_and_with_the_local_server_turned_off_the_widget_says_what_to_type(widget, qtbot, isb):
+    assert os.environ["DINOFEAT_LOCAL_SERVER"] == "0"  # tests/conftest.py: no test leaves a local server running
+    with_scribbles(widget, isb["image"][:96, :96], isb["scribbles"][:96, :96])
+    widget.server.setText("")
+    widget.segment()
+    finish(qtbot, widget)
+    assert "HOST:PORT" in only_sentence(widget)
+
+
 def test_a_server_that_refuses_the_token_gets_one_sentence(widget, qtbot, isb, tmp_path):
     (tmp_path / "server_tokens").write_text("alice 0123456789abcdef0123\n")
     (tmp_path / "my_token").write_text("not-alices-token-0000\n")

@@ -16,6 +16,7 @@ server stops the work of a client that went away).
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import threading
@@ -85,7 +86,10 @@ class Connection:
         """The server's address; the local server's is found, or started, as the command line does (cli/common.py)."""
         if self.server:
             return self.server
-        address = local_server.local_address("auto", None, notify=notify) if os.name == "posix" else None
+        if not local_server.wanted(argparse.Namespace(no_local_server=False)):
+            raise DinofeatError("the local server is turned off here (DINOFEAT_LOCAL_SERVER=0); type a server's HOST:PORT "
+                                "in the widget's Server field, or unset DINOFEAT_LOCAL_SERVER.")
+        address = local_server.local_address("auto", None, notify=notify)
         if not address:
             raise DinofeatError("no local dinofeat server can run here (it needs dinofeat[server] on this machine); "
                                 "type a server's HOST:PORT in the widget's Server field.")
