@@ -232,6 +232,24 @@ def test_a_server_that_is_down_gets_one_sentence(widget, qtbot, isb):
     assert "127.0.0.1" in only_sentence(widget)
 
 
+def test_an_empty_server_field_starts_and_uses_this_users_local_server(widget, qtbot, isb, tmp_path, monkeypatch):
+    from dinofeat_client import local_server
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # a runtime folder of its own, so the server is this test's
+    monkeypatch.setenv("DINOFEAT_LOCAL_SERVER", "1")
+    with_scribbles(widget, isb["image"][:96, :96], isb["scribbles"][:96, :96])
+    widget.server.setText("")
+    try:
+        widget.segment()
+        finish(qtbot, widget)
+        assert widget.jobs[0].outcome == "done", widget.status.text()
+        assert len(local_server.running()) == 1
+        assert any("started a local dinofeat server" in str(n.message) for n in notification_manager.records)
+    finally:
+        for info in local_server.running():
+            local_server.stop(info)
+
+
 def test_without_a_server_address_and_with_the_local_server_turned_off_the_widget_says_what_to_type(widget, qtbot, isb):
     assert os.environ["DINOFEAT_LOCAL_SERVER"] == "0"  # tests/conftest.py: no test leaves a local server running
     with_scribbles(widget, isb["image"][:96, :96], isb["scribbles"][:96, :96])
