@@ -22,6 +22,7 @@ napari = pytest.importorskip("napari", reason="the napari extra is not installed
 pytest.importorskip("pytestqt", reason="pytest-qt is not installed (the dev extra)")
 
 from conftest import ROOT, InProcessServer, free_port, run_cli  # noqa: E402
+from dinofeat_client import FeatureComputation  # noqa: E402
 from dinofeat_client.metrics import mean_iou  # noqa: E402
 from dinofeat_napari.widget import DinofeatWidget  # noqa: E402
 from napari.utils.notifications import notification_manager  # noqa: E402
@@ -90,7 +91,16 @@ def test_the_widget_docks_from_the_plugin_menu(make_napari_viewer):
     _, dock = viewer.window.add_plugin_dock_widget("dinofeat", "dinofeat segmentation")
     assert isinstance(dock, DinofeatWidget)
     assert (dock.feature_set.currentText(), dock.classifier.currentText()) == ("multiscale", "extra_trees")
-    assert not dock.backbone.isEnabled()  # a filter bank has no backbone, as on the command line
+    assert not dock.backbone.isEnabled() and not dock.upsampler.isEnabled()  # a filter bank has neither, as on the command line
+
+
+def test_the_form_describes_the_computation_as_the_command_line_names_it(widget):
+    assert widget.computation() == FeatureComputation("multiscale")
+    widget.feature_set.setCurrentText("dinov2")
+    widget.preset.setCurrentText("fast")
+    assert widget.upsampler.isEnabled() and widget.computation() == FeatureComputation("dinov2", preset="fast")
+    widget.upsampler.setCurrentText("anyup")
+    assert widget.computation() == FeatureComputation("dinov2", backbone="dinov2_vits14", preset="fast", upsampler="anyup")
 
 
 def test_the_first_session_opens_the_sample_and_segments_it(widget, qtbot):

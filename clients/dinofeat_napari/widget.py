@@ -19,7 +19,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from dinofeat.contract.computation import DEFAULT_BACKBONE, DEFAULT_PRESET, DEFAULT_SET, DEEP_SETS, PRESETS
+from dinofeat.contract.computation import DEFAULT_BACKBONE, DEFAULT_PRESET, DEFAULT_SET, DEEP_SETS, PRESETS, UPSAMPLERS
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.wire import CLASSIFIERS, DEFAULT_CLASSIFIER
 from napari.qt.threading import FunctionWorker, create_worker
@@ -99,6 +99,10 @@ class DinofeatWidget(QWidget):
         self.preset = QComboBox()
         self.preset.addItems(PRESETS)
         self.preset.setCurrentText(DEFAULT_PRESET)
+        self.upsampler = QComboBox()
+        self.upsampler.addItem("the preset's own", "")  # as --upsampler left out
+        for name in UPSAMPLERS:
+            self.upsampler.addItem(name, name)
         self.classifier = QComboBox()
         self.classifier.addItems(CLASSIFIERS)
         self.classifier.setCurrentText(DEFAULT_CLASSIFIER)
@@ -110,6 +114,7 @@ class DinofeatWidget(QWidget):
         for label, field in (("server", self.server), ("token", self.token_file), ("TLS CA", self.tls_ca),
                              ("TLS cert", self.tls_cert), ("TLS key", self.tls_key),
                              ("feature set", self.feature_set), ("backbone", self.backbone), ("preset", self.preset),
+                             ("upsampler", self.upsampler),
                              ("classifier", self.classifier), ("seed", self.seed), ("image", self.image_layer),
                              ("scribbles", self.scribbles_layer)):
             form.addRow(label, field)
@@ -144,8 +149,8 @@ class DinofeatWidget(QWidget):
         self._deep_fields(self.feature_set.currentText())
 
     def _deep_fields(self, name: str) -> None:
-        """Backbone and preset apply to the deep sets only, as on the command line."""
-        for field in (self.backbone, self.preset):
+        """Backbone, preset and upsampler apply to the deep sets only, as on the command line."""
+        for field in (self.backbone, self.preset, self.upsampler):
             field.setEnabled(name in DEEP_SETS)
 
     def _refresh_layers(self, event: Any = None) -> None:
@@ -168,7 +173,8 @@ class DinofeatWidget(QWidget):
         """The feature computation the form describes (the deep fields only for the deep sets)."""
         name = self.feature_set.currentText()
         if name in DEEP_SETS:
-            return FeatureComputation(name, backbone=self.backbone.currentText(), preset=self.preset.currentText())
+            return FeatureComputation(name, backbone=self.backbone.currentText(), preset=self.preset.currentText(),
+                                      upsampler=self.upsampler.currentData())
         return FeatureComputation(name)
 
     def connection(self) -> Connection:
