@@ -172,6 +172,13 @@ class BlockPasses:
     def __post_init__(self) -> None:
         self.kept = [] if stack_bytes(self.image, self.features.channels(self.image)) <= KEEP_BYTES else None
 
+    @classmethod
+    def of_blocks(cls, features: WorkerFeatures, image: np.ndarray, space: FeatureSpace, blocks: tuple[Block, ...]) -> BlockPasses:
+        """Passes over blocks computed before (by an earlier request on the same image): no pass computes them again."""
+        passes = cls(features, image, space, passes=1)
+        passes.kept = list(blocks)
+        return passes
+
     def __call__(self) -> Iterator[pb.Progress | Block]:
         if self.passes and self.kept is not None:
             yield from self.kept

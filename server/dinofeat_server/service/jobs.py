@@ -44,6 +44,7 @@ from ..segment.fewshot import (
 )
 from ..segment.unsupervised import analysis_labeller, strided_pixels
 from .blocks import Block, BlockPasses, WorkerFeatures, block_origin, cancel_check, stack_shape
+from .feature_memory import FeatureMemory, Remembered
 from .result_cache import ResultCache
 from .streaming import as_stream, dataset_messages, only_chunks, progress_message
 from .training import Trained, Training, train_model
@@ -145,13 +146,21 @@ def probability_messages(trained: Trained, image: np.ndarray, blocks_in: Iterato
 
 
 def segment_work(features: WorkerFeatures, cancelled: threading.Event, image: np.ndarray, labels: np.ndarray,
-                 training: Training, encoding: pb.Encoding) -> Iterator[pb.DatasetStream]:
-    """Train on the image's own labels and stream its class probabilities (features kept between the
-    two passes when small, else computed again tile by tile)."""
+                 training: Training, encoding: pb.Encoding, memory: FeatureMemory | None = None) -> Iterator[pb.DatasetStream]:
+    """Train on the image's own labels and stream its class probabilities (features kept between the two passes when
+    small, else computed again tile by tile). Kept features go to `memory`, and come from it when the same image is
+    segmented again in the same computation (new scribbles): then neither the space nor the features are computed."""
     check_training_size([labels], training.kind, training.trees, training.max_training_gb)
-    space = yield from as_stream(features.space([image]))
-    passes = BlockPasses(features, image, space, planned=2)
+    key = (image_sha256(image), features.computation.key(), features.fset.weights_sha256(features.computation, features.models))
+    remembered = memory.get(key) if memory is not None else None
+    if remembered is not None:
+        space, passes = remembered.space, BlockPasses.of_blocks(features, image, remembered.space, remembered.blocks)
+    else:
+        space = yield from as_stream(features.space([image]))
+        passes = BlockPasses(features, image, space, planned=2)
     trained = yield from as_stream(train_model(features, [image], [labels], training, [passes], like=space))
+    if memory is not None and remembered is None and passes.kept is not None:
+        memory.put(key, Remembered(space, tuple(passes.kept)))
     key = segment_result_key(image_sha256(image), image_sha256(labels), features.computation, training.kind, training.trees,
                              training.seed)
     yield from probability_messages(trained, image, passes(), encoding, key, cancelled)

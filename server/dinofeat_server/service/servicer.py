@@ -46,6 +46,7 @@ from .checks import (
 )
 from .config import ServerLimits
 from .device_pool import DevicePool, PoolDevice
+from .feature_memory import FeatureMemory
 from .failures import ANSWERED, ClientGone, OutOfTime, Refused, Stalled, ending_of
 from .image_store import ContentStore, ImageStore, check_layout, image_from_bytes
 from .jobs import Job, analyse_work, apply_work, feature_stream, fewshot_work, segment_work, train_work
@@ -112,6 +113,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self.store = ImageStore(int(limits.image_store_gb * 1e9), limits.client_upload_bytes)
         self.trained_models = ContentStore(int(limits.models_gb * 1e9), size_of=lambda model: model.unpacked_bytes)
         self.cache = cache
+        self.feature_memory = FeatureMemory()
         self.finished = self.cancelled = self.refused = 0
         self.usage = Usage()
         self.scheduler = FairScheduler(limits.workers, limits.queue_length, limits.max_streams_per_client, pool)
@@ -362,7 +364,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         encoding = checked_encoding(request.encoding)
         training = self._training(request)
         await self._stream(Job(segment_work, fset, options, (image, labels),
-                               dict(image=image, labels=labels, training=training, encoding=encoding)), context)
+                               dict(image=image, labels=labels, training=training, encoding=encoding, memory=self.feature_memory)),
+                           context)
 
     @rpc
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
