@@ -175,3 +175,18 @@ def test_the_features_command_takes_upsampler_anyup_and_its_weights_file(tiny_we
     assert refused.returncode != 0
     assert "the paper preset reproduces the paper's own resizing, so --upsampler anyup cannot apply" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_space_fitted_with_one_anyup_file_is_refused_on_features_of_another(official, tiny_weights, anyup_file, image, tmp_path):
+    other = {name: value + 0.01 if name.endswith("bias") else value for name, value in official.state_dict().items()}
+    torch.save(other, tmp_path / "anyup_other.pth")
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    computed = run_cli("features", str(tmp_path / "cells.tif"), "-o", str(tmp_path / "a.h5"), "--set", "dinov2", "--preset",
+                       "fast", "--pca", "4", "--weights", str(tiny_weights), "--upsampler", "anyup",
+                       "--upsampler-weights", str(anyup_file))
+    assert computed.returncode == 0, computed.stderr
+    refused = run_cli("features", str(tmp_path / "cells.tif"), "-o", str(tmp_path / "b.h5"), "--like", str(tmp_path / "a.h5"),
+                      "--weights", str(tiny_weights), "--upsampler-weights", str(tmp_path / "anyup_other.pth"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "fitted for AnyUp weights with sha256" in refused.stderr and "(another --upsampler-weights file)" in refused.stderr
+    assert not (tmp_path / "b.h5").exists()

@@ -39,7 +39,7 @@ from .progress import Advance, run_to_end
 from .lending import in_plan_order
 from .tiles import TILE_OVERLAP, Tile, TileBlender, blend_order, tile_plan, tile_rows
 from .views import Affine, TileOrigin, ViewSpec, view_steps
-from .weights import check_device_for
+from .weights import check_device_for, file_sha256
 
 PRESETS: dict[str, ViewSpec] = {
     "fast": ViewSpec(stride=14, upsampler="joint_bilateral"),
@@ -154,7 +154,15 @@ class DeepExtractor:
         self.budget_bytes = budget_bytes
         self.anyup_weights = anyup_weights
         """AnyUp's weights file (None: $DINOFEAT_ANYUP_WEIGHTS or the authors' release, see anyup.weights_file)."""
+        self._upsampler_sha256 = ""
         self.spare: SpareWorkers | None = None
+
+    def upsampler_sha256(self) -> str:
+        """The checksum of the AnyUp weights this extractor upsamples with (hashed once): part of a space's identity, so
+        a model trained with one AnyUp file is refused on features of another."""
+        if not self._upsampler_sha256:
+            self._upsampler_sha256 = file_sha256(anyup.weights_file(self.anyup_weights))
+        return self._upsampler_sha256
 
     def lending(self, spare: SpareWorkers | None) -> DeepExtractor:
         """This extractor (the same loaded model), computing tiles ahead on `spare` workers while they are idle."""

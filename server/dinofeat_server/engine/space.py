@@ -151,6 +151,9 @@ def identity_difference(fitted: dict, wanted: dict) -> str | None:
     if fitted.get("weights_sha256") != wanted.get("weights_sha256"):
         return (f"weights with sha256 {str(fitted.get('weights_sha256'))[:12]}..., not "
                 f"{str(wanted.get('weights_sha256'))[:12]}... (other weights)")
+    if fitted.get("upsampler_sha256") != wanted.get("upsampler_sha256"):
+        return (f"AnyUp weights with sha256 {str(fitted.get('upsampler_sha256'))[:12]}..., not "
+                f"{str(wanted.get('upsampler_sha256'))[:12]}... (another --upsampler-weights file)")
     if fitted.get("image_channels") != wanted.get("image_channels"):
         return f"images with {fitted.get('image_channels')} channel(s), not {wanted.get('image_channels')}"
     return None

@@ -92,9 +92,13 @@ class FeatureSet:
         raise NotImplementedError
 
     def identity(self, image_channels: int, options: FeatureComputation = FeatureComputation(), models: Models | None = None) -> dict:
-        """What a feature space of this set belongs to: the full spec, the weights and the image channels."""
-        return {"feature_set": self.spec(options), "weights_sha256": self.weights_sha256(options, models),
-                "image_channels": image_channels}
+        """What a feature space of this set belongs to: the full spec, the weights (AnyUp's too, where it upsamples)
+        and the image channels."""
+        spec = self.spec(options)
+        identity = {"feature_set": spec, "weights_sha256": self.weights_sha256(options, models), "image_channels": image_channels}
+        if spec.get("upsampler") == "anyup" and models is not None:
+            identity["upsampler_sha256"] = models.extractor(options.backbone).upsampler_sha256()
+        return identity
 
     def weights_sha256(self, options: FeatureComputation, models: Models | None) -> str:
         """The checksum of the weights this set computes with ("" for a filter bank or without models)."""
