@@ -34,7 +34,7 @@ from dinofeat_server.engine.weights import BACKBONES
 from dinofeat_server.service.config import ServerLimits, read_config, serve_settings
 from dinofeat_server.service.device_pool import DevicePool
 from dinofeat_server.service.local_server import IdleWatch, start_local, stop_local
-from dinofeat_server.service.models import ModelRegistry, model_bytes
+from dinofeat_server.engine.models import ModelRegistry, model_bytes
 from dinofeat_server.service.result_cache import results_namespace
 from dinofeat_server.service.security import TokenAuthentication
 from dinofeat_server.service.server import reload_tokens

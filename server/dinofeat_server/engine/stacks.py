@@ -56,7 +56,7 @@ RGB_CHANNEL_NAMES = ("red", "green", "blue")
 
 
 class Models(Protocol):
-    """Where deep sets get their loaded model (one per backbone and device, see service.models)."""
+    """Where deep sets get their loaded model (one per backbone and device, see engine/models.py)."""
 
     def extractor(self, backbone: str) -> DeepExtractor: ...
 

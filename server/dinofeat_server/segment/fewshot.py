@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dinofeat.contract.errors import DinofeatError
-from dinofeat.contract.wire import DEFAULT_GRID, DEFAULT_WINDOW
+from dinofeat.contract.wire import DEFAULT_WINDOW
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 

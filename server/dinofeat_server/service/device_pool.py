@@ -27,7 +27,7 @@ from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.contract.errors import DinofeatError
 
 from ..engine.deep import DeepExtractor
-from .models import ModelRegistry
+from ..engine.models import ModelRegistry
 from .threads import use_threads
 
 Result = TypeVar("Result")

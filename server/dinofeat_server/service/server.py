@@ -12,7 +12,6 @@ import socket
 import threading
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 from dinofeat.contract.errors import DinofeatError
@@ -20,7 +19,7 @@ from dinofeat.contract.errors import DinofeatError
 from ..engine.weights import cache_dir as cache_root
 from .config import ServerLimits
 from .device_pool import DevicePool, pick_devices
-from .models import ModelRegistry
+from ..engine.models import ModelRegistry, pick_device
 from .result_cache import ResultCache
 from .security import TokenAuthentication, check_certificate_pair, server_credentials
 from .servicer import FeatureServicer
@@ -39,18 +38,6 @@ async def serving_health() -> health.aio.HealthServicer:
     for name in ("", "dinofeat.v1.FeatureService"):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" is the first CUDA GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DinofeatError(f"device {name!r} was asked for but this machine has no usable CUDA GPU; use --device cpu.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DinofeatError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
 
 
 def is_loopback(host: str) -> bool:

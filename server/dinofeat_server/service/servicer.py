@@ -21,12 +21,12 @@ from dinofeat.contract.chunk_batches import asks_for_batches, keep_freed_memory
 from dinofeat.contract.computation import DEEP_DEFAULT_SET, DEFAULT_SET, FeatureComputation
 from dinofeat.contract.errors import DinofeatError
 from dinofeat.contract.images import check_labels, check_mask
-from dinofeat.contract.wire import features_result_key, space_key
+from dinofeat.contract.wire import DEFAULT_GRID, DEFAULT_WINDOW, features_result_key, space_key
 from dinofeat.v1 import feature_service_pb2 as pb
 from dinofeat.v1 import feature_service_pb2_grpc as pb_grpc
 
 from ..engine.stacks import FEATURE_SETS, FeatureSet, feature_set
-from ..segment.fewshot import DEFAULT_GRID, DEFAULT_WINDOW, checked_components
+from ..segment.fewshot import checked_components
 from .checks import (
     check_analysis,
     check_channels,

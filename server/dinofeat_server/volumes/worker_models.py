@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from ..service.models import ModelRegistry
+from ..engine.models import ModelRegistry, pick_device
 
 _registries: dict[tuple[str, tuple[tuple[str, str], ...]], ModelRegistry] = {}
 _lock = threading.Lock()
@@ -22,8 +22,6 @@ _lock = threading.Lock()
 def worker_models(device: str = "auto", weights: dict[str, str] | None = None) -> ModelRegistry:
     """The registry of this process for (`device`, `weights`): backbone name -> local weights file ("*": any
     backbone); backbones without an entry come from $DINOFEAT_WEIGHTS on the worker, or its cached download."""
-    from ..service.server import pick_device
-
     key = (device, tuple(sorted((weights or {}).items())))
     with _lock:
         if key not in _registries:

@@ -1,4 +1,4 @@
-"""Loaded DINOv2 models: one per (backbone, device), loaded on first use and shared by all requests.
+"""Loaded DINOv2 and DINOv3 models: one per (backbone, device), loaded on first use and shared by all requests.
 
 Nothing here holds a lock that Status waits on while weights download or load: the registry's own lock
 guards only its tables (microseconds), and each backbone loads under a lock of its own, on the worker
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from dinofeat.contract.errors import DinofeatError
 
-from ..engine.deep import DEFAULT_BUDGET_BYTES, DeepExtractor
-from ..engine.weights import (
+from .deep import DEFAULT_BUDGET_BYTES, DeepExtractor
+from .weights import (
     BACKBONES,
     check_backbone,
     check_device_for,
@@ -139,3 +139,15 @@ class ModelRegistry:
         """Memory the loaded models take together."""
         with self._lock:
             return sum(self._sizes.values())
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DinofeatError(f"device {name!r} was asked for but this machine has no usable CUDA GPU; use --device cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DinofeatError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
