@@ -20,7 +20,7 @@ from conftest import in_process, run_cli
 from dinofeat.contract.computation import FeatureComputation
 from dinofeat.contract.errors import DinofeatError
 from dinofeat_client.spaces import read_space
-from dinofeat_server.engine.anyup import AnyUp, load_anyup, weights_file
+from dinofeat_server.engine.anyup import load_anyup, weights_file
 from dinofeat_server.engine.deep import DeepExtractor, estimated_bytes, model_input, preset
 from dinofeat_server.engine.space import input_range
 from dinofeat_server.engine.tiles import tile_plan
