@@ -109,7 +109,7 @@ def test_full_and_save_reach_the_script_and_save_needs_full(echo_venv: Path):
     assert odd.returncode == 2 and len(odd.stderr.splitlines()) == 1
 
 
-SLOW = ["bank_choice", "lab_server", "peers", "pixel_classification", "reference"]
+SLOW = ["bank_choice", "lab_server", "napari", "peers", "pixel_classification", "reference"]
 
 
 def test_a_run_of_all_goes_on_after_a_failure_and_lists_it(echo_venv: Path):
