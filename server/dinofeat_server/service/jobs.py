@@ -124,9 +124,10 @@ def dataset_blocks(items: Iterator[pb.Progress | Block], volume: bool,
         yield block_origin(volume, z, y0, x0), block[:, None] if volume else block
 
 
-def probability_messages(trained: Trained, image: np.ndarray, blocks_in: Iterator[pb.Progress | Block], encoding: pb.Encoding,
-                         key: str, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
-    """Stream the per-class probabilities of every block as the dataset "probabilities"."""
+def probability_messages(trained: Trained, image: np.ndarray, image_sha: str, blocks_in: Iterator[pb.Progress | Block],
+                         encoding: pb.Encoding, key: str, cancelled: threading.Event) -> Iterator[pb.DatasetStream]:
+    """Stream the per-class probabilities of every block of `image` (content address `image_sha`) as the dataset
+    "probabilities"."""
     classifier, metadata = trained
     values = metadata["class_values"]
     layout = feature_layout("probabilities", stack_shape(len(values), image), encoding.compression, encoding.level)
@@ -139,7 +140,7 @@ def probability_messages(trained: Trained, image: np.ndarray, blocks_in: Iterato
         "classifier": metadata["classifier"],
         "labelled_pixels": metadata["labelled_pixels"],
         "dinofeat_version": __version__,
-        "source_sha256": image_sha256(image),
+        "source_sha256": image_sha,
     }
     blocks = dataset_blocks(blocks_in, volume, lambda features: class_probabilities(classifier, features))
     yield from dataset_messages(layout, attributes, key, blocks, cancelled, "probabilities")
@@ -151,8 +152,9 @@ def segment_work(features: WorkerFeatures, cancelled: threading.Event, image: np
     small, else computed again tile by tile). Kept features go to `memory`, and come from it when the same image is
     segmented again in the same computation (new scribbles): then neither the space nor the features are computed."""
     check_training_size([labels], training.kind, training.trees, training.max_training_gb)
-    key = (image_sha256(image), features.computation.key(), features.fset.weights_sha256(features.computation, features.models))
-    remembered = memory.get(key) if memory is not None else None
+    image_sha = image_sha256(image)  # once: the memory's key, the result key and the probabilities' source
+    remembered_as = (image_sha, features.computation.key(), features.fset.weights_sha256(features.computation, features.models))
+    remembered = memory.get(remembered_as) if memory is not None else None
     if remembered is not None:
         space, passes = remembered.space, BlockPasses.of_blocks(features, image, remembered.space, remembered.blocks)
     else:
@@ -160,10 +162,9 @@ def segment_work(features: WorkerFeatures, cancelled: threading.Event, image: np
         passes = BlockPasses(features, image, space, planned=2)
     trained = yield from as_stream(train_model(features, [image], [labels], training, [passes], like=space))
     if memory is not None and remembered is None and passes.kept is not None:
-        memory.put(key, Remembered(space, tuple(passes.kept)))
-    key = segment_result_key(image_sha256(image), image_sha256(labels), features.computation, training.kind, training.trees,
-                             training.seed)
-    yield from probability_messages(trained, image, passes(), encoding, key, cancelled)
+        memory.put(remembered_as, Remembered(space, tuple(passes.kept)))
+    key = segment_result_key(image_sha, image_sha256(labels), features.computation, training.kind, training.trees, training.seed)
+    yield from probability_messages(trained, image, image_sha, passes(), encoding, key, cancelled)
 
 
 def train_work(features: WorkerFeatures, cancelled: threading.Event, images: list[np.ndarray], labels: list[np.ndarray],
@@ -188,9 +189,9 @@ def apply_work(features: WorkerFeatures, cancelled: threading.Event, model: Trai
     block by block (a forest predicts on `threads` threads, whatever its file says)."""
     model.check_features(features.fset.name, features.channels(image))
     space = yield from as_stream(features.space([image], model.space()))
-    key = apply_result_key(model_sha, image_sha256(image))
-    yield from probability_messages((with_threads(model.classifier, threads), model.metadata), image,
-                                    features.blocks(image, space), encoding, key, cancelled)
+    image_sha = image_sha256(image)
+    yield from probability_messages((with_threads(model.classifier, threads), model.metadata), image, image_sha,
+                                    features.blocks(image, space), encoding, apply_result_key(model_sha, image_sha), cancelled)
 
 
 def analyse_work(features: WorkerFeatures, cancelled: threading.Event, image: np.ndarray, analysis: str, clusters: int,
@@ -215,10 +216,11 @@ def analyse_work(features: WorkerFeatures, cancelled: threading.Event, image: np
                           "foreground": ("mask", "uint8", ["foreground"])}[analysis]
     layout = feature_layout(name, stack_shape(len(names), image), dtype=dtype)
     volume = len(layout.shape) == 4
+    image_sha = image_sha256(image)
     attributes = {"axistags": axistags("czyx" if volume else "cyx"), "channel_names": names, "dinofeat_version": __version__,
-                  "source_sha256": image_sha256(image), "analysis": analysis, "clusters": clusters, "seed": seed,
+                  "source_sha256": image_sha, "analysis": analysis, "clusters": clusters, "seed": seed,
                   "feature_set": features.fset.spec(features.computation)}
-    key = result_key(analysis, image_sha256(image), features.computation.key(), clusters, seed)
+    key = result_key(analysis, image_sha, features.computation.key(), clusters, seed)
     yield from dataset_messages(layout, attributes, key, dataset_blocks(passes(), volume, label), cancelled, name)
 
 
