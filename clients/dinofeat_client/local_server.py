@@ -18,7 +18,6 @@ imports the server or torch: the server part is imported only in the started pro
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -59,10 +58,10 @@ LOG_BYTES = 1 << 20
 """A server log larger than this is started afresh when its next server starts (one line per request)."""
 
 
-def wanted(args: argparse.Namespace) -> bool:
-    """Whether this command should use a local server: not with --no-local-server or DINOFEAT_LOCAL_SERVER=0, and
+def wanted(no_local_server: bool = False) -> bool:
+    """Whether to use a local server: not with --no-local-server (`no_local_server`) or DINOFEAT_LOCAL_SERVER=0, and
     only on POSIX systems (Unix sockets in a private folder, fcntl locks)."""
-    return (os.name == "posix" and not args.no_local_server
+    return (os.name == "posix" and not no_local_server
             and os.environ.get("DINOFEAT_LOCAL_SERVER", "1").lower() not in OFF)
 
 

@@ -16,7 +16,6 @@ server stops the work of a client that went away).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import threading
@@ -86,7 +85,7 @@ class Connection:
         """The server's address; the local server's is found, or started, as the command line does (cli/common.py)."""
         if self.server:
             return self.server
-        if not local_server.wanted(argparse.Namespace(no_local_server=False)):
+        if not local_server.wanted():
             raise DinofeatError("the local server is turned off here (DINOFEAT_LOCAL_SERVER=0); type a server's HOST:PORT "
                                 "in the widget's Server field, or unset DINOFEAT_LOCAL_SERVER.")
         address = local_server.local_address("auto", None, notify=notify)

@@ -41,7 +41,7 @@ def connect(args: argparse.Namespace) -> Iterator[FeatureClient]:
             yield client
         return
     weights = backbone_weights(args)
-    address = local_server.local_address(args.device, weights, notify=say) if local_server.wanted(args) else None
+    address = local_server.local_address(args.device, weights, notify=say) if local_server.wanted(args.no_local_server) else None
     if address:
         with FeatureClient(address, notify=say) as client:
             yield client
